@@ -1,0 +1,85 @@
+"""`tagd` command line: global options, logging, error handling; commands live in tagd.commands.
+
+Heavy modules (onnxruntime, numpy) are imported by the commands that need them, so
+`tagd search` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from tagd import __version__
+from tagd.commands import COMMAND_MODULES, Context, UserError
+
+EXIT_USAGE = 2
+EXIT_RUNTIME = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tagd",
+        description="Auto-tag image galleries with ONNX tagger models and search the tags.",
+        epilog="Config: --config, else $TAGD_CONFIG, else ~/.config/tagd/config.yaml, "
+        "else /etc/tagd/config.yaml.",
+    )
+    parser.add_argument("--config", "-c", metavar="FILE", help="configuration file (YAML)")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log output")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"tagd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tagd.commands.{name}").register(sub)
+    return parser
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    """Plain lines on stderr; journald adds its own timestamps, so omit ours under systemd."""
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 0 else logging.INFO
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_systemd
+        else ("%(asctime)s %(levelname)s %(message)s")
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `tagd search 1girl -monochrome`: a '-tag' the shell passed unquoted is a query term.
+        negations = [a for a in extra if a.startswith("-") and not a.startswith("--")]
+        if getattr(args, "query_terms_from_options", False) and negations == extra:
+            args.query = [*args.query, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    setup_logging(args.verbose, args.quiet)
+    ctx = Context(args)
+    try:
+        return int(args.func(ctx) or 0)
+    except UserError as exc:
+        print(f"tagd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("tagd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        ctx.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The YAML configuration, validated into frozen dataclasses.
+
+Every mistake is reported as one line naming the key (`models[1].repo`) and the fix, because
+users edit this file by hand on a server and read errors in the journal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+DEFAULT_EXCLUDES = (
+    "@eaDir",
+    ".thumbnails",
+    "*.part",
+    "*.crdownload",
+    "*.tmp",
+    ".*",
+)
+THRESHOLD_MODES = ("top", "mcut")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, already phrased for the user (key, problem, fix)."""
+
+
+@dataclass(frozen=True)
+class WatchRoot:
+    path: Path
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDES
+    polling: bool = False
+    poll_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    repo: str | None = None
+    path: Path | None = None
+    revision: str = "main"
+    family: str = "wd14"
+    thresholds: dict[str, float | str] = field(default_factory=dict)
+    score_floor: float | None = None
+    batch_size: int | None = None
+    enabled: bool = True
+
+    @property
+    def source(self) -> str:
+        return self.repo if self.repo else str(self.path)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    device: str = "auto"
+    device_id: int = 0
+    batch_size: int | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    database: Path
+    watch: tuple[WatchRoot, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    score_floor: float = 0.05
+    inference: InferenceConfig = InferenceConfig()
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    max_image_pixels: int = 150_000_000
+    hf_cache: Path | None = None
+    offline: bool = False
+    source: Path | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.models) or "none configured"
+        raise ConfigError(f"no model named {name!r} in the config (models: {known})")
+
+    def floor_for(self, model: ModelConfig) -> float:
+        return self.score_floor if model.score_floor is None else model.score_floor
+
+
+def default_config_path() -> Path:
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(xdg) / "tagd" / "config.yaml"
+
+
+def default_database_path() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(xdg) / "tagd" / "tagd.db"
+
+
+def find_config(explicit: str | None) -> Path:
+    """--config, then $TAGD_CONFIG, then the XDG config dir, then /etc/tagd."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("TAGD_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (default_config_path(), Path("/etc/tagd/config.yaml")):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no config file: pass --config FILE, set TAGD_CONFIG, or create {default_config_path()} "
+        "(see config.example.yaml)"
+    )
+
+
+def load(explicit: str | None = None) -> Config:
+    path = find_config(explicit)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from exc
+    return parse(data if data is not None else {}, base=path.parent.resolve(), source=path)
+
+
+def parse(data: Any, *, base: Path, source: Path | None = None) -> Config:
+    """Validate a decoded YAML document. Relative paths are resolved against `base`."""
+    where = f"{source}: " if source else ""
+    try:
+        return _parse(data, base, source)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+
+
+_TOP_KEYS = (
+    "database",
+    "watch",
+    "models",
+    "score_floor",
+    "inference",
+    "extensions",
+    "max_image_pixels",
+    "hf_cache",
+    "offline",
+)
+
+
+def _parse(data: Any, base: Path, source: Path | None) -> Config:
+    d = _mapping(data, "the top level", _TOP_KEYS)
+    database = _path(d.get("database"), "database", base) if "database" in d else None
+    watch = tuple(
+        _watch_root(item, f"watch[{i}]", base)
+        for i, item in enumerate(_list(d.get("watch", []), "watch"))
+    )
+    models = tuple(
+        _model(item, f"models[{i}]", base)
+        for i, item in enumerate(_list(d.get("models", []), "models"))
+    )
+    names = [m.name for m in models]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(
+                f"models[{i}].name: {name!r} is used twice; give each model a unique name"
+            )
+    extensions = tuple(
+        _ext(e, f"extensions[{i}]")
+        for i, e in enumerate(_list(d.get("extensions", list(DEFAULT_EXTENSIONS)), "extensions"))
+    )
+    return Config(
+        database=database or default_database_path(),
+        watch=watch,
+        models=models,
+        score_floor=_fraction(d.get("score_floor", 0.05), "score_floor"),
+        inference=_inference(d.get("inference", {}), "inference"),
+        extensions=extensions,
+        max_image_pixels=_int(d.get("max_image_pixels", 150_000_000), "max_image_pixels", 1),
+        hf_cache=_path(d["hf_cache"], "hf_cache", base) if d.get("hf_cache") else None,
+        offline=_bool(d.get("offline", False), "offline"),
+        source=source,
+    )
+
+
+def _watch_root(item: Any, key: str, base: Path) -> WatchRoot:
+    if isinstance(item, str):
+        item = {"path": item}
+    d = _mapping(item, key, ("path", "include", "exclude", "polling", "poll_interval"))
+    if "path" not in d:
+        raise ConfigError(f"{key}.path: missing; add `path: /your/gallery`")
+    exclude = d.get("exclude")
+    return WatchRoot(
+        path=_path(d["path"], f"{key}.path", base),
+        include=_globs(d.get("include", []), f"{key}.include"),
+        exclude=DEFAULT_EXCLUDES if exclude is None else _globs(exclude, f"{key}.exclude"),
+        polling=_bool(d.get("polling", False), f"{key}.polling"),
+        poll_interval=_number(d.get("poll_interval", 30.0), f"{key}.poll_interval", 0.1),
+    )
+
+
+_MODEL_KEYS = (
+    "name",
+    "repo",
+    "path",
+    "revision",
+    "family",
+    "thresholds",
+    "score_floor",
+    "batch_size",
+    "enabled",
+)
+
+
+def _model(item: Any, key: str, base: Path) -> ModelConfig:
+    d = _mapping(item, key, _MODEL_KEYS)
+    name = d.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{key}.name: missing; give the model a short name, e.g. `name: wd-vit`")
+    if ("repo" in d) == ("path" in d):
+        raise ConfigError(
+            f"{key}: set exactly one of `repo:` (a Hugging Face repo such as "
+            "SmilingWolf/wd-vit-tagger-v3) or `path:` (a folder with model.onnx)"
+        )
+    repo = d.get("repo")
+    if repo is not None and (not isinstance(repo, str) or repo.count("/") != 1):
+        raise ConfigError(f"{key}.repo: expected 'owner/name', e.g. SmilingWolf/wd-vit-tagger-v3")
+    revision = d.get("revision", "main")
+    if not isinstance(revision, str) or not revision:
+        raise ConfigError(
+            f"{key}.revision: expected a branch, tag or commit sha as a quoted string"
+        )
+    family = d.get("family", "wd14")
+    if not isinstance(family, str):
+        raise ConfigError(f"{key}.family: expected a family name such as wd14")
+    thresholds = _thresholds(d.get("thresholds", {}), f"{key}.thresholds")
+    floor = d.get("score_floor")
+    batch = d.get("batch_size")
+    return ModelConfig(
+        name=name.strip(),
+        repo=repo,
+        path=_path(d["path"], f"{key}.path", base) if "path" in d else None,
+        revision=revision,
+        family=family,
+        thresholds=thresholds,
+        score_floor=None if floor is None else _fraction(floor, f"{key}.score_floor"),
+        batch_size=None if batch is None else _int(batch, f"{key}.batch_size", 1),
+        enabled=_bool(d.get("enabled", True), f"{key}.enabled"),
+    )
+
+
+def _thresholds(value: Any, key: str) -> dict[str, float | str]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping such as {{general: 0.35, character: 0.85}}")
+    out: dict[str, float | str] = {}
+    for ns, v in value.items():
+        k = f"{key}.{ns}"
+        if isinstance(v, str):
+            if v not in THRESHOLD_MODES:
+                raise ConfigError(
+                    f"{k}: expected a number from 0 to 1, or one of {THRESHOLD_MODES}"
+                )
+            out[str(ns)] = v
+        else:
+            out[str(ns)] = _fraction(v, k)
+    return out
+
+
+def _inference(value: Any, key: str) -> InferenceConfig:
+    d = _mapping(value, key, ("device", "device_id", "batch_size", "threads"))
+    device = d.get("device", "auto")
+    if device not in DEVICES:
+        raise ConfigError(f"{key}.device: {device!r} is not one of {', '.join(DEVICES)}")
+    batch = d.get("batch_size")
+    threads = d.get("threads")
+    return InferenceConfig(
+        device=device,
+        device_id=_int(d.get("device_id", 0), f"{key}.device_id", 0),
+        batch_size=None if batch is None else _int(batch, f"{key}.batch_size", 1),
+        threads=None if threads is None else _int(threads, f"{key}.threads", 1),
+    )
+
+
+def _mapping(value: Any, key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of keys, got {type(value).__name__}")
+    for k in value:
+        if k not in allowed:
+            prefix = "" if key == "the top level" else f"{key}."
+            close = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(allowed)}"
+            raise ConfigError(f"{prefix}{k}: unknown key; {hint}")
+    return value
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list (lines starting with '- ')")
+    return value
+
+
+def _path(value: Any, key: str, base: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a path")
+    p = Path(os.path.expandvars(value)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _globs(value: Any, key: str) -> tuple[str, ...]:
+    items = _list(value, key)
+    for i, g in enumerate(items):
+        if not isinstance(g, str):
+            raise ConfigError(f"{key}[{i}]: expected a glob pattern string")
+    return tuple(items)
+
+
+def _ext(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip("."):
+        raise ConfigError(f"{key}: expected a file extension such as .jpg")
+    value = value.lower()
+    return value if value.startswith(".") else "." + value
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+        raise ConfigError(f"{key}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: expected a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ConfigError(f"{key}: expected a number from 0 to 1, got {value!r}")
+    return float(value)

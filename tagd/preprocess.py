@@ -1,0 +1,125 @@
+"""Image → model input tensor, driven by a PreprocessSpec. Pure: no file I/O here.
+
+The steps follow the published reference of each family: composite alpha on a background,
+fit the image into the model's square (pad centred, edge-replicate, or stretch), resize with
+the family's filter, reorder channels, scale, and lay out as NHWC or NCHW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How one model family wants its input. Picklable, so decode workers can use it."""
+
+    size: tuple[int, int]
+    layout: Literal["NHWC", "NCHW"] = "NHWC"
+    channels: Literal["RGB", "BGR"] = "RGB"
+    # pad: pad to a square with pad_color, then resize. stretch: resize to size ignoring aspect.
+    # fit-pad / fit-edge: resize the longest side to fit, then pad with pad_color / edge pixels.
+    fit: Literal["pad", "stretch", "fit-pad", "fit-edge"] = "pad"
+    pad_color: tuple[int, int, int] = (255, 255, 255)
+    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    resample: str = "bicubic"
+    upscale: bool = True
+    scale: float = 1.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def with_size(self, height: int, width: int) -> PreprocessSpec:
+        return replace(self, size=(height, width))
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode → RGB, compositing transparency onto `background`."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
+        peak = 65535 if image.mode != "I" or arr.max() > 255 else 255
+        image = Image.fromarray((arr.astype(np.float64) * (255.0 / peak)).round().astype(np.uint8))
+    elif image.mode == "F":
+        arr = np.clip(np.asarray(image, dtype=np.float32), 0.0, 255.0)
+        image = Image.fromarray(arr.round().astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("LA", "PA", "La", "RGBa"):
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        canvas = Image.new("RGBA", image.size, (*background, 255))
+        canvas.alpha_composite(image)
+        return canvas.convert("RGB")
+    if image.mode == "L" and "transparency" in image.info:
+        return to_rgb(image.convert("RGBA"), background)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Geometry: RGB image of any size → RGB image of exactly spec.size."""
+    height, width = spec.size
+    resample = RESAMPLE[spec.resample]
+    w, h = image.size
+    if spec.fit == "stretch":
+        return image if (w, h) == (width, height) else image.resize((width, height), resample)
+    if spec.fit == "pad":
+        side = max(w, h)
+        if not spec.upscale:
+            side = max(side, width, height)
+        if (w, h) != (side, side):
+            canvas = Image.new("RGB", (side, side), spec.pad_color)
+            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+            image = canvas
+        if image.size != (width, height):
+            image = image.resize((width, height), resample)
+        return image
+    ratio = min(width / w, height / h)
+    if not spec.upscale:
+        ratio = min(ratio, 1.0)
+    new = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+    if new != (w, h):
+        image = image.resize(new, resample)
+    if image.size == (width, height):
+        return image
+    left, top = (width - new[0]) // 2, (height - new[1]) // 2
+    if spec.fit == "fit-pad":
+        canvas = Image.new("RGB", (width, height), spec.pad_color)
+        canvas.paste(image, (left, top))
+        return canvas
+    arr = np.asarray(image)
+    pads = ((top, height - new[1] - top), (left, width - new[0] - left), (0, 0))
+    return Image.fromarray(np.pad(arr, pads, mode="edge"))
+
+
+def to_tensor(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """RGB image of spec.size → float32 array in the model's layout, without the batch axis."""
+    arr = np.asarray(image, dtype=np.float32)
+    if spec.channels == "BGR":
+        arr = arr[..., ::-1]
+    if spec.scale != 1.0:
+        arr = arr * np.float32(spec.scale)
+    if spec.mean != (0.0, 0.0, 0.0) or spec.std != (1.0, 1.0, 1.0):
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        if spec.channels == "BGR":
+            mean, std = mean[::-1], std[::-1]
+        arr = (arr - mean) / std
+    if spec.layout == "NCHW":
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def prepare(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    return to_tensor(fit(to_rgb(image, spec.alpha_background), spec), spec)

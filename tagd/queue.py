@@ -1,0 +1,212 @@
+"""The durable job queue in SQLite: enqueue, claim with a lease, complete, fail, retry.
+
+A job is claimed by one owner for a limited lease; a worker that dies leaves an expired lease
+that the next claim returns to the queue. Completion is written in the same transaction as
+the results, so a crash can neither lose a job nor record it twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+from tagd import db
+
+DEFAULT_LEASE_S = 300.0
+DEFAULT_MAX_ATTEMPTS = 5
+BACKOFF_BASE_S = 30.0
+BACKOFF_MAX_S = 3600.0
+STATES = ("queued", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    attempts: int
+    priority: int
+    force_models: tuple[str, ...]
+
+
+def _job(row: sqlite3.Row) -> Job:
+    force = row["force_models"]
+    return Job(
+        id=row["id"],
+        path=row["path"],
+        size=row["size"],
+        mtime_ns=row["mtime_ns"],
+        attempts=row["attempts"],
+        priority=row["priority"],
+        force_models=tuple(force.split(",")) if force else (),
+    )
+
+
+def enqueue(
+    conn: sqlite3.Connection,
+    path: str,
+    size: int | None,
+    mtime_ns: int | None,
+    *,
+    priority: int = 0,
+    force_models: tuple[str, ...] = (),
+    requeue: bool = False,
+) -> bool:
+    """Queue `path` unless an identical job (same size and mtime) is already known.
+
+    A finished or failed job comes back when the file changed, or always with `requeue`.
+    Returns whether the path is now queued by this call.
+    """
+    now = time.time()
+    force = ",".join(sorted(set(force_models))) or None
+    cur = conn.execute(
+        """INSERT INTO jobs(path, state, priority, size, mtime_ns, force_models,
+                            created_at, updated_at)
+           VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(path) DO UPDATE SET
+               state = 'queued', attempts = 0, error = NULL, not_before = 0,
+               size = excluded.size, mtime_ns = excluded.mtime_ns,
+               priority = max(jobs.priority, excluded.priority),
+               force_models = CASE
+                   WHEN jobs.state = 'queued' AND jobs.force_models IS NOT NULL
+                        AND excluded.force_models IS NOT NULL
+                   THEN jobs.force_models || ',' || excluded.force_models
+                   ELSE coalesce(excluded.force_models, jobs.force_models) END,
+               updated_at = excluded.updated_at
+           WHERE jobs.state != 'running' AND (
+               ? OR jobs.size IS NOT excluded.size OR jobs.mtime_ns IS NOT excluded.mtime_ns
+               OR (jobs.state = 'queued' AND excluded.priority > jobs.priority)
+               OR excluded.force_models IS NOT NULL)""",
+        (path, priority, size, mtime_ns, force, now, now, int(requeue)),
+    )
+    return cur.rowcount > 0
+
+
+def claim(
+    conn: sqlite3.Connection,
+    owner: str,
+    limit: int,
+    *,
+    lease_s: float = DEFAULT_LEASE_S,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> list[Job]:
+    """Atomically take up to `limit` runnable jobs, highest priority then oldest first."""
+    now = time.time()
+    with db.write(conn):
+        _reap(conn, now, max_attempts)
+        rows = conn.execute(
+            """UPDATE jobs SET state = 'running', lease_owner = ?, lease_expires = ?,
+                   attempts = attempts + 1, updated_at = ?
+               WHERE id IN (SELECT id FROM jobs
+                            WHERE state = 'queued' AND not_before <= ?
+                            ORDER BY priority DESC, id LIMIT ?)
+               RETURNING *""",
+            (owner, now + lease_s, now, now, limit),
+        ).fetchall()
+    jobs = [_job(r) for r in rows]
+    jobs.sort(key=lambda j: (-j.priority, j.id))
+    return jobs
+
+
+def _reap(conn: sqlite3.Connection, now: float, max_attempts: int) -> None:
+    """Expired leases (their worker died) go back to the queue, or fail if they keep dying."""
+    conn.execute(
+        """UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_expires = NULL,
+               error = 'the worker stopped ' || attempts || ' times while processing this file',
+               updated_at = ?
+           WHERE state = 'running' AND lease_expires < ? AND attempts >= ?""",
+        (now, now, max_attempts),
+    )
+    conn.execute(
+        """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
+               updated_at = ?
+           WHERE state = 'running' AND lease_expires < ?""",
+        (now, now),
+    )
+
+
+def extend(conn: sqlite3.Connection, owner: str, job_ids: list[int], lease_s: float) -> None:
+    now = time.time()
+    conn.executemany(
+        "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ? AND state = 'running'",
+        [(now + lease_s, j, owner) for j in job_ids],
+    )
+
+
+def complete(conn: sqlite3.Connection, job: Job, owner: str) -> bool:
+    """Mark done; call inside the transaction that stored the job's results."""
+    cur = conn.execute(
+        """UPDATE jobs SET state = 'done', error = NULL, lease_owner = NULL,
+               lease_expires = NULL, force_models = NULL, updated_at = ?
+           WHERE id = ? AND lease_owner = ? AND state = 'running'""",
+        (time.time(), job.id, owner),
+    )
+    return cur.rowcount > 0
+
+
+def fail(
+    conn: sqlite3.Connection,
+    job: Job,
+    owner: str,
+    reason: str,
+    *,
+    transient: bool,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> str:
+    """Retry later with exponential backoff if `transient`, else (or when out of tries) fail."""
+    now = time.time()
+    if transient and job.attempts < max_attempts:
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, job.attempts - 1))
+        state, not_before = "queued", now + delay
+    else:
+        state, not_before = "failed", 0.0
+    conn.execute(
+        """UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_owner = NULL,
+               lease_expires = NULL, updated_at = ?
+           WHERE id = ? AND lease_owner = ? AND state = 'running'""",
+        (state, reason, not_before, now, job.id, owner),
+    )
+    return state
+
+
+def drop(conn: sqlite3.Connection, job: Job, owner: str) -> None:
+    """Remove a job whose file no longer exists."""
+    conn.execute("DELETE FROM jobs WHERE id = ? AND lease_owner = ?", (job.id, owner))
+
+
+def release(conn: sqlite3.Connection, owner: str, job_ids: list[int] | None = None) -> int:
+    """Hand unfinished jobs back (a clean shutdown); the attempt does not count."""
+    with db.write(conn):
+        sql = """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
+                     attempts = max(0, attempts - 1), updated_at = ?
+                 WHERE state = 'running' AND lease_owner = ?"""
+        params: list[object] = [time.time(), owner]
+        if job_ids is not None:
+            sql += f" AND id IN ({','.join('?' * len(job_ids))})"
+            params.extend(job_ids)
+        return conn.execute(sql, params).rowcount
+
+
+def retry_failed(conn: sqlite3.Connection) -> int:
+    with db.write(conn):
+        return conn.execute(
+            """UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = 0,
+                   updated_at = ? WHERE state = 'failed'""",
+            (time.time(),),
+        ).rowcount
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    out = dict.fromkeys(STATES, 0)
+    for state, n in conn.execute("SELECT state, count(*) FROM jobs GROUP BY state"):
+        out[state] = n
+    return out
+
+
+def waiting(conn: sqlite3.Connection) -> int:
+    """Queued jobs held back by a retry delay."""
+    return conn.execute(
+        "SELECT count(*) FROM jobs WHERE state = 'queued' AND not_before > ?", (time.time(),)
+    ).fetchone()[0]

@@ -1,0 +1,151 @@
+"""Find image files under the watched roots and queue the new or changed ones.
+
+The walk streams: files are queued in small transactions as they are found, so memory stays
+flat on a gallery of millions and the daemon can read the queue while a scan runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tagd import db, queue
+from tagd.config import Config, WatchRoot
+from tagd.filters import excluded, wanted
+
+log = logging.getLogger(__name__)
+
+CHUNK = 500
+
+
+@dataclass
+class ScanResult:
+    seen: int = 0
+    queued: int = 0
+    missing: int = 0
+    skipped_roots: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Found:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def walk(root: WatchRoot, extensions: tuple[str, ...]) -> Iterator[Found]:
+    """Regular files under `root` that tagd wants; symlinked folders are not followed."""
+    base = os.fspath(root.path)
+    stack = [base]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+            continue
+        for entry in sorted(entries, key=lambda e: e.name):
+            rel = os.path.relpath(entry.path, base).replace(os.sep, "/")
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if not excluded(rel, root.exclude):
+                        stack.append(entry.path)
+                    continue
+                if not entry.is_file(follow_symlinks=True):
+                    continue
+                if not wanted(
+                    rel, extensions=extensions, include=root.include, exclude=root.exclude
+                ):
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue
+            yield Found(os.path.abspath(entry.path), st.st_size, st.st_mtime_ns)
+
+
+def root_available(root: WatchRoot) -> bool:
+    """A missing or empty mount point means an unplugged disk, not a deleted gallery."""
+    try:
+        return root.path.is_dir() and any(os.scandir(root.path))
+    except OSError:
+        return False
+
+
+def scan(conn: sqlite3.Connection, config: Config, *, priority: int = 0) -> ScanResult:
+    result = ScanResult()
+    skipped: list[str] = []
+    for root in config.watch:
+        if not root_available(root):
+            log.warning("watch root %s is missing or empty; skipping it (unmounted?)", root.path)
+            skipped.append(str(root.path))
+            continue
+        started = time.time()
+        batch: list[Found] = []
+        for found in walk(root, config.extensions):
+            result.seen += 1
+            batch.append(found)
+            if len(batch) >= CHUNK:
+                result.queued += _enqueue(conn, batch, priority, started)
+                batch.clear()
+        result.queued += _enqueue(conn, batch, priority, started)
+        if root_available(root):
+            result.missing += mark_missing(conn, os.path.abspath(root.path), started)
+    result.skipped_roots = tuple(skipped)
+    return result
+
+
+def _enqueue(conn: sqlite3.Connection, batch: list[Found], priority: int, seen_at: float) -> int:
+    if not batch:
+        return 0
+    with db.write(conn):
+        conn.executemany(
+            "UPDATE paths SET last_seen = ?, missing = 0 WHERE path = ?",
+            [(seen_at, f.path) for f in batch],
+        )
+        return sum(
+            queue.enqueue(conn, f.path, f.size, f.mtime_ns, priority=priority) for f in batch
+        )
+
+
+def under(root: str) -> tuple[str, str]:
+    """Bounds of the paths below `root`, as an index-friendly range (no LIKE escaping)."""
+    prefix = root.rstrip("/") + "/"
+    return prefix, prefix[:-1] + chr(ord("/") + 1)
+
+
+def mark_missing(conn: sqlite3.Connection, root: str, before: float) -> int:
+    """Paths under `root` not seen by the walk that started at `before` are gone."""
+    low, high = under(root)
+    with db.write(conn):
+        return conn.execute(
+            """UPDATE paths SET missing = 1
+               WHERE path >= ? AND path < ? AND missing = 0
+                 AND (last_seen IS NULL OR last_seen < ?)""",
+            (low, high, before),
+        ).rowcount
+
+
+def queue_untagged(conn: sqlite3.Connection, model_ids: list[int]) -> int:
+    """Queue known, present files that lack a result from any of `model_ids` (one statement)."""
+    if not model_ids:
+        return 0
+    marks = ",".join("?" * len(model_ids))
+    now = time.time()
+    with db.write(conn):
+        return conn.execute(
+            f"""INSERT INTO jobs(path, state, size, mtime_ns, created_at, updated_at)
+                SELECT p.path, 'queued', p.size, p.mtime_ns, ?, ? FROM paths p
+                WHERE p.missing = 0 AND p.file_id IS NOT NULL
+                  AND EXISTS (SELECT 1 FROM models m WHERE m.id IN ({marks})
+                              AND NOT EXISTS (SELECT 1 FROM taggings t
+                                              WHERE t.file_id = p.file_id AND t.model_id = m.id))
+                ON CONFLICT(path) DO UPDATE SET
+                    state = 'queued', attempts = 0, error = NULL, not_before = 0,
+                    updated_at = excluded.updated_at
+                WHERE jobs.state = 'done'""",
+            [now, now, *model_ids],
+        ).rowcount

@@ -1,0 +1,222 @@
+"""One loaded tagger: an ONNX Runtime session plus what is needed to feed and read it.
+
+Sessions are created once and kept; the provider actually in use is reported, and a GPU that
+was asked for but is not usable is an error rather than a silent, 20x slower CPU run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tagd.config import Config, InferenceConfig, ModelConfig
+from tagd.families import Family
+from tagd.hub import ModelError, ModelFiles
+from tagd.labels import LabelError, Labels
+from tagd.preprocess import PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    provider: str
+    input_name: str
+    output_name: str
+    fixed_batch: int | None
+    spec: PreprocessSpec
+
+
+def nvidia_present() -> bool:
+    """An NVIDIA driver is loaded (device node or /proc entry), so CUDA is worth trying."""
+    return os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia")
+
+
+def providers_for(
+    inference: InferenceConfig, available: list[str], *, gpu_present: bool = True
+) -> list[Any]:
+    """The provider list to ask ONNX Runtime for, given the config and what is installed.
+
+    `auto` tries CUDA only where a GPU driver is present, so CPU-only hosts start quietly.
+    """
+    if inference.device == "cpu" or (inference.device == "auto" and not gpu_present):
+        return [CPU]
+    cuda_options = {
+        "device_id": inference.device_id,
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "arena_extend_strategy": "kSameAsRequested",
+    }
+    if inference.device == "cuda" or CUDA in available:
+        return [(CUDA, cuda_options), CPU]
+    return [CPU]
+
+
+def _session_options(inference: InferenceConfig) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if inference.threads:
+        so.intra_op_num_threads = inference.threads
+        so.inter_op_num_threads = 1
+    return so
+
+
+class Tagger:
+    """A model ready to score batches: `predict(batch) -> probabilities [N, tags]`."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        family: Family,
+        files: ModelFiles,
+        inference: InferenceConfig,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.family = family
+        self.files = files
+        try:
+            self.labels: Labels = family.read_labels(files.label_path)
+        except LabelError as exc:
+            raise ModelError(f"model {self.name!r}: {exc}") from None
+        self.session = self._create_session(inference)
+        self.info = self._inspect(inference)
+        self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
+
+    @property
+    def provider(self) -> str:
+        return self.info.provider
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.info.spec
+
+    def _create_session(self, inference: InferenceConfig) -> Any:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        providers = providers_for(inference, available, gpu_present=nvidia_present())
+        if inference.device == "auto" and providers == [CPU]:
+            log.info("model %s: no NVIDIA GPU found, running on the CPU", self.name)
+        wants_cuda = providers[0] != CPU
+        if wants_cuda and hasattr(ort, "preload_dlls"):
+            try:
+                ort.preload_dlls()
+            except Exception as exc:
+                log.debug("preload_dlls failed: %s", exc)
+        try:
+            session = ort.InferenceSession(
+                os.fspath(self.files.model_path),
+                sess_options=_session_options(inference),
+                providers=providers,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"model {self.name!r}: {self.files.model_path} cannot be loaded by ONNX Runtime "
+                f"({first}); the file may be incomplete: delete it and fetch it again"
+            ) from None
+        active = session.get_providers()[0]
+        if inference.device == "cuda" and active != CUDA:
+            raise ModelError(
+                f"model {self.name!r}: inference.device is cuda but the CUDA provider could not "
+                f"be started (providers available: {', '.join(available)}); check the NVIDIA "
+                "driver and the onnxruntime-gpu CUDA/cuDNN libraries, or set inference.device: auto"
+            )
+        if wants_cuda and active != CUDA:
+            log.warning(
+                "model %s: CUDA is not usable here, falling back to the CPU (much slower); "
+                "set inference.device: cpu to silence this",
+                self.name,
+            )
+        if active == CUDA and hasattr(session, "disable_fallback"):
+            session.disable_fallback()
+        return session
+
+    def _inspect(self, inference: InferenceConfig) -> SessionInfo:
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        inp, out = inputs[0], outputs[0]
+        shape = list(inp.shape)
+        spec = self.family.preprocess
+        where = f"model {self.name!r}"
+        if len(shape) != 4:
+            raise ModelError(f"{where}: expected a 4-D image input, the graph has {shape}")
+        if spec.layout == "NHWC":
+            h, w, c = shape[1], shape[2], shape[3]
+        else:
+            c, h, w = shape[1], shape[2], shape[3]
+        if isinstance(c, int) and c != 3:
+            raise ModelError(
+                f"{where}: input {inp.name} has {c} channels where the {self.family.name} family "
+                f"expects 3 in {spec.layout} layout; is `family:` right?"
+            )
+        if isinstance(h, int) and isinstance(w, int):
+            spec = spec.with_size(h, w)
+        n_out = out.shape[-1] if out.shape else None
+        if isinstance(n_out, int) and n_out != len(self.labels):
+            raise ModelError(
+                f"{where}: the model has {n_out} outputs but {self.files.label_path.name} lists "
+                f"{len(self.labels)} tags; the label file belongs to another model"
+            )
+        fixed = shape[0] if isinstance(shape[0], int) else None
+        return SessionInfo(
+            provider=self.session.get_providers()[0],
+            input_name=inp.name,
+            output_name=out.name,
+            fixed_batch=fixed,
+            spec=spec,
+        )
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of prepared tensors; fixed-batch graphs run one by one."""
+        info = self.info
+        if info.fixed_batch is not None and batch.shape[0] != info.fixed_batch:
+            if info.fixed_batch != 1:
+                raise ModelError(f"model {self.name!r}: fixed batch {info.fixed_batch} unsupported")
+            parts = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
+            out = np.concatenate(parts, axis=0)
+        else:
+            out = self._run(batch)
+        if out.shape != (batch.shape[0], len(self.labels)):
+            raise ModelError(
+                f"model {self.name!r}: output shape {out.shape} does not match "
+                f"{len(self.labels)} labels"
+            )
+        if self.family.outputs_logits:
+            out = 1.0 / (1.0 + np.exp(-out))
+        return out.astype(np.float32, copy=False)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.info.output_name], {self.info.input_name: batch})[0]
+
+
+def load(config: Config, model: ModelConfig) -> Tagger:
+    """Resolve a configured model's files (downloading if allowed) and open its session."""
+    from tagd import families, hub
+
+    try:
+        family = families.get(model.family)
+    except KeyError as exc:
+        raise ModelError(f"model {model.name!r}: family: {exc.args[0]}") from None
+    files = hub.resolve(model, family, cache_dir=config.hf_cache, offline=config.offline)
+    return Tagger(model, family, files, config.inference)
+
+
+def load_all(config: Config, names: list[str] | None = None) -> list[Tagger]:
+    chosen = [m for m in config.models if m.enabled and (names is None or m.name in names)]
+    if not chosen:
+        raise ModelError("no enabled models in the config: add one under `models:`")
+    taggers = [load(config, m) for m in chosen]
+    for t in taggers:
+        log.info("model %s (%s) ready on %s", t.name, t.files.revision, t.provider)
+    return taggers

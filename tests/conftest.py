@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from onnx_models import build_wd_folder
+
+
+@pytest.fixture(scope="session")
+def probe_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local WD-layout model folder (dynamic batch, v3 names)."""
+    return build_wd_folder(tmp_path_factory.mktemp("models") / "probe")
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> Path:
+    g = tmp_path / "gallery"
+    g.mkdir()
+    return g
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, gallery: Path, probe_model: Path) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        {
+            "database": str(tmp_path / "state" / "tagd.db"),
+            "watch": [{"path": str(gallery)}],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu"},
+        },
+    )
+
+
+def save(path: Path, color: tuple[int, ...], size: tuple[int, int] = (64, 48), **kw) -> Path:
+    mode = "RGBA" if len(color) == 4 else "RGB"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, **kw)
+    return path
+
+
+def run_tagd(*args: str, env: dict[str, str] | None = None, input: str | None = None):
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("TAGD_CONFIG", None) if env is None or "TAGD_CONFIG" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "tagd", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=120,
+    )
