@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tagd.tagtext import with_underscores
+
 NAMESPACES = frozenset(
     {
         "general",
@@ -94,7 +96,7 @@ def tokenize(query: str) -> list[Token]:
 
 def normalise_tag(text: str) -> str:
     """Tags are stored Danbooru-style: lowercase with underscores."""
-    return "_".join(text.strip().split()).lower()
+    return with_underscores(text)
 
 
 def parse(query: str, namespaces: frozenset[str] = NAMESPACES) -> Node:

@@ -9,7 +9,13 @@ import pytest
 import yaml
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parent.parent
+# Test the checkout the tests live in (also in tagd subprocesses), not another installed copy.
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
+)
 
 from onnx_models import build_wd_folder
 
