@@ -17,7 +17,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
 )
 
-from onnx_models import build_wd_folder
+from onnx_models import build_wd_folder  # noqa: E402
 
 
 @pytest.fixture(scope="session")
