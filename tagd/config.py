@@ -77,6 +77,7 @@ class Config:
     hf_cache: Path | None = None
     offline: bool = False
     source: Path | None = None
+    hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -150,6 +151,7 @@ _TOP_KEYS = (
     "max_image_pixels",
     "hf_cache",
     "offline",
+    "hydrus",
 )
 
 
@@ -185,7 +187,14 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         hf_cache=_path(d["hf_cache"], "hf_cache", base) if d.get("hf_cache") else None,
         offline=_bool(d.get("offline", False), "offline"),
         source=source,
+        hydrus=_hydrus(d.get("hydrus", {}), base),
     )
+
+
+def _hydrus(value: Any, base: Path) -> Any:
+    from tagd.hydrus import parse_config
+
+    return parse_config(value, "hydrus", base)
 
 
 def _watch_root(item: Any, key: str, base: Path) -> WatchRoot:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tagd.config import Config
 
-COMMAND_MODULES = ("scan", "search", "show")
+COMMAND_MODULES = ("scan", "search", "show", "hydrus", "export", "tag", "eval", "completion")
 
 
 class UserError(Exception):

@@ -1,0 +1,404 @@
+"""Hydrus Client API sync: push each file's effective tags to a Hydrus tag service, by SHA-256.
+
+Only files Hydrus knows get tags. Tags go out in Hydrus conventions (lowercase, spaces,
+`character:`/`rating:`/`creator:` namespaces). A sync adds only what is missing, never a tag
+that Hydrus records as deleted or that tagd added before and a human has since removed
+(`hydrus_pushed`), and skips files whose effective tags are unchanged since the last check.
+The access key is read from a file or the environment and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tagd import db
+from tagd.config import ConfigError, _bool, _int, _list, _mapping, _number, _path
+from tagd.effective import FileTagSet, iter_files
+from tagd.tagtext import with_spaces
+
+log = logging.getLogger(__name__)
+
+KEY_HEADER = "Hydrus-Client-API-Access-Key"
+DEFAULT_URL = "http://127.0.0.1:45869"
+DEFAULT_KEY_ENV = "TAGD_HYDRUS_ACCESS_KEY"
+LOCAL_TAG_SERVICE = 5
+DEFAULT_NAMESPACES = {
+    "general": "",
+    "character": "character",
+    "rating": "rating",
+    "artist": "creator",
+    "copyright": "series",
+    "meta": "meta",
+}
+CURRENT, PENDING, DELETED = "0", "1", "2"
+
+
+class HydrusError(Exception):
+    """Hydrus is unreachable, refused us, or answered something unexpected; phrased for users."""
+
+
+@dataclass(frozen=True)
+class HydrusConfig:
+    enabled: bool = False
+    url: str = DEFAULT_URL
+    access_key_file: Path | None = None
+    access_key_env: str = DEFAULT_KEY_ENV
+    service: str = "tagd"
+    models: tuple[str, ...] = ()
+    namespaces: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
+    tag_template: str = "{tag}"
+    batch_size: int = 256
+    timeout: float = 10.0
+    interval: float = 900.0
+    recheck_unknown_after: float = 86400.0
+
+    def access_key(self) -> str:
+        """The key from access_key_file, else $access_key_env; a HydrusError if neither."""
+        if self.access_key_file is not None:
+            try:
+                key = self.access_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise HydrusError(
+                    f"hydrus.access_key_file: cannot read {self.access_key_file}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            if not key:
+                raise HydrusError(f"hydrus.access_key_file: {self.access_key_file} is empty")
+            return key
+        key = os.environ.get(self.access_key_env, "").strip()
+        if not key:
+            raise HydrusError(
+                f"no Hydrus access key: set hydrus.access_key_file or ${self.access_key_env} "
+                "(Hydrus: services > review services > client api > add)"
+            )
+        return key
+
+
+_HYDRUS_KEYS = (
+    "enabled",
+    "url",
+    "access_key_file",
+    "access_key_env",
+    "service",
+    "models",
+    "namespaces",
+    "tag_template",
+    "batch_size",
+    "timeout",
+    "interval",
+    "recheck_unknown_after",
+)
+
+
+def parse_config(value: Any, key: str, base: Path) -> HydrusConfig:
+    d = _mapping(value, key, _HYDRUS_KEYS)
+    url = d.get("url", DEFAULT_URL)
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.url: expected an http(s) URL such as {DEFAULT_URL}")
+    namespaces = d.get("namespaces", DEFAULT_NAMESPACES)
+    if not isinstance(namespaces, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | None) for k, v in namespaces.items()
+    ):
+        raise ConfigError(
+            f"{key}.namespaces: expected a mapping of tagd namespace to Hydrus namespace, "
+            "e.g. {general: '', character: character, artist: creator}"
+        )
+    template = d.get("tag_template", "{tag}")
+    if not isinstance(template, str) or "{tag}" not in template:
+        raise ConfigError(f"{key}.tag_template: expected text containing {{tag}}, e.g. '{{tag}}'")
+    try:
+        template.format(tag="x")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"{key}.tag_template: only {{tag}} may appear in braces") from None
+    for name in ("service", "access_key_env"):
+        if name in d and (not isinstance(d[name], str) or not d[name].strip()):
+            raise ConfigError(f"{key}.{name}: expected a non-empty name")
+    models = _list(d.get("models", []), f"{key}.models")
+    if not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{key}.models: expected a list of model names")
+    kf = d.get("access_key_file")
+    return HydrusConfig(
+        enabled=_bool(d.get("enabled", False), f"{key}.enabled"),
+        url=url.rstrip("/"),
+        access_key_file=_path(kf, f"{key}.access_key_file", base) if kf else None,
+        access_key_env=d.get("access_key_env", DEFAULT_KEY_ENV).strip(),
+        service=d.get("service", "tagd").strip(),
+        models=tuple(models),
+        namespaces={k: (v or "") for k, v in namespaces.items()},
+        tag_template=template,
+        batch_size=_int(d.get("batch_size", 256), f"{key}.batch_size", 1),
+        timeout=_number(d.get("timeout", 10.0), f"{key}.timeout", 0.1),
+        interval=_number(d.get("interval", 900.0), f"{key}.interval", 10),
+        recheck_unknown_after=_number(
+            d.get("recheck_unknown_after", 86400.0), f"{key}.recheck_unknown_after", 0
+        ),
+    )
+
+
+def hydrus_tag(
+    namespace: str, name: str, namespaces: Mapping[str, str], template: str
+) -> str | None:
+    """One tagd tag as Hydrus text, or None when its namespace is not sent."""
+    if namespace not in namespaces:
+        return None
+    text = template.format(tag=with_spaces(name)).strip().lower()
+    ns = namespaces[namespace].strip().lower()
+    if ns:
+        return f"{ns}:{text}"
+    # Hydrus reads a leading ':' as an empty namespace and stores ':d' as '::d'.
+    return f":{text}" if text.startswith(":") else text
+
+
+def desired_tags(fs: FileTagSet, cfg: HydrusConfig) -> list[str]:
+    out = {hydrus_tag(t.namespace, t.name, cfg.namespaces, cfg.tag_template) for t in fs.tags}
+    return sorted(t for t in out if t)
+
+
+def _digest(tags: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(tags)).encode()).hexdigest()[:32]
+
+
+class Client:
+    """The few Client API endpoints tagd uses, over urllib (no extra HTTP dependency)."""
+
+    def __init__(self, url: str, access_key: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self._key = access_key
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r}, access_key=<hidden>)"
+
+    def _request(self, path: str, *, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        url = self.url + path
+        if params:
+            url += "?" + urllib.parse.urlencode(
+                {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
+            )
+        headers = {KEY_HEADER: self._key, "Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(
+            url, data=data, headers=headers, method="POST" if data else "GET"
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise HydrusError(_http_error(exc, path)) from None
+        except TimeoutError:
+            raise HydrusError(
+                f"Hydrus at {self.url} did not answer {path} within {self.timeout:g} s "
+                "(busy? raise hydrus.timeout)"
+            ) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason
+            if isinstance(reason, TimeoutError):
+                raise HydrusError(
+                    f"Hydrus at {self.url} did not answer {path} within {self.timeout:g} s "
+                    "(busy? raise hydrus.timeout)"
+                ) from None
+            raise HydrusError(
+                f"cannot reach Hydrus at {self.url} "
+                f"({getattr(reason, 'strerror', None) or reason}); "
+                "is the client running with the Client API service enabled?"
+            ) from None
+        except (ConnectionError, OSError) as exc:
+            raise HydrusError(f"connection to Hydrus at {self.url} failed: {exc}") from None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise HydrusError(f"Hydrus answered {path} with something that is not JSON") from None
+
+    def api_version(self) -> int:
+        return int(self._request("/api_version")["version"])
+
+    def verify_access_key(self) -> dict[str, Any]:
+        return self._request("/verify_access_key")
+
+    def tag_service_key(self, name: str) -> str:
+        """The service key of the local tag service called `name`."""
+        answer = self._request("/get_services")
+        found: dict[str, str] = {}
+        services = answer.get("services")
+        if isinstance(services, dict):
+            for key, info in services.items():
+                if info.get("type") == LOCAL_TAG_SERVICE:
+                    found[str(info.get("name"))] = str(key)
+        for info in answer.get("local_tags", []) if not found else []:
+            found[str(info.get("name"))] = str(info.get("service_key"))
+        if name not in found:
+            names = ", ".join(sorted(found)) or "none"
+            raise HydrusError(
+                f"Hydrus has no local tag service named {name!r} (local tag services: {names}); "
+                "create it under services > manage services, or set hydrus.service"
+            )
+        return found[name]
+
+    def file_tags(
+        self, hashes: Sequence[str], service_key: str
+    ) -> dict[str, tuple[set[str], set[str]] | None]:
+        """sha256 → (current+pending tags, deleted tags) on the service; None if Hydrus lacks it."""
+        answer = self._request(
+            "/get_files/file_metadata",
+            params={"hashes": list(hashes), "include_services_object": "false"},
+        )
+        out: dict[str, tuple[set[str], set[str]] | None] = dict.fromkeys(hashes)
+        for meta in answer.get("metadata", []):
+            sha = str(meta.get("hash", "")).lower()
+            if sha not in out or meta.get("file_id") is None:
+                continue
+            storage = (meta.get("tags") or {}).get(service_key, {}).get("storage_tags", {})
+            present = set(storage.get(CURRENT, [])) | set(storage.get(PENDING, []))
+            out[sha] = (present, set(storage.get(DELETED, [])))
+        return out
+
+    def add_tags(self, hashes: Sequence[str], service_key: str, tags: Sequence[str]) -> None:
+        self._request(
+            "/add_tags/add_tags",
+            body={
+                "hashes": list(hashes),
+                "service_keys_to_actions_to_tags": {service_key: {"0": list(tags)}},
+                "override_previously_deleted_mappings": False,
+            },
+        )
+
+
+def _http_error(exc: urllib.error.HTTPError, path: str) -> str:
+    try:
+        detail = exc.read().decode("utf-8", "replace").strip().splitlines()[0][:200]
+    except (OSError, IndexError):
+        detail = ""
+    if exc.code in (401, 403, 419):
+        return (
+            f"Hydrus refused the access key for {path} (HTTP {exc.code}); check the key and "
+            "that it has the 'edit file tags' and 'search for files' permissions"
+        )
+    return f"Hydrus answered {path} with HTTP {exc.code}" + (f": {detail}" if detail else "")
+
+
+@dataclass
+class SyncReport:
+    dry_run: bool = False
+    considered: int = 0
+    checked: int = 0
+    unknown: int = 0
+    files_updated: int = 0
+    tags_added: int = 0
+    kept_deleted: int = 0
+    planned: dict[str, list[str]] = field(default_factory=dict)
+
+    def line(self) -> str:
+        verb = "would add" if self.dry_run else "added"
+        return (
+            f"hydrus: {self.checked} of {self.considered} files checked, {self.unknown} not in "
+            f"Hydrus; {verb} {self.tags_added} tags to {self.files_updated} files; "
+            f"{self.kept_deleted} tags left out because they were deleted in Hydrus"
+        )
+
+
+@dataclass(frozen=True)
+class _Prev:
+    known: bool
+    desired_hash: str
+    pushed: frozenset[str]
+    checked_at: float
+
+
+def sync(
+    conn: sqlite3.Connection,
+    config: Any,
+    dry_run: bool = False,
+    *,
+    client: Client | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SyncReport:
+    """One pass over the index; the daemon schedules this every `hydrus.interval` seconds."""
+    cfg: HydrusConfig = config.hydrus if isinstance(config.hydrus, HydrusConfig) else HydrusConfig()
+    client = client or Client(cfg.url, cfg.access_key(), cfg.timeout)
+    client.api_version()
+    service_key = client.tag_service_key(cfg.service)
+    prev = {
+        int(r[0]): _Prev(bool(r[1]), str(r[2]), frozenset(json.loads(r[3])), float(r[4]))
+        for r in conn.execute(
+            "SELECT file_id, known, desired_hash, pushed, checked_at FROM hydrus_pushed "
+            "WHERE service_key = ?",
+            (service_key,),
+        )
+    }
+    now = time.time()
+    report = SyncReport(dry_run=dry_run)
+    todo: list[tuple[FileTagSet, list[str], str]] = []
+    for fs in iter_files(conn, models=cfg.models or None):
+        report.considered += 1
+        desired = desired_tags(fs, cfg)
+        digest = _digest(desired)
+        p = prev.get(fs.file_id)
+        fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
+        if p is not None and p.desired_hash == digest and fresh:
+            continue
+        if desired:
+            todo.append((fs, desired, digest))
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start : start + cfg.batch_size]
+        remote = client.file_tags([fs.sha256 for fs, _, _ in batch], service_key)
+        rows: list[tuple[int, str, int, str, str, float]] = []
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for fs, desired, digest in batch:
+            report.checked += 1
+            p = prev.get(fs.file_id)
+            pushed = set(p.pushed) if p else set()
+            state = remote.get(fs.sha256)
+            if state is None:
+                report.unknown += 1
+                rows.append((fs.file_id, service_key, 0, digest, json.dumps(sorted(pushed)), now))
+                continue
+            present, deleted = state
+            removed_by_human = pushed - present
+            add = [t for t in desired if t not in present and t not in deleted and t not in pushed]
+            report.kept_deleted += len([t for t in desired if t in deleted | removed_by_human])
+            if add:
+                groups.setdefault(tuple(add), []).append(fs.sha256)
+                report.files_updated += 1
+                report.tags_added += len(add)
+                if dry_run:
+                    report.planned[fs.sha256] = add
+            rows.append(
+                (fs.file_id, service_key, 1, digest, json.dumps(sorted(pushed | set(add))), now)
+            )
+        if dry_run:
+            if progress:
+                progress(min(start + cfg.batch_size, len(todo)), len(todo))
+            continue
+        for tags, hashes in groups.items():
+            client.add_tags(hashes, service_key, tags)
+        with db.write(conn):
+            conn.executemany(
+                """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
+                                             checked_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
+                       desired_hash = excluded.desired_hash, pushed = excluded.pushed,
+                       checked_at = excluded.checked_at""",
+                rows,
+            )
+        if progress:
+            progress(min(start + cfg.batch_size, len(todo)), len(todo))
+    log.info("%s", report.line())
+    return report

@@ -1,0 +1,189 @@
+"""Hydrus sync against a local Client API server: requests, idempotency, human deletions."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from conftest import run_tagd, write_config
+from hydrus_server import TAGD_KEY, HydrusServer, HydrusState
+from indexdb import make_index, sha_of
+
+from tagd import hydrus
+from tagd.config import ConfigError, parse
+
+KEY = "a" * 64
+FILES = {
+    "/g/a.png": {
+        "general": 0.9,
+        "long_hair": 0.8,
+        "^_^": 0.7,
+        "hatsune_miku": 0.95,
+        "artist_x": 0.9,
+        "smile": 0.2,
+    },
+    "/g/b.png": {"sensitive": 0.8, "general": 0.1, "smile": 0.6},
+    "/g/c.png": {"general": 0.9, "solo": 0.9},
+}
+
+
+def _config(tmp_path: Path, url: str, **extra: object):
+    (tmp_path / "key").write_text(KEY + "\n")
+    return parse(
+        {
+            "database": str(tmp_path / "t.db"),
+            "hydrus": {"enabled": True, "url": url, "access_key_file": "key", **extra},
+        },
+        base=tmp_path,
+    )
+
+
+def test_tag_text_follows_hydrus_conventions() -> None:
+    ns = hydrus.DEFAULT_NAMESPACES
+    assert hydrus.hydrus_tag("general", "long_hair", ns, "{tag}") == "long hair"
+    assert hydrus.hydrus_tag("general", "^_^", ns, "{tag}") == "^_^"
+    assert hydrus.hydrus_tag("character", "hatsune_miku", ns, "{tag}") == "character:hatsune miku"
+    assert hydrus.hydrus_tag("artist", "Artist_X", ns, "{tag}") == "creator:artist x"
+    assert hydrus.hydrus_tag("rating", "general", ns, "{tag}") == "rating:general"
+    assert hydrus.hydrus_tag("general", ":d", ns, "{tag}") == "::d"
+    assert hydrus.hydrus_tag("general", "smile", ns, "ai {tag}") == "ai smile"
+    assert hydrus.hydrus_tag("meta", "highres", {"general": ""}, "{tag}") is None
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"hydrus\.url"):
+        parse({"hydrus": {"url": "localhost:45869"}}, base=tmp_path)
+    with pytest.raises(ConfigError, match=r"hydrus\.tag_template"):
+        parse({"hydrus": {"tag_template": "{score}"}}, base=tmp_path)
+    with pytest.raises(ConfigError, match=r"hydrus\.sevice: unknown key; did you mean 'service'"):
+        parse({"hydrus": {"sevice": "x"}}, base=tmp_path)
+    assert parse({}, base=tmp_path).hydrus.enabled is False
+
+
+def test_sync_pushes_once_and_respects_human_deletions(tmp_path: Path) -> None:
+    conn = make_index(tmp_path / "t.db", FILES)
+    state = HydrusState(access_key=KEY)
+    a, b, c = (sha_of(p) for p in FILES)
+    state.add_file(a)
+    state.add_file(b)  # c is not in Hydrus
+    state.tags(a, TAGD_KEY).add("long hair")  # already there
+    state.human_delete(a, TAGD_KEY, "^_^")  # a human removed it before we ever pushed it
+    with HydrusServer(state) as server:
+        cfg = _config(tmp_path, server.url)
+        report = hydrus.sync(conn, cfg)
+        assert (report.considered, report.checked, report.unknown) == (3, 3, 1)
+        assert state.tags(a, TAGD_KEY) == {
+            "long hair",
+            "rating:general",
+            "character:hatsune miku",
+            "creator:artist x",
+        }
+        assert state.tags(b, TAGD_KEY) == {"rating:sensitive", "smile"}
+        assert c not in state.files
+        assert report.kept_deleted == 1
+        (meta,) = state.calls("/get_files/file_metadata")
+        assert sorted(meta["query"]) == ["hashes", "include_services_object"]
+        for call in state.calls("/add_tags/add_tags"):
+            assert call["headers"][hydrus.KEY_HEADER.lower()] == KEY
+            assert call["headers"]["content-type"] == "application/json"
+            assert call["body"]["override_previously_deleted_mappings"] is False
+            assert set(call["body"]) == {
+                "hashes",
+                "service_keys_to_actions_to_tags",
+                "override_previously_deleted_mappings",
+            }
+        assert len(state.calls("/add_tags/add_tags")) == 2
+
+        # unchanged index: nothing is asked for or sent again
+        before = len(state.requests)
+        again = hydrus.sync(conn, cfg)
+        assert (again.checked, again.tags_added) == (0, 0)
+        assert [r["path"] for r in state.requests[before:]] == ["/api_version", "/get_services"]
+
+        # a human deletes a tag tagd pushed, then a retag changes the file: only the new tag goes
+        state.tags(a, TAGD_KEY).discard("creator:artist x")  # removed without a deletion record
+        conn.execute(
+            "UPDATE scores SET selected = 1 WHERE tag_id = (SELECT id FROM tags WHERE name='smile')"
+            " AND file_id = (SELECT id FROM files WHERE sha256 = ?)",
+            (a,),
+        )
+        third = hydrus.sync(conn, cfg)
+        assert (third.checked, third.tags_added) == (1, 1)
+        assert "creator:artist x" not in state.tags(a, TAGD_KEY)
+        assert "smile" in state.tags(a, TAGD_KEY)
+        (last,) = state.calls("/add_tags/add_tags")[-1:]
+        assert last["body"]["hashes"] == [a]
+        assert last["body"]["service_keys_to_actions_to_tags"] == {TAGD_KEY: {"0": ["smile"]}}
+
+
+def test_dry_run_sends_nothing_and_records_nothing(tmp_path: Path) -> None:
+    conn = make_index(tmp_path / "t.db", FILES)
+    state = HydrusState(access_key=KEY)
+    state.add_file(sha_of("/g/b.png"))
+    with HydrusServer(state) as server:
+        report = hydrus.sync(conn, _config(tmp_path, server.url), dry_run=True)
+    assert report.planned == {sha_of("/g/b.png"): ["rating:sensitive", "smile"]}
+    assert state.calls("/add_tags/add_tags") == []
+    assert conn.execute("SELECT count(*) FROM hydrus_pushed").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("fail", "message"),
+    [
+        ({"/get_services": 403}, "refused the access key"),
+        ({"/add_tags/add_tags": 500}, 'HTTP 500: {"error": "forced failure"}'),
+    ],
+)
+def test_error_codes_become_one_line_errors(tmp_path: Path, fail: dict, message: str) -> None:
+    conn = make_index(tmp_path / "t.db", FILES)
+    state = HydrusState(access_key=KEY, fail=fail)
+    state.add_file(sha_of("/g/b.png"))
+    with HydrusServer(state) as server, pytest.raises(hydrus.HydrusError, match=message) as exc:
+        hydrus.sync(conn, _config(tmp_path, server.url))
+    assert KEY not in str(exc.value)
+    # a failed push records nothing, so the next sync tries again
+    assert conn.execute("SELECT count(*) FROM hydrus_pushed").fetchone()[0] == 0
+
+
+def test_wrong_key_unknown_service_timeout_and_nobody_listening(tmp_path: Path) -> None:
+    conn = make_index(tmp_path / "t.db", FILES)
+    with HydrusServer(HydrusState(access_key="b" * 64)) as server:
+        with pytest.raises(hydrus.HydrusError, match="HTTP 403"):
+            hydrus.sync(conn, _config(tmp_path, server.url))
+    with HydrusServer(HydrusState(access_key=KEY)) as server:
+        with pytest.raises(hydrus.HydrusError, match="no local tag service named 'ai'.*my tags"):
+            hydrus.sync(conn, _config(tmp_path, server.url, service="ai"))
+    with HydrusServer(HydrusState(access_key=KEY, delay_s=1.0)) as server:
+        with pytest.raises(hydrus.HydrusError, match="did not answer /api_version within 0.2 s"):
+            hydrus.sync(conn, _config(tmp_path, server.url, timeout=0.2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(hydrus.HydrusError, match="cannot reach Hydrus.*is the client running"):
+        hydrus.sync(conn, _config(tmp_path, f"http://127.0.0.1:{port}"))
+
+
+def test_cli_sync_dry_run_and_json(tmp_path: Path) -> None:
+    make_index(tmp_path / "t.db", FILES).close()
+    state = HydrusState(access_key=KEY)
+    state.add_file(sha_of("/g/a.png"))
+    with HydrusServer(state) as server:
+        conf = write_config(
+            tmp_path / "c.yaml",
+            {
+                "database": str(tmp_path / "t.db"),
+                "hydrus": {"url": server.url, "access_key_env": "HK"},
+            },
+        )
+        r = run_tagd("-c", str(conf), "hydrus", "sync", "--dry-run", env={"HK": KEY})
+        assert r.returncode == 0, r.stderr
+        assert "would add 5 tags to 1 files" in r.stderr
+        assert "character:hatsune miku" in r.stdout
+        assert state.calls("/add_tags/add_tags") == []
+        r = run_tagd("-c", str(conf), "hydrus", "sync", "--json", env={"HK": KEY})
+        assert r.returncode == 0, r.stderr
+        assert '"tags_added": 5' in r.stdout
+        missing = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": ""})
+        assert missing.returncode == 3
+        assert "no Hydrus access key" in missing.stderr and "Traceback" not in missing.stderr
