@@ -22,3 +22,11 @@ JOIN scores s ON s.file_id = f.id AND s.selected = 1
 JOIN tags t ON t.id = s.tag_id
 JOIN models m ON m.id = s.model_id
 WHERE p.missing = 0;
+
+-- Sidecars tagd wrote, with the SHA-256 of their content: a sidecar whose content still
+-- matches is tagd's to replace; any other existing sidecar is the user's and is left alone.
+CREATE TABLE sidecars (
+    path        TEXT PRIMARY KEY,
+    content_sha TEXT NOT NULL,
+    written_at  REAL NOT NULL
+) WITHOUT ROWID;
