@@ -63,6 +63,8 @@ class InferenceConfig:
     device_id: int = 0
     batch_size: int | None = None
     threads: int | None = None
+    # Extra CUDA provider options (`tagd tag --provider-options k=v,...`); not a config key.
+    provider_options: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

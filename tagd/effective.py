@@ -21,6 +21,7 @@ class ScoredTag:
     namespace: str
     name: str
     score: float
+    selected: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,13 +90,13 @@ def iter_files(
         ):
             paths.setdefault(int(fid), []).append(str(path))
         tags: dict[int, list[ScoredTag]] = {}
-        for fid, mid, ns, name, score in conn.execute(
-            "SELECT s.file_id, s.model_id, t.namespace, t.name, s.score FROM scores s "
+        for fid, mid, ns, name, score, sel in conn.execute(
+            "SELECT s.file_id, s.model_id, t.namespace, t.name, s.score, s.selected FROM scores s "
             f"JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN ({fids}) "
             f"AND s.model_id IN ({mids}){selected} ORDER BY s.file_id, s.score DESC"
         ):
             tags.setdefault(int(fid), []).append(
-                ScoredTag(names[int(mid)], str(ns), str(name), float(score))
+                ScoredTag(names[int(mid)], str(ns), str(name), float(score), bool(sel))
             )
         for fid, sha in chunk:
             yield FileTagSet(

@@ -52,6 +52,7 @@ def providers_for(
         "device_id": inference.device_id,
         "cudnn_conv_algo_search": "HEURISTIC",
         "arena_extend_strategy": "kSameAsRequested",
+        **dict(inference.provider_options),
     }
     if inference.device == "cuda" or CUDA in available:
         return [(CUDA, cuda_options), CPU]

@@ -1,0 +1,129 @@
+"""One-shot tagging for scripts (`tagd tag`): read → decode → predict → select, no daemon.
+
+Uses the daemon's stages (decode.read_file, pipeline.decode_and_prepare, Tagger.predict,
+thresholds.select) so a file gets the same tags either way.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from tagd import db, store
+from tagd.decode import DecodeError, FileBytes, read_file
+from tagd.pipeline import decode_and_prepare
+from tagd.tagger import Tagger
+from tagd.thresholds import select
+
+
+@dataclass(frozen=True)
+class Result:
+    path: str
+    sha256: str | None
+    tags: list[tuple[str, str, float]]  # (namespace, name, score), best first
+    error: str | None = None
+
+
+def parse_provider_options(text: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k=v` → pairs; a ValueError names the bad item."""
+    pairs = []
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--provider-options: {item!r} is not key=value")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def rules_with(rules: Mapping[str, float | str], threshold: float | None) -> dict[str, float | str]:
+    """--threshold replaces every numeric or mcut rule; ratings stay top-1."""
+    if threshold is None:
+        return dict(rules)
+    out: dict[str, float | str] = {k: (v if v == "top" else threshold) for k, v in rules.items()}
+    out["default"] = threshold
+    return out
+
+
+def _batches(paths: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for p in paths:
+        batch.append(p)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def tag_paths(
+    tagger: Tagger,
+    paths: Iterable[str],
+    *,
+    rules: Mapping[str, float | str],
+    batch_size: int,
+    max_pixels: int,
+    conn: sqlite3.Connection | None = None,
+    floor: float = 0.05,
+) -> Iterator[Result]:
+    """Results in input order, batch by batch; with `conn`, also stored like the pipeline does."""
+    record = None
+    if conn is not None:
+        with db.write(conn):
+            record = store.register_model(
+                conn,
+                name=tagger.name,
+                family=tagger.family.name,
+                source=tagger.config.source,
+                revision=tagger.files.revision,
+                labels=tagger.labels,
+                settings={"thresholds": tagger.thresholds, "floor": floor},
+            )
+    namespaces = tagger.labels.namespaces
+    for batch in _batches(paths, batch_size):
+        ok: list[_Decoded] = []
+        results: dict[str, Result] = {}
+        for path in batch:
+            try:
+                file = read_file(path)
+                w, h, fmt, tensors = decode_and_prepare(
+                    file, {tagger.name: tagger.spec}, max_pixels
+                )
+            except DecodeError as exc:
+                results[path] = Result(path, None, [], exc.reason)
+                continue
+            except Exception as exc:
+                results[path] = Result(path, None, [], f"decoder error: {type(exc).__name__}")
+                continue
+            ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name]))
+        if ok:
+            probs = tagger.predict(np.stack([d.tensor for d in ok]))
+            masks = [select(row, namespaces, rules) for row in probs]
+            for d, row, mask in zip(ok, probs, masks, strict=True):
+                idx = np.flatnonzero(mask)
+                idx = idx[np.argsort(-row[idx], kind="stable")]
+                tags = [(namespaces[i], tagger.labels.names[i], float(row[i])) for i in idx]
+                results[d.path] = Result(d.path, d.file.sha256, tags)
+            if conn is not None and record is not None:
+                with db.write(conn):
+                    for d, row, mask in zip(ok, probs, masks, strict=True):
+                        f = d.file
+                        fid = store.upsert_file(conn, f.sha256, f.size, d.width, d.height, d.format)
+                        store.upsert_path(conn, d.path, fid, f.size, f.mtime_ns)
+                        store.save_prediction(
+                            conn, file_id=fid, model=record, scores=row, selected=mask, floor=floor
+                        )
+        for path in batch:
+            yield results[path]
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    path: str
+    file: FileBytes
+    width: int
+    height: int
+    format: str | None
+    tensor: np.ndarray
