@@ -73,7 +73,7 @@ def _index(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_control_scores_one_and_side_by_side(tmp_path: Path) -> None:
-    conf, paths = _index(tmp_path)
+    conf, _ = _index(tmp_path)
     exported = run_tagd("-c", str(conf), "export", "--format", "jsonl", "--model", "m1")
     truth = tmp_path / "truth.jsonl"
     truth.write_text(exported.stdout)

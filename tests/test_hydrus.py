@@ -148,15 +148,22 @@ def test_error_codes_become_one_line_errors(tmp_path: Path, fail: dict, message:
 
 def test_wrong_key_unknown_service_timeout_and_nobody_listening(tmp_path: Path) -> None:
     conn = make_index(tmp_path / "t.db", FILES)
-    with HydrusServer(HydrusState(access_key="b" * 64)) as server:
-        with pytest.raises(hydrus.HydrusError, match="HTTP 403"):
-            hydrus.sync(conn, _config(tmp_path, server.url))
-    with HydrusServer(HydrusState(access_key=KEY)) as server:
-        with pytest.raises(hydrus.HydrusError, match="no local tag service named 'ai'.*my tags"):
-            hydrus.sync(conn, _config(tmp_path, server.url, service="ai"))
-    with HydrusServer(HydrusState(access_key=KEY, delay_s=1.0)) as server:
-        with pytest.raises(hydrus.HydrusError, match="did not answer /api_version within 0.2 s"):
-            hydrus.sync(conn, _config(tmp_path, server.url, timeout=0.2))
+    cases = [
+        (HydrusState(access_key="b" * 64), {}, "HTTP 403"),
+        (
+            HydrusState(access_key=KEY),
+            {"service": "ai"},
+            "no local tag service named 'ai'.*my tags",
+        ),
+        (
+            HydrusState(access_key=KEY, delay_s=1.0),
+            {"timeout": 0.2},
+            "did not answer /api_version within 0.2 s",
+        ),
+    ]
+    for state, extra, message in cases:
+        with HydrusServer(state) as server, pytest.raises(hydrus.HydrusError, match=message):
+            hydrus.sync(conn, _config(tmp_path, server.url, **extra))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
