@@ -110,3 +110,33 @@ def test_eval_against_sidecars_and_csv(tmp_path: Path) -> None:
     assert rep["files"] == 1
     bad = run_tagd("-c", str(conf), "eval", "-m", "m1", "--truth", str(tmp_path / "x.csv"))
     assert bad.returncode == 2 and "x.csv" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_eval_against_hydrus_tags(tmp_path: Path) -> None:
+    from hydrus_server import LOCAL_TAGS_KEY, HydrusServer, HydrusState
+    from indexdb import sha_of
+
+    _, paths = _index(tmp_path)
+    state = HydrusState(access_key="b" * 64)
+    a, b = sha_of(paths["a.png"]), sha_of(paths["b.png"])
+    state.add_file(a)
+    state.add_file(b)
+    state.tags(a, LOCAL_TAGS_KEY).update({"character:hatsune miku", "long hair", "rating:general"})
+    state.tags(b, LOCAL_TAGS_KEY).update({"smile", "solo", "rating:sensitive"})
+    (tmp_path / "key").write_text("b" * 64)
+    with HydrusServer(state) as server:
+        conf = write_config(
+            tmp_path / "h.yaml",
+            {
+                "database": str(tmp_path / "t.db"),
+                "hydrus": {"url": server.url, "access_key_file": str(tmp_path / "key")},
+            },
+        )
+        r = run_tagd("-c", str(conf), "eval", "-m", "m1", "--truth", "hydrus", "--json")
+    assert r.returncode == 0, r.stderr
+    (rep,) = json.loads(r.stdout)
+    assert rep["files"] == 2
+    # a: all 3 truth tags predicted; b: smile and rating right, solo missed
+    assert rep["mean_file_score"] == pytest.approx((1.0 + (2 - 0) / 3) / 2)
+    assert ["general:solo", 1] in rep["under_predicted"]
+    assert len(state.calls("/get_files/file_metadata")) == 2
