@@ -68,12 +68,24 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """`tagd run`: when a new file counts as complete, how often to rescan, job retry policy."""
+
+    settle_seconds: float = 2.0
+    reconcile_interval: float = 3600.0
+    lease_seconds: float = 300.0
+    max_attempts: int = 5
+    retry_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
 class Config:
     database: Path
     watch: tuple[WatchRoot, ...] = ()
     models: tuple[ModelConfig, ...] = ()
     score_floor: float = 0.05
     inference: InferenceConfig = InferenceConfig()
+    daemon: DaemonConfig = DaemonConfig()
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     max_image_pixels: int = 150_000_000
     hf_cache: Path | None = None
@@ -154,6 +166,7 @@ _TOP_KEYS = (
     "hf_cache",
     "offline",
     "hydrus",
+    "daemon",
 )
 
 
@@ -184,6 +197,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         models=models,
         score_floor=_fraction(d.get("score_floor", 0.05), "score_floor"),
         inference=_inference(d.get("inference", {}), "inference"),
+        daemon=_daemon(d.get("daemon", {}), "daemon"),
         extensions=extensions,
         max_image_pixels=_int(d.get("max_image_pixels", 150_000_000), "max_image_pixels", 1),
         hf_cache=_path(d["hf_cache"], "hf_cache", base) if d.get("hf_cache") else None,
@@ -294,6 +308,35 @@ def _inference(value: Any, key: str) -> InferenceConfig:
         device_id=_int(d.get("device_id", 0), f"{key}.device_id", 0),
         batch_size=None if batch is None else _int(batch, f"{key}.batch_size", 1),
         threads=None if threads is None else _int(threads, f"{key}.threads", 1),
+    )
+
+
+_DAEMON_KEYS = (
+    "settle_seconds",
+    "reconcile_interval",
+    "lease_seconds",
+    "max_attempts",
+    "retry_backoff",
+)
+
+
+def _daemon(value: Any, key: str) -> DaemonConfig:
+    d = _mapping(value, key, _DAEMON_KEYS)
+    base = DaemonConfig()
+    return DaemonConfig(
+        settle_seconds=_number(
+            d.get("settle_seconds", base.settle_seconds), f"{key}.settle_seconds", 0.0
+        ),
+        reconcile_interval=_number(
+            d.get("reconcile_interval", base.reconcile_interval), f"{key}.reconcile_interval", 60.0
+        ),
+        lease_seconds=_number(
+            d.get("lease_seconds", base.lease_seconds), f"{key}.lease_seconds", 5.0
+        ),
+        max_attempts=_int(d.get("max_attempts", base.max_attempts), f"{key}.max_attempts", 1),
+        retry_backoff=_number(
+            d.get("retry_backoff", base.retry_backoff), f"{key}.retry_backoff", 0.0
+        ),
     )
 
 

@@ -117,7 +117,13 @@ class Pipeline:
         """Claim and process batches until the queue has nothing runnable (or `stop()`)."""
         total = Outcome()
         while not stop():
-            jobs = queue.claim(self.conn, self.owner, self.batch_size)
+            jobs = queue.claim(
+                self.conn,
+                self.owner,
+                self.batch_size,
+                lease_s=self.config.daemon.lease_seconds,
+                max_attempts=self.config.daemon.max_attempts,
+            )
             if not jobs:
                 break
             total.add(self.process(jobs))
@@ -212,7 +218,15 @@ class Pipeline:
 
     def _fail(self, job: queue.Job, reason: str, transient: bool, outcome: Outcome) -> None:
         with db.write(self.conn):
-            state = queue.fail(self.conn, job, self.owner, reason, transient=transient)
+            state = queue.fail(
+                self.conn,
+                job,
+                self.owner,
+                reason,
+                transient=transient,
+                max_attempts=self.config.daemon.max_attempts,
+                backoff_s=self.config.daemon.retry_backoff,
+            )
         if state == "failed":
             outcome.failed += 1
             outcome.errors.append((job.path, reason))

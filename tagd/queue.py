@@ -7,6 +7,7 @@ the results, so a crash can neither lose a job nor record it twice.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -154,11 +155,12 @@ def fail(
     *,
     transient: bool,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    backoff_s: float = BACKOFF_BASE_S,
 ) -> str:
     """Retry later with exponential backoff if `transient`, else (or when out of tries) fail."""
     now = time.time()
     if transient and job.attempts < max_attempts:
-        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** max(0, job.attempts - 1))
+        delay = min(BACKOFF_MAX_S, backoff_s * 2 ** max(0, job.attempts - 1))
         state, not_before = "queued", now + delay
     else:
         state, not_before = "failed", 0.0
@@ -189,13 +191,91 @@ def release(conn: sqlite3.Connection, owner: str, job_ids: list[int] | None = No
         return conn.execute(sql, params).rowcount
 
 
-def retry_failed(conn: sqlite3.Connection) -> int:
+def retry_failed(conn: sqlite3.Connection, paths: list[str] | None = None) -> int:
+    """Queue failed jobs again with a fresh attempt count (all of them, or those `paths`)."""
+    sql = """UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = 0,
+                 updated_at = ? WHERE state = 'failed'"""
+    with db.write(conn):
+        if paths is None:
+            return conn.execute(sql, (time.time(),)).rowcount
+        return sum(conn.execute(sql + " AND path = ?", (time.time(), p)).rowcount for p in paths)
+
+
+def heartbeat(conn: sqlite3.Connection, owner: str, lease_s: float) -> int:
+    """Extend every lease `owner` holds: its worker is alive, however long the batch takes."""
     with db.write(conn):
         return conn.execute(
-            """UPDATE jobs SET state = 'queued', attempts = 0, error = NULL, not_before = 0,
-                   updated_at = ? WHERE state = 'failed'""",
-            (time.time(),),
+            "UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state = 'running'",
+            (time.time() + lease_s, owner),
         ).rowcount
+
+
+def owner_pid(owner: str, host: str) -> int | None:
+    """The pid in a `host:pid:start` lease owner when it was taken on `host`."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or parts[0] != host:
+        return None
+    try:
+        return int(parts[1])
+    except ValueError:
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans(conn: sqlite3.Connection, me: str, host: str) -> int:
+    """Return jobs leased by dead processes on this host to the queue without waiting out
+    their lease (a daemon killed with SIGKILL and restarted). The attempt still counts, so a
+    file that crashes the worker every time ends up failed rather than looping."""
+    owners = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running' AND lease_owner != ?",
+            (me,),
+        )
+    ]
+    mine = owner_pid(me, host)
+    dead = []
+    for owner in owners:
+        pid = owner_pid(owner, host)
+        if pid is not None and (pid == mine or not _process_alive(pid)):
+            dead.append(owner)
+    if not dead:
+        return 0
+    with db.write(conn):
+        return sum(
+            conn.execute(
+                """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
+                       updated_at = ? WHERE state = 'running' AND lease_owner = ?""",
+                (time.time(), owner),
+            ).rowcount
+            for owner in dead
+        )
+
+
+def listing(
+    conn: sqlite3.Connection, state: str | None = None, limit: int = 50
+) -> list[sqlite3.Row]:
+    """Jobs in the order the worker takes them (failed: most recent first), at most `limit`."""
+    if state == "failed":
+        sql = "SELECT * FROM jobs WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?"
+        params: tuple[object, ...] = (limit,)
+    elif state is None:
+        sql = """SELECT * FROM jobs WHERE state != 'done'
+                 ORDER BY state = 'running' DESC, priority DESC, id LIMIT ?"""
+        params = (limit,)
+    else:
+        sql = "SELECT * FROM jobs WHERE state = ? ORDER BY priority DESC, id LIMIT ?"
+        params = (state, limit)
+    return conn.execute(sql, params).fetchall()
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
@@ -210,3 +290,16 @@ def waiting(conn: sqlite3.Connection) -> int:
     return conn.execute(
         "SELECT count(*) FROM jobs WHERE state = 'queued' AND not_before > ?", (time.time(),)
     ).fetchone()[0]
+
+
+PAUSED_KEY = "paused"
+
+
+def is_paused(conn: sqlite3.Connection) -> bool:
+    """`tagd pause` is a row in `state`, so it holds across daemon restarts."""
+    return db.get_state(conn, PAUSED_KEY) == "1"
+
+
+def set_paused(conn: sqlite3.Connection, paused: bool) -> None:
+    with db.write(conn):
+        db.set_state(conn, PAUSED_KEY, "1" if paused else None)

@@ -10,7 +10,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tagd import db, queue
@@ -75,10 +75,20 @@ def root_available(root: WatchRoot) -> bool:
         return False
 
 
-def scan(conn: sqlite3.Connection, config: Config, *, priority: int = 0) -> ScanResult:
+def scan(
+    conn: sqlite3.Connection,
+    config: Config,
+    *,
+    priority: int = 0,
+    stop: Callable[[], bool] = lambda: False,
+) -> ScanResult:
+    """Queue new or changed files under every root; `stop()` ends the walk early, and a root
+    whose walk was cut short keeps its paths (nothing is marked missing on a partial walk)."""
     result = ScanResult()
     skipped: list[str] = []
     for root in config.watch:
+        if stop():
+            break
         if not root_available(root):
             log.warning("watch root %s is missing or empty; skipping it (unmounted?)", root.path)
             skipped.append(str(root.path))
@@ -91,8 +101,10 @@ def scan(conn: sqlite3.Connection, config: Config, *, priority: int = 0) -> Scan
             if len(batch) >= CHUNK:
                 result.queued += _enqueue(conn, batch, priority, started)
                 batch.clear()
+                if stop():
+                    break
         result.queued += _enqueue(conn, batch, priority, started)
-        if root_available(root):
+        if not stop() and root_available(root):
             result.missing += mark_missing(conn, os.path.abspath(root.path), started)
     result.skipped_roots = tuple(skipped)
     return result

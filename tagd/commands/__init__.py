@@ -9,7 +9,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tagd.config import Config
 
-COMMAND_MODULES = ("scan", "search", "show", "hydrus", "export", "tag", "eval", "completion")
+COMMAND_MODULES = (
+    "scan",
+    "search",
+    "show",
+    "hydrus",
+    "export",
+    "tag",
+    "eval",
+    "completion",
+    "run",
+    "status",
+    "jobs",
+    "pause",
+)
 
 
 class UserError(Exception):

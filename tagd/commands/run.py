@@ -1,0 +1,56 @@
+"""`tagd run`: the foreground service (what systemd starts)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+
+from tagd.commands import Context, UserError
+
+log = logging.getLogger("tagd.run")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="watch the folders and tag continuously (the service)",
+        description="Run in the foreground: watch every root, tag new and changed images, "
+        "rescan on a schedule. SIGTERM stops after the batch in flight, SIGHUP reloads the "
+        "config. Under systemd it reports readiness, status and watchdog pings.",
+        epilog="example: tagd --config /etc/tagd/config.yaml run",
+    )
+    p.set_defaults(func=run)
+
+
+def run(ctx: Context) -> int:
+    from tagd.hub import ModelError
+    from tagd.notify import Notifier
+
+    config = ctx.config
+    if not config.watch:
+        raise UserError("nothing to watch: add a folder under `watch:` in the config", 2)
+    stop = {"requested": False}
+    # Until the daemon exists, a SIGTERM during model loading just ends the start cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    notifier = Notifier()
+    notifier.status("loading models")
+    from tagd import tagger
+    from tagd.daemon import Daemon
+    from tagd.db import DatabaseError
+
+    try:
+        taggers = tagger.load_all(config)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
+    if stop["requested"]:
+        return 0
+    try:
+        daemon = Daemon(config, taggers, notifier=notifier)
+    except DatabaseError as exc:
+        raise UserError(str(exc)) from None
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
+    return daemon.run()
