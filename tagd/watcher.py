@@ -14,6 +14,7 @@ import logging
 import os
 import queue as stdqueue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,15 +73,13 @@ def inotify_limit_message(root: str, exc: OSError) -> str:
 
 
 def root_identity(path: str) -> tuple[int, int] | None:
-    """(device, inode) of a present, non-empty root; None for a missing or empty mount point."""
+    """(device, inode) of the root folder, None when it is missing. A disk mounted on or
+    unmounted from the root changes the device, a folder moved away and replaced the inode."""
     try:
         st = os.stat(path)
-        with os.scandir(path) as it:
-            if next(it, None) is None:
-                return None
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
 @dataclass
@@ -159,18 +158,20 @@ class Watcher:
         rw.identity = root_identity(rw.path)
         if rw.identity is None:
             rw.mode = "unavailable"
-            log.warning("watch root %s is missing or empty (unmounted?); waiting for it", rw.path)
+            log.warning("watch root %s is missing (unmounted?); waiting for it", rw.path)
             return
         handler = _Forward(self._events.put, index)
         if not rw.root.polling:
-            observer: BaseObserver = Observer()
+            observer: BaseObserver | None = None
             try:
+                observer = Observer()
                 observer.schedule(handler, rw.path, recursive=True, event_filter=INOTIFY_EVENTS)
                 observer.start()
                 rw.observer, rw.mode = observer, "inotify"
                 return
             except OSError as exc:
-                _discard(observer)
+                if observer is not None:
+                    _discard(observer)
                 if exc.errno not in LIMIT_ERRNOS:
                     raise
                 message = inotify_limit_message(rw.path, exc)
@@ -364,12 +365,14 @@ class Watcher:
                 (new, cut, now, low, high),
             )
             return
-        conn.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (dest,))
-        conn.execute(
-            """UPDATE OR IGNORE jobs SET path = ?, updated_at = ?
-               WHERE path = ? AND state != 'running'""",
-            (dest, now, src),
-        )
+        if conn.execute(
+            "SELECT 1 FROM jobs WHERE path = ? AND state != 'running'", (src,)
+        ).fetchall():
+            conn.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (dest,))
+            conn.execute(
+                "UPDATE OR IGNORE jobs SET path = ?, updated_at = ? WHERE path = ?",
+                (dest, now, src),
+            )
         conn.execute(
             """UPDATE OR REPLACE paths SET path = ?, missing = 0, last_seen = ?
                WHERE path = ?""",
