@@ -1,0 +1,196 @@
+"""`tagd run` as a real subprocess: SIGKILL mid-batch and restart, sd_notify, SIGTERM, and the
+CLI reading and writing the database while the daemon works."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_tagd, save, write_config
+
+N_IMAGES = 40
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {cond}")
+
+
+@pytest.fixture
+def notify_socket() -> Iterator[socket.socket]:
+    folder = tempfile.mkdtemp(prefix="tagd-")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(os.path.join(folder, "n.sock"))
+    sock.settimeout(0.2)
+    yield sock
+    sock.close()
+    os.unlink(os.path.join(folder, "n.sock"))
+    os.rmdir(folder)
+
+
+def messages(sock: socket.socket) -> list[str]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return out
+
+
+def wait_message(sock: socket.socket, prefix: str, timeout: float = 30.0) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen.extend(messages(sock))
+        if any(m.startswith(prefix) for m in seen):
+            return seen
+    raise AssertionError(f"no {prefix} in {seen}")
+
+
+def start(
+    config: Path, sock: socket.socket, log: Path | None = None, **env: str
+) -> subprocess.Popen[bytes]:
+    full = {**os.environ, "NOTIFY_SOCKET": sock.getsockname(), **env}
+    full.pop("WATCHDOG_PID", None)
+    with open(log or os.devnull, "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tagd", "-c", str(config), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=full,
+        )
+
+
+@pytest.fixture
+def daemon_config(tmp_path: Path, gallery: Path, probe_model: Path) -> Path:
+    rng = random.Random(3)
+    for i in range(N_IMAGES):
+        color = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        save(gallery / f"d{i % 4}" / f"{i:03d}.png", color, size=(600 + i, 400))
+    return write_config(
+        tmp_path / "config.yaml",
+        {
+            "database": str(tmp_path / "state" / "tagd.db"),
+            "watch": [{"path": str(gallery)}],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu", "batch_size": 2, "threads": 1},
+            "daemon": {"settle_seconds": 0.3},
+        },
+    )
+
+
+def db_counts(path: Path) -> dict[str, int]:
+    conn = sqlite3.connect(path)
+    try:
+        return dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    finally:
+        conn.close()
+
+
+def test_sigkill_mid_batch_then_restart_tags_everything_once(
+    daemon_config: Path, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    db_path = tmp_path / "state" / "tagd.db"
+    rng = random.Random(7)
+    left_running = 0
+    for target in (3, 12, 24):
+        proc = start(daemon_config, notify_socket)
+        wait_message(notify_socket, "READY=1")
+        wait_for(lambda t=target: db_counts(db_path).get("done", 0) >= t)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        left_running += db_counts(db_path).get("running", 0)
+    assert left_running > 0, "no kill landed in the middle of a batch"
+    conn = sqlite3.connect(db_path)
+    running = conn.execute("SELECT count(*) FROM jobs WHERE state = 'running'").fetchone()[0]
+    log = tmp_path / "last.log"
+    done_before = conn.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+    assert done_before < N_IMAGES, "the kills should have interrupted the work"
+
+    # Last start: a watchdog is expected, and SIGTERM must end it cleanly.
+    proc = start(daemon_config, notify_socket, log, WATCHDOG_USEC="1000000")
+    seen = wait_message(notify_socket, "READY=1")
+    ready = next(m for m in seen if m.startswith("READY=1"))
+    assert "STATUS=queue=" in ready and "provider=CPUExecutionProvider" in ready
+    wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES})
+    seen += wait_message(notify_socket, "WATCHDOG=1", timeout=5)
+    seen += wait_message(notify_socket, "STATUS=queue=0 running=0 failed=0", timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0, log.read_text()
+    assert "STOPPING=1" in messages(notify_socket)
+    if running:
+        assert "left running by a stopped tagd are queued again" in log.read_text()
+
+    files = conn.execute("SELECT count(*) FROM files").fetchone()[0]
+    assert files == N_IMAGES
+    assert conn.execute("SELECT count(*) FROM taggings").fetchone()[0] == N_IMAGES
+    assert conn.execute("SELECT count(*) FROM paths WHERE missing = 0").fetchone()[0] == N_IMAGES
+    rows, distinct = conn.execute(
+        "SELECT count(*), count(DISTINCT file_id || ':' || model_id || ':' || tag_id) FROM scores"
+    ).fetchone()
+    assert rows == distinct and rows > 0
+    assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == N_IMAGES
+    assert (
+        conn.execute("SELECT count(*) FROM jobs WHERE lease_owner IS NOT NULL").fetchone()[0] == 0
+    )
+
+
+def test_cli_works_while_the_daemon_writes(
+    daemon_config: Path, tmp_path: Path, gallery: Path, notify_socket: socket.socket
+) -> None:
+    db_path = tmp_path / "state" / "tagd.db"
+    (gallery / "broken.png").write_bytes(b"not an image at all")
+    proc = start(daemon_config, notify_socket)
+    try:
+        wait_message(notify_socket, "READY=1")
+        cfg = str(daemon_config)
+        results = []
+        wait_for(lambda: db_counts(db_path).get("done", 0) > 0)
+        results.append(run_tagd("-c", cfg, "pause"))
+        time.sleep(1.0)
+        paused_at = db_counts(db_path).get("done", 0)
+        for _ in range(3):
+            results.append(run_tagd("-c", cfg, "status"))
+            results.append(run_tagd("-c", cfg, "jobs"))
+        time.sleep(1.0)
+        assert db_counts(db_path).get("done", 0) == paused_at, "tagging went on while paused"
+        assert paused_at < N_IMAGES
+        status = run_tagd("-c", cfg, "status")
+        assert "daemon:    running" in status.stdout and "paused" in status.stdout
+        assert "provider:  CPUExecutionProvider" in status.stdout
+        assert "watching:  " + str(gallery) + " [inotify]" in status.stdout
+        results.append(run_tagd("-c", cfg, "resume"))
+        wait_for(lambda: db_counts(db_path).get("failed", 0) == 1)
+        failed = run_tagd("-c", cfg, "jobs", "--failed")
+        assert "broken.png" in failed.stdout and "not a recognised image" in failed.stdout
+        retry = run_tagd("-c", cfg, "jobs", "retry")
+        assert "1 failed jobs queued again" in retry.stdout
+        results.extend([failed, retry])
+        while db_counts(db_path).get("done", 0) < N_IMAGES:
+            results.append(run_tagd("-c", cfg, "status"))
+        for r in results:
+            assert r.returncode == 0, r.stderr
+            assert "locked" not in r.stderr and "Traceback" not in r.stderr
+        wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES, "failed": 1})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    status = run_tagd("-c", str(daemon_config), "status")
+    assert "daemon:    not running" in status.stdout
+    assert "last error:" in status.stdout and "broken.png" in status.stdout
