@@ -15,7 +15,7 @@ def test_example_config_is_valid_and_complete() -> None:
     assert conf.models[0].repo == "SmilingWolf/wd-vit-tagger-v3"
     assert conf.watch[0].exclude == cfg.DEFAULT_EXCLUDES
     text = path.read_text()
-    for key in cfg._TOP_KEYS + cfg._MODEL_KEYS:
+    for key in cfg._TOP_KEYS + cfg._MODEL_KEYS + cfg._DAEMON_KEYS:
         assert f"{key}:" in text, f"config.example.yaml does not document {key}"
 
 
@@ -50,6 +50,9 @@ models:
         ({"inference": {"device": "gpu"}}, "inference.device: 'gpu' is not one of"),
         ({"watch": [{"polling": True}]}, "watch[0].path: missing"),
         ({"watch": "/srv"}, "watch: expected a list"),
+        ({"daemon": {"settle": 2}}, "daemon.settle: unknown key; did you mean 'settle_seconds'?"),
+        ({"daemon": {"max_attempts": 0}}, "daemon.max_attempts: expected a whole number >= 1"),
+        ({"daemon": {"reconcile_interval": 5}}, "daemon.reconcile_interval: expected a number"),
     ],
 )
 def test_errors_name_the_key_and_fix(tmp_path: Path, data: dict, message: str) -> None:

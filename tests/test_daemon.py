@@ -131,6 +131,11 @@ def test_sigkill_mid_batch_then_restart_tags_everything_once(
     wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES})
     seen += wait_message(notify_socket, "WATCHDOG=1", timeout=5)
     seen += wait_message(notify_socket, "STATUS=queue=0 running=0 failed=0", timeout=10)
+    messages(notify_socket)
+    proc.send_signal(signal.SIGHUP)
+    reload = wait_message(notify_socket, "READY=1", timeout=15)
+    assert reload[0].startswith("RELOADING=1\nMONOTONIC_USEC="), reload
+    assert "reloading" in log.read_text()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0, log.read_text()
     assert "STOPPING=1" in messages(notify_socket)
