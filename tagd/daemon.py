@@ -187,7 +187,30 @@ class Daemon:
         )
         scheduler.add_job(self._reap, "interval", seconds=REAP_EVERY_S, id="reap")
         scheduler.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="wal")
+        hydrus = getattr(self.config, "hydrus", None)
+        if getattr(hydrus, "enabled", False):
+            scheduler.add_job(
+                self._hydrus_sync,
+                "interval",
+                seconds=hydrus.interval,
+                id="hydrus",
+                next_run_time=now,
+            )
         return scheduler
+
+    def _hydrus_sync(self) -> None:
+        from tagd import hydrus
+
+        conn = db.connect(self.config.database)
+        try:
+            report = hydrus.sync(conn, self.config)
+            log.info("hydrus sync: %s", report)
+        except Exception as exc:
+            log.warning(
+                "hydrus sync failed, next try in %.0f s: %s", self.config.hydrus.interval, exc
+            )
+        finally:
+            conn.close()
 
     def _reconcile_soon(self, root: WatchRoot) -> None:
         if self.scheduler is not None:
