@@ -94,9 +94,8 @@ def test_identity_and_directories(service: dict[str, list[str]]) -> None:
     assert {"video", "render"} <= words(service, "SupplementaryGroups")
     assert one(service, "StateDirectory") == "tagd"
     assert one(service, "CacheDirectory") == "tagd"
-    assert one(service, "RuntimeDirectory") == "tagd"
     assert "HF_HOME=/var/cache/tagd/hf" in words(service, "Environment")
-    assert one(service, "UMask") == "0027"
+    assert one(service, "UMask") == "0007"
 
 
 def test_hardening(service: dict[str, list[str]]) -> None:
