@@ -199,3 +199,41 @@ def test_cli_works_while_the_daemon_writes(
     status = run_tagd("-c", str(daemon_config), "status")
     assert "daemon:    not running" in status.stdout
     assert "last error:" in status.stdout and "broken.png" in status.stdout
+
+
+def test_daemon_pushes_new_tags_to_hydrus(
+    tmp_path: Path, gallery: Path, probe_model: Path, notify_socket: socket.socket
+) -> None:
+    import hashlib
+
+    from hydrus_server import TAGD_KEY, HydrusServer, HydrusState
+
+    red = save(gallery / "red.png", (255, 0, 0), size=(300, 100))
+    sha = hashlib.sha256(red.read_bytes()).hexdigest()
+    state = HydrusState(access_key="c" * 64)
+    state.add_file(sha)
+    (tmp_path / "key").write_text("c" * 64)
+    with HydrusServer(state) as server:
+        config = write_config(
+            tmp_path / "config.yaml",
+            {
+                "database": str(tmp_path / "state" / "tagd.db"),
+                "watch": [{"path": str(gallery)}],
+                "models": [{"name": "probe", "path": str(probe_model)}],
+                "inference": {"device": "cpu", "threads": 1},
+                "hydrus": {
+                    "enabled": True,
+                    "url": server.url,
+                    "access_key_file": str(tmp_path / "key"),
+                    "interval": 10,
+                },
+            },
+        )
+        proc = start(config, notify_socket, tmp_path / "daemon.log")
+        try:
+            wait_for(lambda: "red" in state.tags(sha, TAGD_KEY), timeout=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    assert {"red", "rating:general", "character:crimson knight"} <= state.tags(sha, TAGD_KEY)
+    assert "c" * 64 not in (tmp_path / "daemon.log").read_text()
