@@ -130,7 +130,7 @@ def _chunk(
     report: Report,
 ) -> None:
     file_ids = [int(r[0]) for r in chunk]
-    floors = np.asarray([float(r[1]) for r in chunk], dtype=np.float32)
+    floors = np.asarray([float(r[1]) for r in chunk], dtype=np.float64)
     pos = {f: i for i, f in enumerate(file_ids)}
     lo, hi = file_ids[0], file_ids[-1]
     n_tags = len(labels)
