@@ -195,7 +195,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         _model(item, f"models[{i}]", base)
         for i, item in enumerate(_list(d.get("models", []), "models"))
     )
-    families = _families(d.get("families", {}), "families")
+    families = _families(d.get("families") or {}, "families")
     known_families = (*BUILTIN_FAMILIES, *families)
     for i, m in enumerate(models):
         if m.family not in known_families:
@@ -227,7 +227,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         hf_cache=_path(d["hf_cache"], "hf_cache", base) if d.get("hf_cache") else None,
         offline=_bool(d.get("offline", False), "offline"),
         families=families,
-        tags=_tag_rules(d.get("tags", {}), "tags"),
+        tags=_tag_rules(d.get("tags") or {}, "tags"),
         source=source,
         hydrus=_hydrus(d.get("hydrus", {}), base),
     )
