@@ -24,6 +24,8 @@ DEFAULT_EXCLUDES = (
     ".*",
 )
 THRESHOLD_MODES = ("top", "mcut")
+BUILTIN_FAMILIES = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
+LABEL_FORMATS = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -79,6 +81,14 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class TagRules:
+    """Applied to every model's selection (at tagging and by `tagd reindex`)."""
+
+    blacklist: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     database: Path
     watch: tuple[WatchRoot, ...] = ()
@@ -90,6 +100,8 @@ class Config:
     max_image_pixels: int = 150_000_000
     hf_cache: Path | None = None
     offline: bool = False
+    families: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tags: TagRules = TagRules()
     source: Path | None = None
     hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
 
@@ -167,6 +179,8 @@ _TOP_KEYS = (
     "offline",
     "hydrus",
     "daemon",
+    "families",
+    "tags",
 )
 
 
@@ -181,6 +195,16 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         _model(item, f"models[{i}]", base)
         for i, item in enumerate(_list(d.get("models", []), "models"))
     )
+    families = _families(d.get("families") or {}, "families")
+    known_families = (*BUILTIN_FAMILIES, *families)
+    for i, m in enumerate(models):
+        if m.family not in known_families:
+            close = difflib.get_close_matches(m.family, known_families, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "define it under `families:`"
+            raise ConfigError(
+                f"models[{i}].family: unknown family {m.family!r} "
+                f"(known: {', '.join(known_families)}); {hint}"
+            )
     names = [m.name for m in models]
     for i, name in enumerate(names):
         if name in names[:i]:
@@ -202,6 +226,8 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         max_image_pixels=_int(d.get("max_image_pixels", 150_000_000), "max_image_pixels", 1),
         hf_cache=_path(d["hf_cache"], "hf_cache", base) if d.get("hf_cache") else None,
         offline=_bool(d.get("offline", False), "offline"),
+        families=families,
+        tags=_tag_rules(d.get("tags") or {}, "tags"),
         source=source,
         hydrus=_hydrus(d.get("hydrus", {}), base),
     )
@@ -243,8 +269,23 @@ _MODEL_KEYS = (
 
 
 def _model(item: Any, key: str, base: Path) -> ModelConfig:
-    d = _mapping(item, key, _MODEL_KEYS)
+    from tagd import catalog
+
+    d = dict(_mapping(item, key, _MODEL_KEYS))
     name = d.get("name")
+    repo_word = d.get("repo")
+    if isinstance(repo_word, str) and "/" not in repo_word and catalog.lookup(repo_word):
+        entry = catalog.lookup(repo_word)
+        assert entry is not None
+        d["repo"] = entry.repo
+        d.setdefault("family", entry.family)
+        d.setdefault("name", repo_word)
+        name = d["name"]
+    elif isinstance(name, str) and "repo" not in d and "path" not in d and catalog.lookup(name):
+        entry = catalog.lookup(name)
+        assert entry is not None
+        d["repo"] = entry.repo
+        d.setdefault("family", entry.family)
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{key}.name: missing; give the model a short name, e.g. `name: wd-vit`")
     if ("repo" in d) == ("path" in d):
@@ -254,7 +295,10 @@ def _model(item: Any, key: str, base: Path) -> ModelConfig:
         )
     repo = d.get("repo")
     if repo is not None and (not isinstance(repo, str) or repo.count("/") != 1):
-        raise ConfigError(f"{key}.repo: expected 'owner/name', e.g. SmilingWolf/wd-vit-tagger-v3")
+        raise ConfigError(
+            f"{key}.repo: expected 'owner/name' (e.g. SmilingWolf/wd-vit-tagger-v3) or a "
+            "shortcut listed by `tagd models --catalog`"
+        )
     revision = d.get("revision", "main")
     if not isinstance(revision, str) or not revision:
         raise ConfigError(
@@ -294,6 +338,98 @@ def _thresholds(value: Any, key: str) -> dict[str, float | str]:
         else:
             out[str(ns)] = _fraction(v, k)
     return out
+
+
+_FAMILY_KEYS = (
+    "base",
+    "model_file",
+    "label_file",
+    "label_format",
+    "size",
+    "layout",
+    "channels",
+    "fit",
+    "pad_color",
+    "alpha_background",
+    "resample",
+    "upscale",
+    "scale",
+    "mean",
+    "std",
+    "tensor_pad",
+    "outputs_logits",
+    "thresholds",
+)
+_CHOICES = {
+    "layout": ("NHWC", "NCHW"),
+    "channels": ("RGB", "BGR"),
+    "fit": ("pad", "stretch", "fit-pad", "fit-edge", "fit-tensor"),
+    "resample": ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"),
+    "label_format": LABEL_FORMATS,
+}
+
+
+def _families(value: Any, key: str) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of family name to settings")
+    out: dict[str, dict[str, Any]] = {}
+    for fname, settings in value.items():
+        k = f"{key}.{fname}"
+        d = dict(_mapping(settings, k, _FAMILY_KEYS))
+        base = d.get("base", "wd14")
+        if base not in (*BUILTIN_FAMILIES, *out):
+            raise ConfigError(
+                f"{k}.base: {base!r} is not a built-in family ({', '.join(BUILTIN_FAMILIES)}) "
+                "or one defined above it"
+            )
+        for opt, choices in _CHOICES.items():
+            if opt in d and d[opt] not in choices:
+                raise ConfigError(f"{k}.{opt}: {d[opt]!r} is not one of {', '.join(choices)}")
+        if "label_file" in d and "label_format" not in d and d["label_file"] not in LABEL_FORMATS:
+            raise ConfigError(
+                f"{k}.label_format: needed for label_file {d['label_file']!r}; one of "
+                f"{', '.join(LABEL_FORMATS)}"
+            )
+        if "size" in d:
+            size = d["size"]
+            size = [size, size] if isinstance(size, int) else size
+            if not isinstance(size, list) or len(size) != 2:
+                raise ConfigError(f"{k}.size: expected a number or [height, width]")
+            d["size"] = [_int(v, f"{k}.size", 1) for v in size]
+        for opt in ("pad_color", "alpha_background"):
+            if opt in d:
+                c = d[opt]
+                if not isinstance(c, list) or len(c) != 3:
+                    raise ConfigError(f"{k}.{opt}: expected [r, g, b] with values 0-255")
+                d[opt] = [_int(v, f"{k}.{opt}", 0) for v in c]
+        for opt in ("mean", "std"):
+            if opt in d:
+                c = d[opt]
+                if not isinstance(c, list) or len(c) != 3:
+                    raise ConfigError(f"{k}.{opt}: expected three numbers, one per channel")
+                d[opt] = [_number(v, f"{k}.{opt}", -1e9) for v in c]
+        if "scale" in d:
+            d["scale"] = _number(d["scale"], f"{k}.scale", 0.0)
+        if "tensor_pad" in d:
+            d["tensor_pad"] = _number(d["tensor_pad"], f"{k}.tensor_pad", -1e9)
+        for opt in ("upscale", "outputs_logits"):
+            if opt in d:
+                _bool(d[opt], f"{k}.{opt}")
+        if "thresholds" in d:
+            d["thresholds"] = _thresholds(d["thresholds"], f"{k}.thresholds")
+        out[str(fname)] = d
+    return out
+
+
+def _tag_rules(value: Any, key: str) -> TagRules:
+    d = _mapping(value, key, ("blacklist", "aliases"))
+    blacklist = _globs(d.get("blacklist", []), f"{key}.blacklist")
+    aliases = d.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(
+        isinstance(a, str) and isinstance(b, str) and a and b for a, b in aliases.items()
+    ):
+        raise ConfigError(f"{key}.aliases: expected a mapping such as {{cat_ears: animal_ears}}")
+    return TagRules(blacklist=blacklist, aliases=dict(aliases))
 
 
 def _inference(value: Any, key: str) -> InferenceConfig:

@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tagd import db, queue, store
+from tagd import db, queue, results, store
 from tagd.config import Config
 from tagd.decode import DecodeError, FileBytes, open_image, read_file
 from tagd.preprocess import PreprocessSpec, prepare
 from tagd.tagger import Tagger
-from tagd.thresholds import select
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,10 @@ class Pipeline:
         self.owner = owner or owner_id()
         self.batch_size = batch_size or config.inference.batch_size or 8
         self.records: dict[str, store.ModelRecord] = {}
+        self.rules = {
+            t.name: results.resolve_rules(t.labels.names, t.labels.namespaces, config.tags)
+            for t in self.taggers
+        }
         with db.write(conn):
             for t in self.taggers:
                 self.records[t.name] = store.register_model(
@@ -98,6 +101,8 @@ class Pipeline:
                     labels=t.labels,
                     settings={"thresholds": t.thresholds, "floor": config.floor_for(t.config)},
                 )
+                if t.head is not None:
+                    results.save_head(conn, self.records[t.name], t.head)
 
     @property
     def model_ids(self) -> list[int]:
@@ -162,23 +167,25 @@ class Pipeline:
             raise
         return outcome
 
-    def infer(self, prepared: Sequence[Prepared]) -> dict[tuple[int, str], np.ndarray]:
-        """Per-model batches; returns {(job id, model name): probabilities}."""
-        out: dict[tuple[int, str], np.ndarray] = {}
+    def infer(
+        self, prepared: Sequence[Prepared]
+    ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]]:
+        """Per-model batches; returns {(job id, model name): (probabilities, embedding)}."""
+        out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
         for tagger in self.taggers:
             items = [p for p in prepared if tagger.name in p.tensors]
             if not items:
                 continue
             batch = np.stack([p.tensors[tagger.name] for p in items])
-            probs = tagger.predict(batch)
-            for p, row in zip(items, probs, strict=True):
-                out[(p.job.id, tagger.name)] = row
+            probs, emb = tagger.predict_with_embeddings(batch)
+            for i, p in enumerate(items):
+                out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
         return out
 
     def store(
         self,
         prepared: Sequence[Prepared],
-        scores: dict[tuple[int, str], np.ndarray],
+        scores: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]],
         unchanged: Sequence[tuple[queue.Job, FileBytes]],
         outcome: Outcome,
     ) -> None:
@@ -192,14 +199,17 @@ class Pipeline:
                 store.upsert_path(self.conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
                 for name in p.tensors:
                     tagger = by_name[name]
-                    probs = scores[(p.job.id, name)]
-                    store.save_prediction(
+                    probs, emb = scores[(p.job.id, name)]
+                    results.save(
                         self.conn,
                         file_id=file_id,
                         model=self.records[name],
                         scores=probs,
-                        selected=select(probs, tagger.labels.namespaces, tagger.thresholds),
+                        namespaces=tagger.labels.namespaces,
+                        thresholds=tagger.thresholds,
+                        rules=self.rules[name],
                         floor=self.config.floor_for(tagger.config),
+                        embedding=emb,
                     )
                 if queue.complete(self.conn, p.job, self.owner):
                     outcome.done += 1

@@ -32,7 +32,9 @@ class PreprocessSpec:
     channels: Literal["RGB", "BGR"] = "RGB"
     # pad: pad to a square with pad_color, then resize. stretch: resize to size ignoring aspect.
     # fit-pad / fit-edge: resize the longest side to fit, then pad with pad_color / edge pixels.
-    fit: Literal["pad", "stretch", "fit-pad", "fit-edge"] = "pad"
+    # fit-tensor: resize the longest side to fit, normalise, then pad with tensor_pad (JTP pads
+    # with 0 after mean/std 0.5, i.e. mid-grey).
+    fit: Literal["pad", "stretch", "fit-pad", "fit-edge", "fit-tensor"] = "pad"
     pad_color: tuple[int, int, int] = (255, 255, 255)
     alpha_background: tuple[int, int, int] = (255, 255, 255)
     resample: str = "bicubic"
@@ -40,6 +42,7 @@ class PreprocessSpec:
     scale: float = 1.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    tensor_pad: float = 0.0
 
     def with_size(self, height: int, width: int) -> PreprocessSpec:
         return replace(self, size=(height, width))
@@ -91,7 +94,7 @@ def fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     new = (max(1, round(w * ratio)), max(1, round(h * ratio)))
     if new != (w, h):
         image = image.resize(new, resample)
-    if image.size == (width, height):
+    if image.size == (width, height) or spec.fit == "fit-tensor":
         return image
     left, top = (width - new[0]) // 2, (height - new[1]) // 2
     if spec.fit == "fit-pad":
@@ -121,5 +124,20 @@ def to_tensor(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def pad_tensor(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Centre `arr` (already in the model's layout) in spec.size, filling with tensor_pad."""
+    height, width = spec.size
+    h_axis = 1 if spec.layout == "NCHW" else 0
+    h, w = arr.shape[h_axis], arr.shape[h_axis + 1]
+    if (h, w) == (height, width):
+        return arr
+    top, left = (height - h) // 2, (width - w) // 2
+    pads = [(0, 0)] * 3
+    pads[h_axis] = (top, height - h - top)
+    pads[h_axis + 1] = (left, width - w - left)
+    return np.pad(arr, pads, mode="constant", constant_values=np.float32(spec.tensor_pad))
+
+
 def prepare(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    return to_tensor(fit(to_rgb(image, spec.alpha_background), spec), spec)
+    arr = to_tensor(fit(to_rgb(image, spec.alpha_background), spec), spec)
+    return pad_tensor(arr, spec) if spec.fit == "fit-tensor" else arr

@@ -90,8 +90,14 @@ class Tagger:
             self.labels: Labels = family.read_labels(files.label_path)
         except LabelError as exc:
             raise ModelError(f"model {self.name!r}: {exc}") from None
-        self.session = self._create_session(inference)
+        from tagd import graph
+
+        self.graph = graph.load(os.fspath(files.model_path))
+        self.head: graph.Head | None = self.graph.head
+        self.session = self._create_session(inference, self.graph.serialized())
         self.info = self._inspect(inference)
+        graph.finish(self, lambda data: self._create_session(inference, data))
+        self.graph = graph.Loaded(None, self.head, self.graph.why_no_head)
         self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
 
     @property
@@ -102,7 +108,7 @@ class Tagger:
     def spec(self) -> PreprocessSpec:
         return self.info.spec
 
-    def _create_session(self, inference: InferenceConfig) -> Any:
+    def _create_session(self, inference: InferenceConfig, data: bytes | None = None) -> Any:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
@@ -117,7 +123,7 @@ class Tagger:
                 log.debug("preload_dlls failed: %s", exc)
         try:
             session = ort.InferenceSession(
-                os.fspath(self.files.model_path),
+                data if data is not None else os.fspath(self.files.model_path),
                 sess_options=_session_options(inference),
                 providers=providers,
             )
@@ -180,14 +186,19 @@ class Tagger:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a batch of prepared tensors; fixed-batch graphs run one by one."""
+        return self.predict_with_embeddings(batch)[0]
+
+    def predict_with_embeddings(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, pooled embeddings or None when the graph has no usable head)."""
         info = self.info
         if info.fixed_batch is not None and batch.shape[0] != info.fixed_batch:
             if info.fixed_batch != 1:
                 raise ModelError(f"model {self.name!r}: fixed batch {info.fixed_batch} unsupported")
             parts = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
-            out = np.concatenate(parts, axis=0)
+            out = np.concatenate([p[0] for p in parts], axis=0)
+            emb = np.concatenate([p[1] for p in parts], axis=0) if self.head else None
         else:
-            out = self._run(batch)
+            out, emb = self._run(batch)
         if out.shape != (batch.shape[0], len(self.labels)):
             raise ModelError(
                 f"model {self.name!r}: output shape {out.shape} does not match "
@@ -195,10 +206,16 @@ class Tagger:
             )
         if self.family.outputs_logits:
             out = 1.0 / (1.0 + np.exp(-out))
-        return out.astype(np.float32, copy=False)
+        if emb is not None:
+            emb = emb.reshape(emb.shape[0], -1).astype(np.float32, copy=False)
+        return out.astype(np.float32, copy=False), emb
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.info.output_name], {self.info.input_name: batch})[0]
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        names = [self.info.output_name]
+        if self.head is not None:
+            names.append(self.head.embedding)
+        res = self.session.run(names, {self.info.input_name: batch})
+        return res[0], (res[1] if self.head is not None else None)
 
 
 def load(config: Config, model: ModelConfig) -> Tagger:
@@ -206,7 +223,7 @@ def load(config: Config, model: ModelConfig) -> Tagger:
     from tagd import families, hub
 
     try:
-        family = families.get(model.family)
+        family = families.get(model.family, config.families)
     except KeyError as exc:
         raise ModelError(f"model {model.name!r}: family: {exc.args[0]}") from None
     files = hub.resolve(model, family, cache_dir=config.hf_cache, offline=config.offline)

@@ -21,8 +21,11 @@ def _tagger(folder: Path, inference: InferenceConfig = CPU_ONLY) -> Tagger:
     return Tagger(ModelConfig(name="t", path=folder), WD14, files, inference)
 
 
-def test_v2_fixed_batch_layout_runs_per_image(tmp_path: Path) -> None:
-    """WD v1.4 v2 exports: input_1:0 with a fixed batch of 1, output predictions_sigmoid."""
+def test_v2_fixed_batch_layout_freed_after_proof(tmp_path: Path) -> None:
+    """WD v1.4 v2 exports: input_1:0 with a fixed batch of 1, output predictions_sigmoid.
+
+    The batch dimension is patched to symbolic only after batch-3 == 3 x batch-1 was shown.
+    """
     build_probe_model(
         tmp_path / "model.onnx",
         size=64,
@@ -32,7 +35,7 @@ def test_v2_fixed_batch_layout_runs_per_image(tmp_path: Path) -> None:
     )
     write_selected_tags(tmp_path / "selected_tags.csv")
     tagger = _tagger(tmp_path)
-    assert tagger.info.fixed_batch == 1
+    assert tagger.info.fixed_batch is None
     assert tagger.spec.size == (64, 64)
     rng = np.random.default_rng(0)
     batch = rng.uniform(0, 255, (3, 64, 64, 3)).astype(np.float32)

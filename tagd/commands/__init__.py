@@ -22,6 +22,9 @@ COMMAND_MODULES = (
     "status",
     "jobs",
     "pause",
+    "models",
+    "retag",
+    "reindex",
 )
 
 

@@ -1,0 +1,69 @@
+"""`tagd retag --model NAME [QUERY]`: queue files for one model through the durable queue."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from tagd.commands import Context, UserError
+
+log = logging.getLogger("tagd.retag")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "retag",
+        help="queue files a model has not tagged (or, with --all, every matching file)",
+        description="Queue the indexed files that MODEL has not tagged yet, or with --all every "
+        "matching file, limited to those matching QUERY. `tagd scan` or the daemon tags them.",
+        epilog='example: tagd retag --model wd-eva02-large-tagger-v3 --all "1girl -monochrome"',
+    )
+    p.add_argument("--model", required=True, help="a model name from the config")
+    p.add_argument("--all", action="store_true", help="also files the model already tagged")
+    p.add_argument("query", nargs="*", help="only files matching this search query")
+    p.set_defaults(func=run, query_terms_from_options=True)
+
+
+def run(ctx: Context) -> int:
+    from tagd import db, queue
+    from tagd.config import ConfigError
+
+    config = ctx.config
+    try:
+        model = config.model(ctx.args.model)
+    except ConfigError as exc:
+        raise UserError(str(exc), 2) from None
+    where, params = "1", []
+    text = " ".join(ctx.args.query).strip()
+    if text:
+        from tagd.query import QueryError, parse
+        from tagd.search import compile_where
+
+        try:
+            compiled = compile_where(parse(text))
+        except QueryError as exc:
+            raise UserError(f"bad query: {exc}", 2) from None
+        where, params = compiled.sql, list(compiled.params)
+    conn = ctx.db()
+    row = conn.execute("SELECT id FROM models WHERE name = ?", (model.name,)).fetchone()
+    model_id = -1 if row is None else int(row[0])
+    untagged = (
+        ""
+        if ctx.args.all
+        else (
+            " AND NOT EXISTS (SELECT 1 FROM taggings t WHERE t.file_id = f.id AND t.model_id = ?)"
+        )
+    )
+    rows = conn.execute(
+        "SELECT p.path, p.size, p.mtime_ns FROM files f JOIN paths p ON p.file_id = f.id "
+        f"WHERE p.missing = 0 AND ({where}){untagged} ORDER BY p.path",
+        [*params, *([] if ctx.args.all else [model_id])],
+    ).fetchall()
+    force = (model.name,) if ctx.args.all else ()
+    queued = 0
+    with db.write(conn):
+        for path, size, mtime_ns in rows:
+            queued += queue.enqueue(conn, path, size, mtime_ns, force_models=force, requeue=True)
+    log.info("queued %d of %d matching files for %s", queued, len(rows), model.name)
+    print(queued)
+    return 0

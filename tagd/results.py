@@ -1,0 +1,170 @@
+"""Turning one model's scores for one file into stored rows: threshold, blacklist, aliases.
+
+Shared by the pipeline (fresh scores) and `tagd reindex` (stored scores or embeddings × head),
+so the same decision is made either way and `selected` always reflects the tag rules.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tagd import store
+from tagd.config import TagRules
+from tagd.graph import Head
+from tagd.thresholds import DEFAULT_THRESHOLD, MCUT_FLOORS, mcut_threshold, select
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Tag rules resolved against one model's labels: blacklist mask and alias targets."""
+
+    blocked: np.ndarray
+    alias_of: dict[int, tuple[str, str]]
+
+
+def resolve_rules(names: Sequence[str], namespaces: Sequence[str], rules: TagRules) -> Rules:
+    """Blacklist globs match `name` or `namespace:name`; alias keys likewise."""
+    blocked = np.zeros(len(names), dtype=bool)
+    alias_of: dict[int, tuple[str, str]] = {}
+    for i, (name, ns) in enumerate(zip(names, namespaces, strict=True)):
+        full = f"{ns}:{name}"
+        if any(
+            fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(full, g) for g in rules.blacklist
+        ):
+            blocked[i] = True
+            continue
+        target = rules.aliases.get(full, rules.aliases.get(name))
+        if target is not None:
+            tns, _, tname = target.rpartition(":")
+            alias_of[i] = (tns or ns, tname)
+    return Rules(blocked, alias_of)
+
+
+def groups(namespaces: Sequence[str]) -> dict[str, np.ndarray]:
+    ns = np.asarray(namespaces)
+    return {str(n): np.flatnonzero(ns == n) for n in np.unique(ns)}
+
+
+def select_many(
+    scores: np.ndarray, by_ns: Mapping[str, np.ndarray], rules: Mapping[str, float | str]
+) -> np.ndarray:
+    """thresholds.select for a [files, tags] matrix at once (same rules, vectorised)."""
+    mask = np.zeros(scores.shape, dtype=bool)
+    rows = np.arange(scores.shape[0])
+    for namespace, idx in by_ns.items():
+        rule = rules.get(namespace, rules.get("default", DEFAULT_THRESHOLD))
+        sub = scores[:, idx]
+        if rule == "top":
+            mask[rows, idx[np.argmax(sub, axis=1)]] = True
+        elif rule == "mcut":
+            floor = MCUT_FLOORS.get(namespace, 0.0)
+            cut = np.array([max(mcut_threshold(r), floor) for r in sub], dtype=np.float32)
+            mask[:, idx] = sub >= cut[:, None]
+        else:
+            mask[:, idx] = sub >= np.float32(rule)
+    return mask
+
+
+def decide(
+    scores: np.ndarray,
+    namespaces: Sequence[str],
+    thresholds: Mapping[str, float | str],
+    rules: Rules,
+) -> tuple[np.ndarray, dict[tuple[str, str], float]]:
+    """(selected mask, {alias target: best score}); aliased and blacklisted tags are unselected."""
+    selected = select(scores, namespaces, thresholds) & ~rules.blocked
+    return selected, alias_targets(scores, selected, rules)
+
+
+def alias_targets(
+    scores: np.ndarray, selected: np.ndarray, rules: Rules
+) -> dict[tuple[str, str], float]:
+    """Moves selected aliased tags (in place) to their targets: {target: best score}."""
+    targets: dict[tuple[str, str], float] = {}
+    for i, target in rules.alias_of.items():
+        if selected[i]:
+            selected[i] = False
+            targets[target] = max(targets.get(target, 0.0), float(scores[i]))
+    return targets
+
+
+def save(
+    conn: sqlite3.Connection,
+    *,
+    file_id: int,
+    model: store.ModelRecord,
+    scores: np.ndarray,
+    namespaces: Sequence[str],
+    thresholds: Mapping[str, float | str],
+    rules: Rules,
+    floor: float,
+    embedding: np.ndarray | None = None,
+) -> None:
+    """Replace one (file, model) result, alias rows and embedding included."""
+    selected, targets = decide(scores, namespaces, thresholds, rules)
+    store.save_prediction(
+        conn, file_id=file_id, model=model, scores=scores, selected=selected, floor=floor
+    )
+    for (ns, name), score in targets.items():
+        tid = store.tag_id(conn, ns, name)
+        conn.execute(
+            """INSERT INTO scores(file_id, model_id, tag_id, score, selected)
+               VALUES (?, ?, ?, ?, 1)
+               ON CONFLICT(file_id, model_id, tag_id) DO UPDATE SET
+                   selected = 1, score = max(score, excluded.score)""",
+            (file_id, model.id, tid, score),
+        )
+    if embedding is not None:
+        save_embedding(conn, file_id, model.id, embedding)
+
+
+def save_embedding(
+    conn: sqlite3.Connection, file_id: int, model_id: int, vector: np.ndarray
+) -> None:
+    """Raw pooled embedding as little-endian float16 (readers normalise)."""
+    data = np.asarray(vector, dtype="<f2").tobytes()
+    conn.execute(
+        """INSERT INTO embeddings(file_id, model_id, dim, dtype, vector) VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT(file_id, model_id) DO UPDATE SET
+               dim = excluded.dim, dtype = excluded.dtype, vector = excluded.vector""",
+        (file_id, model_id, int(vector.shape[-1]), "float16", data),
+    )
+
+
+def save_head(conn: sqlite3.Connection, model: store.ModelRecord, head: Head) -> None:
+    conn.execute(
+        """INSERT INTO model_heads(model_id, revision, dim, n_tags, weights, bias, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(model_id) DO UPDATE SET
+               revision = excluded.revision, dim = excluded.dim, n_tags = excluded.n_tags,
+               weights = excluded.weights, bias = excluded.bias,
+               updated_at = excluded.updated_at""",
+        (
+            model.id,
+            model.revision,
+            head.dim,
+            int(head.weights.shape[1]),
+            np.asarray(head.weights, dtype="<f4").tobytes(),
+            np.asarray(head.bias, dtype="<f4").tobytes(),
+            time.time(),
+        ),
+    )
+
+
+def load_head(conn: sqlite3.Connection, model_id: int) -> tuple[str | None, Head] | None:
+    row = conn.execute(
+        "SELECT revision, dim, n_tags, weights, bias FROM model_heads WHERE model_id = ?",
+        (model_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    dim, n = int(row[1]), int(row[2])
+    w = np.frombuffer(row[3], dtype="<f4").reshape(dim, n).astype(np.float32)
+    b = np.frombuffer(row[4], dtype="<f4").astype(np.float32)
+    return row[0], Head("", w, b, True)
