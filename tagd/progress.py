@@ -10,8 +10,11 @@ from typing import Any
 class Progress:
     """`with Progress("export") as bar: bar.update(done, total)`; silent when not a TTY."""
 
-    def __init__(self, label: str, *, enabled: bool | None = None) -> None:
+    def __init__(
+        self, label: str, *, enabled: bool | None = None, total: int | None = None
+    ) -> None:
         self.label = label
+        self.total = total
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self._bar: Any = None
         self._task: Any = None
@@ -31,12 +34,16 @@ class Progress:
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self.label, total=None)
+            self._task = self._bar.add_task(self.label, total=self.total)
         return self
 
     def update(self, done: int, total: int | None = None) -> None:
         if self._bar is not None:
             self._bar.update(self._task, completed=done, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
 
     def __exit__(
         self,

@@ -25,9 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tqdm import tqdm
-
     from tagd import families, reindex
+    from tagd.progress import Progress
 
     config = ctx.config
     chosen = [m for m in config.models if not ctx.args.model or m.name in ctx.args.model]
@@ -43,16 +42,15 @@ def run(ctx: Context) -> int:
             "SELECT count(*) FROM taggings t JOIN models m ON m.id = t.model_id WHERE m.name = ?",
             (m.name,),
         ).fetchone()[0]
-        with tqdm(
-            total=total, desc=m.name, unit="file", disable=ctx.args.no_progress or None
-        ) as bar:
+        enabled = False if ctx.args.no_progress else None
+        with Progress(m.name, enabled=enabled, total=total) as bar:
             report = reindex.reindex_model(
                 conn,
                 name=m.name,
                 thresholds=thresholds,
                 tag_rules=config.tags,
                 floor=config.floor_for(m),
-                progress=bar.update,
+                progress=bar.advance,
             )
         log.info(
             "%s: %d files (%d from stored scores, %d from embeddings), %d rows changed, %.1f s",
