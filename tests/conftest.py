@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,14 @@ def run_tagd(*args: str, env: dict[str, str] | None = None, input: str | None = 
         input=input,
         timeout=120,
     )
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> object:
+    """Poll `cond` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {cond}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx_models import save_graph
 
 
 def head_params(n_tags: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +86,7 @@ def build(
         nodes.append(helper.make_node("Sigmoid", [logits], [output_name]))
     else:
         nodes.append(helper.make_node("Identity", [logits], [output_name]))
-    graph = helper.make_graph(nodes, "family_tagger", [x], [y], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, path)
-    return path
+    return save_graph(path, helper.make_graph(nodes, "family_tagger", [x], [y], inits))
 
 
 def reference(tensor: np.ndarray, layout: str, n_tags: int, seed: int = 0) -> np.ndarray:

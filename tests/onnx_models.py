@@ -96,7 +96,11 @@ def build_probe_model(
         helper.make_node("Add", ["logits_nb", "head_b"], ["logits"]),
         helper.make_node("Sigmoid", ["logits"], [output_name]),
     ]
-    graph = helper.make_graph(nodes, "probe_tagger", [x], [y], inits)
+    return save_graph(path, helper.make_graph(nodes, "probe_tagger", [x], [y], inits))
+
+
+def save_graph(path: Path, graph: onnx.GraphProto) -> Path:
+    """Wrap a graph as an opset-17 model ONNX Runtime accepts, check it, and save it."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)

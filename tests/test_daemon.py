@@ -12,23 +12,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_tagd, save, write_config
+from conftest import run_tagd, save, wait_for, write_config
 
 N_IMAGES = 40
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {cond}")
 
 
 @pytest.fixture

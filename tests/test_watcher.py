@@ -9,11 +9,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import save
+from conftest import save, wait_for
 
 from tagd import config as cfg
 from tagd import db, tagger
@@ -21,16 +21,6 @@ from tagd.pipeline import Pipeline
 from tagd.watcher import Watcher, inotify_limit_message
 
 SETTLE = 0.6
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {cond}")
 
 
 def make_config(tmp_path: Path, gallery: Path, probe_model: Path, **root: object) -> cfg.Config:
