@@ -1,15 +1,41 @@
 """Run a parsed query against the index. User text only ever reaches SQL as parameters.
 
 A tag term matches a file when any model selected that tag for it (each model's own
-thresholds were applied when the scores were stored or reindexed).
+thresholds were applied when the scores were stored or reindexed); `model:NAME` narrows
+every term to that model. Confidence filters read the stored score itself: a file the model
+processed without a stored score for the tag (it was below the floor, default 0.05) counts
+as score 0. Results rank by the product of the matched tags' confidences (best branch of
+an OR; similarity for `similar:`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sqlite3
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from tagd.query import And, Node, Not, Tag
+from tagd.query import (
+    And,
+    FileFilter,
+    Flag,
+    Model,
+    Node,
+    Not,
+    Or,
+    Range,
+    Rating,
+    Score,
+    Similar,
+    Tag,
+    TimeBound,
+    TimeRange,
+)
+
+SORTS = ("score", "mtime", "path", "random")
+_DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
 
 @dataclass
@@ -21,72 +47,498 @@ class Compiled:
 @dataclass(frozen=True)
 class Hit:
     path: str
-    sha256: str
+    sha256: str | None
     tags: dict[str, float]
+    file_id: int | None = None
+    rank: float | None = None
+    mtime_ns: int | None = None
 
 
-def _tag_subquery(term: Tag) -> tuple[str, list[object]]:
-    sql = (
-        "SELECT s.file_id FROM scores s JOIN tags t ON t.id = s.tag_id "
-        "WHERE t.name = ? AND s.selected = 1"
+@dataclass
+class SearchOptions:
+    sort: str = "score"
+    descending: bool | None = None
+    limit: int | None = None
+    offset: int = 0
+    with_tags: bool = False
+    # Files found by each `similar:` term, with their similarity (see resolve_similar).
+    similar: dict[Similar, dict[int, float]] = field(default_factory=dict)
+
+
+class SearchError(Exception):
+    """A well-formed query that cannot run against this index (unknown model, ...)."""
+
+
+@dataclass
+class _Ctx:
+    file: str
+    path: str | None
+    files: str | None
+    mtime: str | None
+    model: str | None
+    similar: dict[Similar, dict[int, float]]
+    now: float
+
+
+def scope_model(node: Node) -> str | None:
+    """The model named by a top-level `model:` term, if any."""
+    terms = node.terms if isinstance(node, And) else (node,)
+    return next((t.name for t in terms if isinstance(t, Model)), None)
+
+
+def compile_where(
+    node: Node,
+    *,
+    file_col: str = "f.id",
+    path_col: str | None = None,
+    files_alias: str | None = "f",
+    mtime_col: str | None = None,
+    similar: dict[Similar, dict[int, float]] | None = None,
+    now: float | None = None,
+) -> Compiled:
+    """A boolean SQL expression over the alias `f` (files) by default.
+
+    `path_col`/`mtime_col` make path filters test that path row instead of any of the file's
+    paths; `similar` holds the resolved `similar:` terms.
+    """
+    ctx = _Ctx(
+        file_col,
+        path_col,
+        files_alias,
+        mtime_col,
+        scope_model(node),
+        similar or {},
+        time.time() if now is None else now,
     )
-    params: list[object] = [term.name]
+    return _where(node, ctx)
+
+
+def _model_clause(alias: str, ctx: _Ctx) -> tuple[str, list[object]]:
+    if ctx.model is None:
+        return "", []
+    return f" AND {alias}.model_id = (SELECT id FROM models WHERE name = ?)", [ctx.model]
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "[?" else c for c in text)
+
+
+def _tag_ids(term: Tag) -> tuple[str, list[object]]:
+    """SQL for the ids of the tags `term` names (a set, for wildcards and bare names)."""
+    conds, params = [], []
+    if term.wildcard:
+        if term.name.strip("*"):
+            conds.append("name GLOB ?")
+            params.append(_glob_escape(term.name))
+    else:
+        conds.append("name = ?")
+        params.append(term.name)
     if term.namespace is not None:
-        sql += " AND t.namespace = ?"
+        conds.append("namespace = ?")
         params.append(term.namespace)
-    return sql, params
+    where = " AND ".join(conds) or "1"
+    return f"SELECT id FROM tags WHERE {where}", params
 
 
-def compile_where(node: Node) -> Compiled:
-    """A boolean SQL expression over the alias `f` (files)."""
+def _range_sql(expr: str, rng: Range | TimeRange, conv=lambda v: v) -> tuple[str, list[object]]:  # type: ignore[no-untyped-def]
+    parts, params = [], []
+    if rng.lo is not None:
+        parts.append(f"{expr} {'>=' if rng.lo_incl else '>'} ?")
+        params.append(conv(rng.lo))
+    if rng.hi is not None:
+        parts.append(f"{expr} {'<=' if rng.hi_incl else '<'} ?")
+        params.append(conv(rng.hi))
+    return " AND ".join(parts) or "1", params
+
+
+def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple[str, list]:
+    ids, params = _tag_ids(term)
+    msql, mparams = _model_clause("s", ctx)
+    sql = f"SELECT s.file_id FROM scores s WHERE s.tag_id IN ({ids}) AND {cond}{msql}"
+    return sql, [*params, *cparams, *mparams]
+
+
+def _where(node: Node, ctx: _Ctx) -> Compiled:
+    f = ctx.file
     if isinstance(node, Tag):
-        sub, params = _tag_subquery(node)
-        return Compiled(f"f.id IN ({sub})", params)
+        sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
+        return Compiled(f"{f} IN ({sub})", params)
+    if isinstance(node, Score):
+        cond, cparams = _range_sql("s.score", node.range)
+        sub, params = _scores_sub(node.tag, ctx, cond, cparams)
+        sql = f"{f} IN ({sub})"
+        if node.range.contains(0.0):
+            ids, iparams = _tag_ids(node.tag)
+            msql, mparams = _model_clause("g", ctx)
+            sql += (
+                f" OR {f} IN (SELECT g.file_id FROM taggings g WHERE 1{msql} AND NOT EXISTS "
+                "(SELECT 1 FROM scores s WHERE s.file_id = g.file_id AND s.model_id = g.model_id"
+                f" AND s.tag_id IN ({ids})))"
+            )
+            params += [*mparams, *iparams]
+        return Compiled(f"({sql})", params)
+    if isinstance(node, Rating):
+        marks = ", ".join("?" * len(node.names))
+        sub, params = _scores_sub(
+            Tag("*", "rating", node.column), ctx, f"s.selected = 1 AND s.tag_id IN "
+            f"(SELECT id FROM tags WHERE namespace = 'rating' AND name IN ({marks}))",
+            list(node.names),
+        )
+        return Compiled(f"{f} IN ({sub})", params)
+    if isinstance(node, Model):
+        return Compiled(
+            f"{f} IN (SELECT file_id FROM taggings WHERE model_id = "
+            "(SELECT id FROM models WHERE name = ?))",
+            [node.name],
+        )
+    if isinstance(node, Flag):
+        if node.name == "untagged":
+            msql, mparams = _model_clause("g", ctx)
+            return Compiled(
+                f"NOT EXISTS (SELECT 1 FROM taggings g WHERE g.file_id = {f}{msql})", mparams
+            )
+        return _on_path(ctx, "EXISTS (SELECT 1 FROM jobs j WHERE j.path = {p} AND "
+                        "j.state = 'failed')", [])
+    if isinstance(node, Similar):
+        found = ctx.similar.get(node)
+        if found is None:
+            raise SearchError("similar: needs the embedding index (run it through tagd search)")
+        return Compiled(f"{f} IN (SELECT value FROM json_each(?))", [json.dumps(list(found))])
+    if isinstance(node, FileFilter):
+        return _file_filter(node, ctx)
     if isinstance(node, Not):
-        inner = compile_where(node.term)
+        inner = _where(node.term, ctx)
         return Compiled(f"NOT ({inner.sql})", inner.params)
-    parts = [compile_where(t) for t in node.terms]
-    return Compiled(" AND ".join(f"({p.sql})" for p in parts), [x for p in parts for x in p.params])
+    parts = [_where(t, ctx) for t in node.terms]
+    joiner = " AND " if isinstance(node, And) else " OR "
+    return Compiled(joiner.join(f"({p.sql})" for p in parts), [x for p in parts for x in p.params])
 
 
-def positive_tags(node: Node) -> list[Tag]:
-    if isinstance(node, Tag):
+def _on_path(ctx: _Ctx, cond: str, params: list[object], mtime: bool = False) -> Compiled:
+    """`cond` over a path expression {p} (and {m} = its mtime_ns)."""
+    if ctx.path is not None:
+        return Compiled(cond.format(p=ctx.path, m=ctx.mtime or "NULL"), params)
+    inner = cond.format(p="q.path", m="q.mtime_ns")
+    return Compiled(
+        f"EXISTS (SELECT 1 FROM paths q WHERE q.file_id = {ctx.file} AND q.missing = 0 "
+        f"AND {inner})",
+        params,
+    )
+
+
+def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
+    key = node.key
+    if key == "path":
+        pattern = os.path.expanduser(node.text)
+        if not pattern.startswith(("/", "*")):
+            pattern = "*/" + pattern
+        return _on_path(ctx, "{p} GLOB ?", [pattern])
+    if key == "dir":
+        d = os.path.abspath(os.path.expanduser(node.text)).rstrip("/") + "/"
+        return _on_path(ctx, "({p} >= ? AND {p} < ?)", [d, d[:-1] + "0"])
+    if key == "ext":
+        exts = node.text.split(",")
+        cond = " OR ".join("{p} LIKE ?" for _ in exts)
+        return _on_path(ctx, f"({cond})", [f"%.{e}" for e in exts])
+    if key == "mtime":
+        assert node.times is not None
+        now = ctx.now
+
+        def ns(b: TimeBound) -> int:
+            return int(((now + b.seconds) if b.relative else b.seconds) * 1e9)
+
+        cond, params = _range_sql("{m}", node.times, ns)
+        return _on_path(ctx, f"({cond})", params)
+    assert node.range is not None
+    if key == "tags":
+        msql, mparams = _model_clause("s", ctx)
+        expr = (
+            "(SELECT count(DISTINCT s.tag_id) FROM scores s "
+            f"WHERE s.file_id = {ctx.file} AND s.selected = 1{msql})"
+        )
+        cond, params = _range_sql(expr, node.range)
+        return Compiled(f"({cond})", _repeat(mparams, params))
+    column = {"width": "width", "height": "height", "size": "size"}[key]
+    if ctx.files is not None:
+        cond, params = _range_sql(f"{ctx.files}.{column}", node.range)
+        return Compiled(f"({cond})", params)
+    cond, params = _range_sql(column, node.range)
+    return Compiled(f"{ctx.file} IN (SELECT id FROM files WHERE {cond})", params)
+
+
+def _repeat(mparams: list[object], params: list[object]) -> list[object]:
+    """Params for a range over an expression that itself has params, once per bound."""
+    out: list[object] = []
+    for bound in params:
+        out += [*mparams, bound]
+    return out
+
+
+def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
+    f = ctx.file
+    if isinstance(node, Tag | Score):
+        tag = node if isinstance(node, Tag) else node.tag
+        ids, params = _tag_ids(tag)
+        if isinstance(node, Tag):
+            cond, cparams = "s.selected = 1", []
+        else:
+            cond, cparams = _range_sql("s.score", node.range)
+        msql, mparams = _model_clause("s", ctx)
+        return Compiled(
+            f"coalesce((SELECT max(s.score) FROM scores s WHERE s.file_id = {f} "
+            f"AND s.tag_id IN ({ids}) AND {cond}{msql}), 0)",
+            [*params, *cparams, *mparams],
+        )
+    if isinstance(node, Similar):
+        found = ctx.similar.get(node, {})
+        return Compiled(
+            f"coalesce(json_extract(?, '$.\"' || {f} || '\"'), 0)",
+            [json.dumps({str(k): v for k, v in found.items()})],
+        )
+    if isinstance(node, And | Or):
+        parts = [_rank(t, ctx) for t in node.terms]
+        if isinstance(node, Or):
+            if not any(parts):
+                return None
+            full = [p or Compiled("1") for p in parts]
+            if len(full) == 1:
+                return full[0]
+            return Compiled(
+                "max(" + ", ".join(p.sql for p in full) + ")", [x for p in full for x in p.params]
+            )
+        real = [p for p in parts if p is not None]
+        if not real:
+            return None
+        return Compiled(" * ".join(p.sql for p in real), [x for p in real for x in p.params])
+    return None
+
+
+def _needs_jobs(node: Node) -> bool:
+    if isinstance(node, Flag):
+        return True
+    if isinstance(node, Not):
+        return _needs_jobs(node.term)
+    if isinstance(node, And | Or):
+        return any(_needs_jobs(t) for t in node.terms)
+    return False
+
+
+def _similar_terms(node: Node) -> list[Similar]:
+    if isinstance(node, Similar):
         return [node]
-    if isinstance(node, And):
+    if isinstance(node, Not):
+        return _similar_terms(node.term)
+    if isinstance(node, And | Or):
+        return [s for t in node.terms for s in _similar_terms(t)]
+    return []
+
+
+def resolve_similar(
+    conn: sqlite3.Connection, node: Node, db_path: str | None
+) -> dict[Similar, dict[int, float]]:
+    """Look up every `similar:` term in the embedding index (imports numpy only if needed)."""
+    terms = _similar_terms(node)
+    if not terms:
+        return {}
+    from tagd.similar import EmbeddingIndex, SimilarError, resolve_ref
+
+    out = {}
+    try:
+        index = EmbeddingIndex.open(conn, db_path, scope_model(node))
+        for term in terms:
+            file_id = resolve_ref(conn, term.ref)
+            out[term] = dict(index.nearest_to_file(file_id, min_sim=term.min_sim, limit=None))
+    except SimilarError as exc:
+        raise SearchError(str(exc)) from None
+    return out
+
+
+def check_model(conn: sqlite3.Connection, node: Node) -> None:
+    name = scope_model(node)
+    if name is None:
+        return
+    if conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
+        known = [r[0] for r in conn.execute("SELECT name FROM models ORDER BY name")]
+        raise SearchError(
+            f"no model named {name!r} in the index (known: {', '.join(known) or 'none'})"
+        )
+
+
+def build_sql(node: Node, opts: SearchOptions, *, count: bool = False) -> Compiled:
+    """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed."""
+    if opts.sort not in SORTS:
+        raise SearchError(f"unknown sort {opts.sort!r}: use one of {', '.join(SORTS)}")
+    now = time.time()
+    branches: list[Compiled] = []
+    sources = [
+        ("p.file_id", "paths p", "p.missing = 0 AND p.file_id IS NOT NULL"),
+    ]
+    if _needs_jobs(node):
+        sources.append(
+            (
+                "-1",
+                "(SELECT j.path AS path, NULL AS file_id, j.mtime_ns AS mtime_ns FROM jobs j "
+                "WHERE j.state != 'done' AND NOT EXISTS "
+                "(SELECT 1 FROM paths q WHERE q.path = j.path AND q.missing = 0)) p",
+                "1",
+            )
+        )
+    for file_col, source, base in sources:
+        ctx_args = dict(
+            file_col=file_col,
+            path_col="p.path",
+            mtime_col="p.mtime_ns",
+            similar=opts.similar,
+            now=now,
+        )
+        where = compile_where(node, **ctx_args)  # type: ignore[arg-type]
+        ctx = _Ctx(file_col, "p.path", "f", "p.mtime_ns", scope_model(node), opts.similar, now)
+        rank = None if count or opts.sort != "score" else _rank(node, ctx)
+        rank_sql, rank_params = (rank.sql, rank.params) if rank else ("1.0", [])
+        branches.append(
+            Compiled(
+                f"SELECT p.path AS path, p.file_id AS file_id, f.sha256 AS sha256, "
+                f"p.mtime_ns AS mtime_ns, {rank_sql} AS rank "
+                f"FROM {source} LEFT JOIN files f ON f.id = p.file_id "
+                f"WHERE {base} AND ({where.sql})",
+                [*rank_params, *where.params],
+            )
+        )
+    sql = " UNION ALL ".join(b.sql for b in branches)
+    params = [x for b in branches for x in b.params]
+    if count:
+        return Compiled(f"SELECT count(*) FROM ({sql})", params)
+    desc = _DEFAULT_DESC[opts.sort] if opts.descending is None else opts.descending
+    direction = "DESC" if desc else "ASC"
+    order = {
+        "score": f"rank {direction}, path",
+        "mtime": f"mtime_ns {direction}, path",
+        "path": f"path {direction}",
+        "random": "random()",
+    }[opts.sort]
+    sql += f" ORDER BY {order}"
+    if opts.limit is not None or opts.offset:
+        sql += " LIMIT ? OFFSET ?"
+        params += [-1 if opts.limit is None else opts.limit, opts.offset]
+    return Compiled(sql, params)
+
+
+def iter_search(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None
+) -> Iterator[Hit]:
+    opts = opts or SearchOptions()
+    check_model(conn, node)
+    q = build_sql(node, opts)
+    wanted = positive_tags(node) if opts.with_tags else []
+    ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
+    for path, file_id, sha, mtime_ns, rank in conn.execute(q.sql, q.params):
+        tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
+        yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
+
+
+def search(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    limit: int | None = None,
+) -> list[Hit]:
+    if opts is None:
+        opts = SearchOptions(limit=limit, with_tags=True)
+    return list(iter_search(conn, node, opts))
+
+
+def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None) -> int:
+    opts = opts or SearchOptions()
+    check_model(conn, node)
+    q = build_sql(node, opts, count=True)
+    return int(conn.execute(q.sql, q.params).fetchone()[0])
+
+
+def positive_tags(node: Node) -> list[Tag | Score]:
+    """Tag and confidence terms not under a NOT: the ones a hit reports scores for."""
+    if isinstance(node, Tag | Score):
+        return [node]
+    if isinstance(node, And | Or):
         return [t for term in node.terms for t in positive_tags(term)]
     return []
 
 
-def search(conn: sqlite3.Connection, node: Node, *, limit: int | None = None) -> list[Hit]:
-    where = compile_where(node)
-    sql = (
-        "SELECT p.path, f.id, f.sha256 FROM files f JOIN paths p ON p.file_id = f.id "
-        f"WHERE p.missing = 0 AND ({where.sql}) ORDER BY p.path"
-    )
-    params = list(where.params)
-    if limit is not None:
-        sql += " LIMIT ?"
-        params.append(limit)
-    rows = conn.execute(sql, params).fetchall()
-    wanted = positive_tags(node)
-    hits = []
-    for path, file_id, sha in rows:
-        hits.append(Hit(path, sha, matched_scores(conn, file_id, wanted)))
-    return hits
-
-
-def matched_scores(conn: sqlite3.Connection, file_id: int, terms: list[Tag]) -> dict[str, float]:
-    """The best selected score of each matched tag, keyed `namespace:name`."""
+def matched_scores(
+    conn: sqlite3.Connection,
+    file_id: int,
+    terms: list[Tag | Score],
+    ctx: _Ctx | None = None,
+) -> dict[str, float]:
+    """The best stored score of each matched tag, keyed `namespace:name`."""
+    ctx = ctx or _Ctx("?", None, None, None, None, {}, 0)
     out: dict[str, float] = {}
     for term in terms:
-        sub, params = _tag_subquery(term)
-        sql = sub.replace("SELECT s.file_id", "SELECT t.namespace, t.name, max(s.score)", 1)
-        row = conn.execute(
-            sql + " AND s.file_id = ? GROUP BY t.id ORDER BY 3 DESC", [*params, file_id]
-        ).fetchone()
-        if row is not None:
-            out[f"{row[0]}:{row[1]}"] = float(row[2])
+        tag = term if isinstance(term, Tag) else term.tag
+        ids, params = _tag_ids(tag)
+        if isinstance(term, Tag):
+            cond, cparams = "s.selected = 1", []
+        else:
+            cond, cparams = _range_sql("s.score", term.range)
+        msql, mparams = _model_clause("s", ctx)
+        rows = conn.execute(
+            "SELECT t.namespace, t.name, max(s.score) FROM scores s JOIN tags t ON t.id = s.tag_id"
+            f" WHERE s.file_id = ? AND s.tag_id IN ({ids}) AND {cond}{msql} GROUP BY t.id",
+            [file_id, *params, *cparams, *mparams],
+        ).fetchall()
+        for ns, name, score in rows:
+            key = f"{ns}:{name}"
+            out[key] = max(out.get(key, 0.0), float(score))
     return out
+
+
+def explain(node: Node, conn: sqlite3.Connection | None = None, indent: int = 0) -> str:
+    """The parsed tree, one node a line, with the thresholds each tag term uses."""
+    pad = "  " * indent
+    if isinstance(node, And | Or):
+        head = "AND" if isinstance(node, And) else "OR"
+        return "\n".join(
+            [f"{pad}{head}", *(explain(t, conn, indent + 1) for t in node.terms)]
+        )
+    if isinstance(node, Not):
+        return f"{pad}NOT\n{explain(node.term, conn, indent + 1)}"
+    if isinstance(node, Tag):
+        ns = node.namespace or "any namespace"
+        kind = "pattern" if node.wildcard else "tag"
+        return f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+    if isinstance(node, Score):
+        return f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in " \
+            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0)"
+    if isinstance(node, Rating):
+        return f"{pad}rating in {', '.join(node.names)} (each model's top rating)"
+    if isinstance(node, Model):
+        return f"{pad}model {node.name!r}: every term uses only this model's predictions"
+    if isinstance(node, Flag):
+        return f"{pad}{node.name}"
+    if isinstance(node, Similar):
+        return f"{pad}similar to {node.ref!r} (cosine >= {node.min_sim})"
+    shown = _fmt_range(node.range) if node.range else node.text
+    return f"{pad}{node.key} {shown}"
+
+
+def _fmt_range(r: Range) -> str:
+    lo = "-inf" if r.lo is None else f"{r.lo:g}"
+    hi = "inf" if r.hi is None else f"{r.hi:g}"
+    return f"{'[' if r.lo_incl else '('}{lo}, {hi}{']' if r.hi_incl else ')'}"
+
+
+def _thresholds(tag: Tag, conn: sqlite3.Connection | None) -> str:
+    if conn is None:
+        return "each model's thresholds"
+    parts = []
+    for name, settings in conn.execute("SELECT name, settings FROM models ORDER BY name"):
+        try:
+            th = json.loads(settings or "{}").get("thresholds", {})
+        except ValueError:
+            th = {}
+        ns = tag.namespace or "general"
+        parts.append(f"{name} {ns} {th.get(ns, 'default')}")
+    return "; ".join(parts) or "each model's thresholds (no models yet)"
 
 
 @dataclass(frozen=True)

@@ -1,47 +1,159 @@
-"""`tagd search QUERY`: matching paths, one per line (exit 0 matches, 1 none, 2 bad query)."""
+"""`tagd search QUERY`: matching paths (exit 0 matches, 1 none, 2 bad query).
+
+Kept light: no numpy/onnxruntime/PIL unless the query has a `similar:` term.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from tagd.commands import Context, UserError
+
+if TYPE_CHECKING:
+    from tagd.search import Hit
+
+FORMATS = ("paths", "json", "jsonl", "tsv")
+NUL_FLAG = "-0"
+
+SYNTAX = """query syntax:
+  1girl solo -monochrome        space = AND, -tag = NOT
+  (smile | grin) OR blush       | or OR, with parentheses
+  character:hatsune_miku        namespace:tag; character:* and hat* are wildcards
+  "long hair"                   quoted spaces match underscores
+  1girl:>0.8  smile:0.3..0.5    confidence of a tag (stored scores; below the floor = 0)
+  rating:<=sensitive            general < sensitive < questionable < explicit
+  model:NAME                    only that model's predictions
+  path:GLOB dir:PATH ext:png,webp width:>=1920 height:<1000 size:>2MB
+  mtime:-7d.. tags:<5 untagged failed similar:PATH[:>=0.9]
+
+examples:
+  tagd search "1girl solo -monochrome"
+  tagd search 'character:* -rating:>sensitive' --sort mtime --limit 20
+  tagd search 'ext:png size:>2MB' -0 | xargs -0 ls -l
+"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search",
         help="find images by tags",
-        description="Print the absolute paths of images whose tags match QUERY. "
-        "Space = AND, -tag = NOT, namespace:tag (rating:general, character:hatsune_miku).",
-        epilog='examples:\n  tagd search "1girl solo -monochrome"\n'
-        "  tagd search rating:general character:hatsune_miku --format json",
+        description="Print the absolute paths of images whose tags match QUERY, best match "
+        "first (the product of the matched tags' confidences). -0 separates paths with NUL.",
+        epilog=SYNTAX,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # so `-hair` is a query term, not -h with an argument
     )
+    p.add_argument("--help", action="help", help="show this help and exit")
     p.add_argument("query", nargs="+", help="the query (several words are joined with spaces)")
-    p.add_argument("--format", choices=("paths", "json"), default="paths")
+    p.add_argument("--format", choices=FORMATS, default="paths")
+    p.add_argument("--null", action="store_true", help="NUL-separated paths (same as -0)")
+    p.add_argument(
+        "--sort", choices=("score", "mtime", "path", "random"), default="score",
+        help="score (default, best first), mtime (newest first), path, random",
+    )
+    order = p.add_mutually_exclusive_group()
+    order.add_argument("--asc", dest="descending", action="store_false", default=None)
+    order.add_argument("--desc", dest="descending", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="at most N results")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N results")
+    p.add_argument("--count", action="store_true", help="print the number of matches only")
+    p.add_argument("--explain", action="store_true", help="print the parsed query and exit")
+    p.add_argument("--sql", action="store_true", help="print the SQL and its parameters and exit")
     p.set_defaults(func=run, query_terms_from_options=True)
+
+
+def split_flags(words: list[str]) -> tuple[list[str], bool]:
+    """Pull the `-0` flag out of the query words (argparse passes it through as a term)."""
+    rest = [w for w in words if w != NUL_FLAG]
+    return rest, len(rest) != len(words)
 
 
 def run(ctx: Context) -> int:
     from tagd.query import QueryError, parse
-    from tagd.search import search
+    from tagd.search import (
+        SearchError,
+        SearchOptions,
+        build_sql,
+        count,
+        explain,
+        iter_search,
+        resolve_similar,
+    )
 
-    text = " ".join(ctx.args.query)
+    args = ctx.args
+    words, nul = split_flags(args.query)
+    nul = nul or args.null
+    text = " ".join(words)
+    if args.limit is not None and args.limit < 0 or args.offset < 0:
+        raise UserError("--limit and --offset take numbers >= 0", 2)
     try:
         node = parse(text)
     except QueryError as exc:
         raise UserError(f"bad query:\n{exc.caret()}", 2) from None
-    hits = search(ctx.db(readonly=True), node, limit=ctx.args.limit)
-    out = sys.stdout
-    if ctx.args.format == "json":
-        json.dump(
-            [{"path": h.path, "sha256": h.sha256, "tags": h.tags} for h in hits], out, indent=2
-        )
+    opts = SearchOptions(
+        sort=args.sort,
+        descending=args.descending,
+        limit=args.limit,
+        offset=args.offset,
+        with_tags=args.format != "paths",
+    )
+    if args.explain:
+        conn = ctx.db(readonly=True) if _db_exists(ctx) else None
+        print(explain(node, conn))
+        return 0
+    conn = ctx.db(readonly=True)
+    try:
+        opts.similar = resolve_similar(conn, node, str(ctx.config.database))
+        if args.sql:
+            q = build_sql(node, opts, count=args.count)
+            print(q.sql)
+            print(json.dumps(q.params))
+            return 0
+        if args.count:
+            n = count(conn, node, opts)
+            print(n)
+            return 0 if n else 1
+        n = write_hits(iter_search(conn, node, opts), args.format, nul, sys.stdout)
+    except SearchError as exc:
+        raise UserError(str(exc), 2) from None
+    return 0 if n else 1
+
+
+def _db_exists(ctx: Context) -> bool:
+    from pathlib import Path
+
+    return Path(ctx.config.database).exists()
+
+
+def hit_record(h: Hit) -> dict[str, object]:
+    return {
+        "path": h.path,
+        "sha256": h.sha256,
+        "score": None if h.rank is None else round(h.rank, 6),
+        "tags": {k: round(v, 4) for k, v in h.tags.items()},
+    }
+
+
+def write_hits(hits, fmt: str, nul: bool, out: TextIO) -> int:  # type: ignore[no-untyped-def]
+    """Stream hits in `fmt`; returns how many."""
+    n = 0
+    if fmt == "json":
+        records = [hit_record(h) for h in hits]
+        json.dump(records, out, indent=2)
         out.write("\n")
-    else:
-        for h in hits:
-            out.write(h.path + "\n")
-    return 0 if hits else 1
+        return len(records)
+    end = "\0" if nul else "\n"
+    for h in hits:
+        n += 1
+        if fmt == "jsonl":
+            out.write(json.dumps(hit_record(h)) + "\n")
+        elif fmt == "tsv":
+            tags = ",".join(f"{k}={v:.4f}" for k, v in h.tags.items())
+            score = "" if h.rank is None else f"{h.rank:.6f}"
+            out.write(f"{h.path}\t{score}\t{h.sha256 or ''}\t{tags}\n")
+        else:
+            out.write(h.path + end)
+    return n

@@ -1,0 +1,264 @@
+"""Search, similar and cold-start latency on a synthetic gallery index.
+
+`build` writes a tagd database with N files: a Zipf-like general tag distribution (a few
+tags on most images, a long tail), ~40 stored scores per file (35 general, 4 ratings, a
+character on 30% of files), selection at 0.35, one 1024-d float16 embedding per file.
+`measure` prints p50/p95 of a fixed query set through the same code `tagd search` runs,
+`similar` top-20 latency, a cold `tagd search` subprocess, and the DB size.
+
+    nice python -m bench.search_bench /tmp/tagd-bench.db --files 1000000      # build + measure
+    python -m bench.search_bench /tmp/tagd-bench.db --measure-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+COMMON = (
+    "1girl",
+    "solo",
+    "long_hair",
+    "looking_at_viewer",
+    "smile",
+    "blush",
+    "open_mouth",
+    "short_hair",
+    "blue_eyes",
+    "simple_background",
+)
+N_GENERAL = 5000
+N_CHARACTER = 500
+RATINGS = ("general", "sensitive", "questionable", "explicit")
+GENERAL_PER_FILE = 35
+THRESHOLD = 0.35
+CHUNK = 20_000
+
+QUERIES: dict[str, list[str]] = {
+    "1 tag": ["1girl", "smile", "tag_0300", "tag_2000"],
+    "2 tags": ["1girl solo", "long_hair blue_eyes", "smile tag_0300"],
+    "3 tags": ["1girl solo long_hair", "smile blush tag_0100", "solo tag_0050 tag_0400"],
+    "NOT": ["1girl -solo", "long_hair -tag_0100"],
+    "OR": ["(smile | blush) long_hair", "tag_0100 | tag_0200 | tag_0300"],
+    "confidence": ["1girl:>0.9", "tag_0100:0.5..0.8"],
+    "rating/ns": ["rating:<=sensitive solo", "character:char_0003"],
+}
+
+
+def general_names() -> list[str]:
+    return [*COMMON, *(f"tag_{i:04d}" for i in range(len(COMMON), N_GENERAL))]
+
+
+def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
+    from tagd.db import connect
+
+    if db.exists():
+        sys.exit(f"{db} exists: delete it or use --measure-only")
+    connect(db).close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -500000")
+    conn.execute("DROP INDEX scores_by_tag")
+    rng = np.random.default_rng(seed)
+    conn.execute("BEGIN")
+    conn.execute(
+        "INSERT INTO models(id, name, family, source, revision, n_tags, settings, updated_at) "
+        "VALUES (1, 'wd-bench', 'wd14', 'synthetic', 'r1', ?, '{}', 0)",
+        (N_GENERAL + N_CHARACTER + 4,),
+    )
+    names = [("rating", r) for r in RATINGS]
+    names += [("general", n) for n in general_names()]
+    names += [("character", f"char_{i:04d}") for i in range(N_CHARACTER)]
+    conn.executemany(
+        "INSERT INTO tags(id, namespace, name) VALUES (?, ?, ?)",
+        [(i + 1, ns, n) for i, (ns, n) in enumerate(names)],
+    )
+    conn.executemany(
+        "INSERT INTO model_tags(model_id, idx, tag_id) VALUES (1, ?, ?)",
+        [(i, i + 1) for i in range(len(names))],
+    )
+    conn.execute("COMMIT")
+    rating_ids = np.arange(1, 5)
+    general_ids = np.arange(5, 5 + N_GENERAL)
+    char_ids = np.arange(5 + N_GENERAL, 5 + N_GENERAL + N_CHARACTER)
+    # Zipf-like: the most common tag is on most images, rank 1000 on ~1%.
+    log_w = -1.1 * np.log(np.arange(1, N_GENERAL + 1) + 1.5)
+    char_p = 1.0 / np.arange(1, N_CHARACTER + 1)
+    char_p /= char_p.sum()
+    now_ns = time.time_ns()
+    t0 = time.perf_counter()
+    for start in range(0, n_files, CHUNK):
+        n = min(CHUNK, n_files - start)
+        ids = np.arange(start + 1, start + n + 1)
+        gumbel = log_w[None, :] - np.log(-np.log(rng.random((n, N_GENERAL))))
+        picked = np.argpartition(-gumbel, GENERAL_PER_FILE, axis=1)[:, :GENERAL_PER_FILE]
+        general = np.sort(general_ids[picked], axis=1)
+        g_scores = rng.beta(0.9, 0.7, size=general.shape) * 0.95 + 0.05
+        r_scores = rng.dirichlet(np.ones(4) * 0.6, size=n)
+        has_char = rng.random(n) < 0.3
+        chars = rng.choice(char_ids, size=n, p=char_p)
+        c_scores = rng.random(n) * 0.6 + 0.4
+        rows: list[tuple[int, int, int, float, int]] = []
+        for k in range(n):
+            fid = int(ids[k])
+            top = int(np.argmax(r_scores[k]))
+            for j in range(4):
+                rows.append((fid, 1, int(rating_ids[j]), float(r_scores[k, j]), int(j == top)))
+            gs = g_scores[k]
+            for j, tid in enumerate(general[k].tolist()):
+                rows.append((fid, 1, tid, float(gs[j]), int(gs[j] >= THRESHOLD)))
+            if has_char[k]:
+                cs = float(c_scores[k])
+                rows.append((fid, 1, int(chars[k]), cs, int(cs >= 0.85)))
+        vectors = rng.standard_normal((n, dim), dtype=np.float32).astype("<f2")
+        mtimes = now_ns - rng.integers(0, 3 * 365 * 86400 * 10**9, size=n)
+        sizes = rng.integers(50_000, 8_000_000, size=n)
+        widths = rng.choice([512, 768, 1024, 1200, 1920, 2048, 3840], size=n)
+        heights = rng.choice([512, 768, 1080, 1200, 1600, 2160], size=n)
+        exts = rng.choice(["png", "jpg", "webp"], size=n, p=[0.4, 0.5, 0.1])
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO files(id, sha256, size, width, height, format, first_seen) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0)",
+            [
+                (int(f), f"{int(f):064x}", int(s), int(w), int(h), str(e).upper())
+                for f, s, w, h, e in zip(ids, sizes, widths, heights, exts, strict=True)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO paths(id, path, file_id, size, mtime_ns, missing, last_seen) "
+            "VALUES (?, ?, ?, ?, ?, 0, 0)",
+            [
+                (int(f), f"/srv/gallery/{int(f) % 997:03d}/img{int(f):07d}.{e}", int(f), int(s),
+                 int(m))
+                for f, s, m, e in zip(ids, sizes, mtimes, exts, strict=True)
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO scores(file_id, model_id, tag_id, score, selected) VALUES (?,?,?,?,?)",
+            rows,
+        )
+        conn.executemany(
+            "INSERT INTO taggings(file_id, model_id, revision, floor, tagged_at) "
+            "VALUES (?, 1, 'r1', 0.05, 0)",
+            [(int(f),) for f in ids],
+        )
+        conn.executemany(
+            "INSERT INTO embeddings(file_id, model_id, dim, dtype, vector) "
+            "VALUES (?, 1, ?, 'float16', ?)",
+            [(int(f), dim, vectors[k].tobytes()) for k, f in enumerate(ids)],
+        )
+        conn.execute("COMMIT")
+        done = start + n
+        rate = done / (time.perf_counter() - t0)
+        print(f"\r{done:,} files ({rate:,.0f}/s)", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    conn.execute("CREATE INDEX scores_by_tag ON scores(tag_id, selected, score)")
+    conn.execute("ANALYZE")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.close()
+    connect(db).close()
+    print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def measure(db: Path, repeats: int, limit: int) -> None:
+    from tagd.db import connect
+    from tagd.query import parse
+    from tagd.search import SearchOptions, count, search
+
+    conn = connect(db, readonly=True)
+    print(f"database {db}: {db.stat().st_size / 2**30:.2f} GiB, "
+          f"{conn.execute('SELECT count(*) FROM files').fetchone()[0]:,} files, "
+          f"{conn.execute('SELECT max(rowid) FROM embeddings').fetchone()[0]:,} embeddings")
+    print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
+    print(f"{'shape':<11} {'query':<32} {'matches':>9} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'count p50':>10}")
+    for shape, queries in QUERIES.items():
+        for text in queries:
+            node = parse(text)
+            opts = SearchOptions(limit=limit)
+            times, ctimes = [], []
+            search(conn, node, opts)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                search(conn, node, opts)
+                times.append((time.perf_counter() - t) * 1000)
+            for _ in range(max(3, repeats // 4)):
+                t = time.perf_counter()
+                n = count(conn, node, opts)
+                ctimes.append((time.perf_counter() - t) * 1000)
+            print(f"{shape:<11} {text:<32} {n:>9,} {percentile(times, .5):>8.1f} "
+                  f"{percentile(times, .95):>8.1f} {percentile(ctimes, .5):>10.1f}")
+    measure_similar(db, conn, repeats)
+    measure_cold(db, limit)
+
+
+def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int) -> None:
+    from tagd.similar import EmbeddingIndex
+
+    t = time.perf_counter()
+    index = EmbeddingIndex.open(conn, db, None)
+    print(f"similar: index open {time.perf_counter() - t:.2f} s "
+          f"({index.matrix.shape[0]:,} x {index.matrix.shape[1]}, {index.matrix.dtype})")
+    times = []
+    rng = np.random.default_rng(1)
+    for fid in rng.integers(1, index.matrix.shape[0], size=repeats).tolist():
+        t = time.perf_counter()
+        index.nearest_to_file(int(fid), limit=20)
+        times.append((time.perf_counter() - t) * 1000)
+    print(f"similar top-20: p50 {percentile(times, .5):.0f} ms, "
+          f"p95 {percentile(times, .95):.0f} ms")
+
+
+def measure_cold(db: Path, limit: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n"
+                       f"    path: {tmp}\n")
+        cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "search", "1girl solo",
+               "--limit", str(limit)]
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            times.append(time.perf_counter() - t)
+            if r.returncode != 0:
+                print(f"cold start failed: {r.stderr.strip()}")
+                return
+    print(f"cold `tagd search '1girl solo' --limit {limit}` (process start to exit): "
+          f"p50 {percentile(times, .5) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("db", type=Path)
+    ap.add_argument("--files", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--limit", type=int, default=100, help="page size of the timed searches")
+    ap.add_argument("--measure-only", action="store_true")
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.measure_only:
+        build(args.db, args.files, args.dim)
+    if not args.build_only:
+        measure(args.db, args.repeats, args.limit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Nearest images by cosine similarity of stored embeddings, and near-duplicate groups.
+
+The `embeddings` table holds raw float16 vectors; the index is an L2-normalised float32
+matrix plus the file ids, built from SQLite on demand and cached next to the database as
+`<db>.sim-<model id>.npy` / `.ids.npy` / `.json` (the signature: row count and max rowid of
+that model's embeddings; a changed signature rebuilds). Search is one exact matrix-vector
+product (numpy/BLAS); see README "Performance" for why not an ANN library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_ROWS = 65536
+
+
+class SimilarError(Exception):
+    """No embeddings, unknown model or file: one line the user can act on."""
+
+
+def resolve_ref(conn: sqlite3.Connection, ref: str) -> int:
+    """A file id from a path (as indexed) or a sha256 (full, or a unique prefix of 8+)."""
+    if re.fullmatch(r"[0-9a-fA-F]{8,64}", ref):
+        rows = conn.execute(
+            "SELECT id FROM files WHERE sha256 >= ? AND sha256 < ? LIMIT 2",
+            (ref.lower(), ref.lower() + "g"),
+        ).fetchall()
+        if len(rows) == 1:
+            return int(rows[0][0])
+        if len(rows) > 1:
+            raise SimilarError(f"sha256 prefix {ref} matches several files: give more digits")
+    path = os.path.abspath(os.path.expanduser(ref))
+    row = conn.execute(
+        "SELECT file_id FROM paths WHERE path = ? AND missing = 0 AND file_id IS NOT NULL",
+        (path,),
+    ).fetchone()
+    if row is None:
+        raise SimilarError(f"{path} is not in the index (not scanned yet, or not a known sha256)")
+    return int(row[0])
+
+
+def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
+    """The named model, or the one with the most embeddings."""
+    if name is not None:
+        row = conn.execute("SELECT id, name FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SimilarError(f"no model named {name!r} in the index")
+        return int(row[0]), str(row[1])
+    row = conn.execute(
+        "SELECT e.model_id, m.name FROM embeddings e JOIN models m ON m.id = e.model_id "
+        "GROUP BY e.model_id ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        raise SimilarError("no embeddings stored yet: tag images with a model that has them")
+    return int(row[0]), str(row[1])
+
+
+def signature(conn: sqlite3.Connection, model_id: int) -> dict[str, int]:
+    n, top = conn.execute(
+        "SELECT count(*), coalesce(max(rowid), 0) FROM embeddings WHERE model_id = ?",
+        (model_id,),
+    ).fetchone()
+    return {"model_id": model_id, "rows": int(n), "max_rowid": int(top)}
+
+
+def normalise(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, L2-normalised float32 rows) for one model, read in chunks."""
+    n, dim = conn.execute(
+        "SELECT count(*), max(dim) FROM embeddings WHERE model_id = ?", (model_id,)
+    ).fetchone()
+    if not n:
+        raise SimilarError("no embeddings stored for this model yet")
+    ids = np.empty(n, dtype=np.int64)
+    mat = np.zeros((n, dim), dtype=np.float32)
+    i = 0
+    cur = conn.execute(
+        "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? ORDER BY file_id",
+        (model_id,),
+    )
+    while rows := cur.fetchmany(8192):
+        for file_id, d, dtype, blob in rows:
+            if dtype != "float16" or d != dim or len(blob) != 2 * d:
+                continue
+            ids[i] = file_id
+            mat[i] = np.frombuffer(blob, dtype="<f2")
+            i += 1
+    ids, mat = ids[:i], mat[:i]
+    for start in range(0, i, CHUNK_ROWS):
+        mat[start : start + CHUNK_ROWS] = normalise(mat[start : start + CHUNK_ROWS])
+    return ids, mat
+
+
+@dataclass
+class EmbeddingIndex:
+    model_id: int
+    model: str
+    ids: np.ndarray
+    matrix: np.ndarray
+
+    @classmethod
+    def open(
+        cls, conn: sqlite3.Connection, db_path: str | Path | None, model: str | None
+    ) -> EmbeddingIndex:
+        """Load the cached index if its signature matches, else rebuild (and try to cache)."""
+        model_id, name = pick_model(conn, model)
+        sig = signature(conn, model_id)
+        base = None if db_path is None else Path(f"{db_path}.sim-{model_id}")
+        if base is not None:
+            try:
+                meta = json.loads(Path(f"{base}.json").read_text())
+                if meta == sig:
+                    ids = np.load(Path(f"{base}.ids.npy"))
+                    mat = np.load(Path(f"{base}.npy"), mmap_mode="r")
+                    if len(ids) == mat.shape[0]:
+                        return cls(model_id, name, ids, mat)
+            except (OSError, ValueError):
+                pass
+        ids, mat = build_matrix(conn, model_id)
+        if base is not None:
+            _save(base, ids, mat, sig)
+        return cls(model_id, name, ids, mat)
+
+    def row_of(self, file_id: int) -> int:
+        i = int(np.searchsorted(self.ids, file_id))
+        if i >= len(self.ids) or self.ids[i] != file_id:
+            raise SimilarError(f"that file has no embedding from model {self.model!r} yet")
+        return i
+
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        out = np.empty(self.matrix.shape[0], dtype=np.float32)
+        for start in range(0, len(out), CHUNK_ROWS * 4):
+            out[start : start + CHUNK_ROWS * 4] = self.matrix[start : start + CHUNK_ROWS * 4] @ vector
+        return out
+
+    def nearest(
+        self,
+        vector: np.ndarray,
+        *,
+        limit: int | None = 20,
+        min_sim: float | None = None,
+        exclude: int | None = None,
+    ) -> list[tuple[int, float]]:
+        """(file_id, cosine) best first."""
+        sims = self.similarities(np.asarray(vector, dtype=np.float32))
+        if exclude is not None:
+            sims[exclude] = -np.inf
+        cand = np.flatnonzero(sims >= min_sim) if min_sim is not None else None
+        if cand is None:
+            k = min(limit or len(sims), len(sims))
+            cand = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+        cand = cand[np.argsort(-sims[cand], kind="stable")]
+        if limit is not None:
+            cand = cand[:limit]
+        return [(int(self.ids[i]), float(sims[i])) for i in cand]
+
+    def nearest_to_file(
+        self, file_id: int, *, limit: int | None = 20, min_sim: float | None = None
+    ) -> list[tuple[int, float]]:
+        row = self.row_of(file_id)
+        return self.nearest(self.matrix[row], limit=limit, min_sim=min_sim, exclude=row)
+
+    def groups(self, min_sim: float, block: int = 1024) -> list[list[tuple[int, float]]]:
+        """Connected groups of files with pairwise cosine >= min_sim (O(n²) exact)."""
+        n = self.matrix.shape[0]
+        parent = np.arange(n)
+
+        def find(x: int) -> int:
+            while parent[x] != x:
+                parent[x] = parent[parent[x]]
+                x = int(parent[x])
+            return x
+
+        best = np.zeros(n, dtype=np.float32)
+        for start in range(0, n, block):
+            sims = np.asarray(self.matrix[start : start + block]) @ np.asarray(self.matrix).T
+            rows, cols = np.nonzero(sims >= min_sim)
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
+                a = start + r
+                if c <= a:
+                    continue
+                s = float(sims[r, c])
+                best[a] = max(best[a], s)
+                best[c] = max(best[c], s)
+                ra, rc = find(a), find(c)
+                if ra != rc:
+                    parent[max(ra, rc)] = min(ra, rc)
+        members: dict[int, list[int]] = {}
+        for i in range(n):
+            if best[i] > 0:
+                members.setdefault(find(i), []).append(i)
+        return [
+            [(int(self.ids[i]), float(best[i])) for i in rows]
+            for rows in sorted(members.values(), key=lambda r: (-len(r), r[0]))
+        ]
+
+
+def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, int]) -> None:
+    """Write the cache atomically; an unwritable folder only means no cache."""
+    try:
+        for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
+            fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=base.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, arr)
+            os.replace(tmp, f"{base}{suffix}")
+        Path(f"{base}.json").write_text(json.dumps(sig))
+    except OSError:
+        pass
+
+
+def exact_duplicates(conn: sqlite3.Connection) -> list[tuple[str, list[str]]]:
+    """(sha256, paths) for content stored under more than one live path."""
+    out: dict[str, list[str]] = {}
+    for sha, path in conn.execute(
+        "SELECT f.sha256, p.path FROM paths p JOIN files f ON f.id = p.file_id "
+        "WHERE p.missing = 0 AND p.file_id IN (SELECT file_id FROM paths WHERE missing = 0 "
+        "GROUP BY file_id HAVING count(*) > 1) ORDER BY f.sha256, p.path"
+    ):
+        out.setdefault(sha, []).append(path)
+    return list(out.items())
+
+
+def paths_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """file_id → (first live path, sha256)."""
+    out: dict[int, tuple[str, str]] = {}
+    for fid, path, sha in conn.execute(
+        "SELECT p.file_id, min(p.path), f.sha256 FROM paths p JOIN files f ON f.id = p.file_id "
+        "WHERE p.missing = 0 AND p.file_id IN (SELECT value FROM json_each(?)) "
+        "GROUP BY p.file_id",
+        (json.dumps(file_ids),),
+    ):
+        out[int(fid)] = (path, sha)
+    return out
