@@ -78,10 +78,15 @@ class _Ctx:
     model: str | None
     similar: dict[Similar, dict[int, float]]
     now: float
+    untagged: bool = False
 
 
 def scope_model(node: Node) -> str | None:
-    """The model named by a top-level `model:` term, if any."""
+    """The model named by a top-level `model:` term, if any.
+
+    `model:NAME` also keeps only files that model processed, except next to `untagged`,
+    where it only names the model whose output is missing.
+    """
     terms = node.terms if isinstance(node, And) else (node,)
     return next((t.name for t in terms if isinstance(t, Model)), None)
 
@@ -109,6 +114,7 @@ def compile_where(
         scope_model(node),
         similar or {},
         time.time() if now is None else now,
+        _has_flag(node, "untagged"),
     )
     return _where(node, ctx)
 
@@ -186,6 +192,8 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
         )
         return Compiled(f"{f} IN ({sub})", params)
     if isinstance(node, Model):
+        if ctx.untagged:
+            return Compiled("1")
         return Compiled(
             f"{f} IN (SELECT file_id FROM taggings WHERE model_id = "
             "(SELECT id FROM models WHERE name = ?))",
@@ -311,6 +319,16 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
             return None
         return Compiled(" * ".join(p.sql for p in real), [x for p in real for x in p.params])
     return None
+
+
+def _has_flag(node: Node, name: str) -> bool:
+    if isinstance(node, Flag):
+        return node.name == name
+    if isinstance(node, Not):
+        return _has_flag(node.term, name)
+    if isinstance(node, And | Or):
+        return any(_has_flag(t, name) for t in node.terms)
+    return False
 
 
 def _needs_jobs(node: Node) -> bool:
