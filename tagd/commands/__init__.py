@@ -25,6 +25,10 @@ COMMAND_MODULES = (
     "models",
     "retag",
     "reindex",
+    "similar",
+    "dupes",
+    "tags",
+    "stats",
 )
 
 

@@ -1,0 +1,72 @@
+"""`tagd stats`: what is in the index: files, per-model coverage, queue, size on disk."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tagd.commands import Context
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stats",
+        help="index statistics",
+        description="Files and paths in the index, files tagged and embeddings per model, "
+        "queue states (failed, queued) and the database size.",
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=run)
+
+
+def collect(conn, db_path: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
+    models = {
+        name: {"tagged": tagged, "embeddings": emb}
+        for name, tagged, emb in conn.execute(
+            "SELECT m.name, (SELECT count(*) FROM taggings g WHERE g.model_id = m.id), "
+            "(SELECT count(*) FROM embeddings e WHERE e.model_id = m.id) "
+            "FROM models m ORDER BY m.name"
+        )
+    }
+    jobs = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    size = sum(
+        os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p)
+    )
+    return {
+        "files": one("SELECT count(*) FROM files"),
+        "paths": one("SELECT count(*) FROM paths WHERE missing = 0"),
+        "missing_paths": one("SELECT count(*) FROM paths WHERE missing = 1"),
+        "untagged": one(
+            "SELECT count(*) FROM files f WHERE NOT EXISTS "
+            "(SELECT 1 FROM taggings g WHERE g.file_id = f.id)"
+        ),
+        "tags": one("SELECT count(*) FROM tags"),
+        "models": models,
+        "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
+        "db_bytes": size,
+    }
+
+
+def run(ctx: Context) -> int:
+    db_path = str(ctx.config.database)
+    info = collect(ctx.db(readonly=True), db_path)
+    if ctx.args.format == "json":
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    jobs = info["jobs"]
+    lines = [
+        f"files        {info['files']:,} ({info['paths']:,} paths, "
+        f"{info['missing_paths']:,} missing)",
+        f"untagged     {info['untagged']:,}",
+        f"failed       {jobs['failed']:,} (queued {jobs['queued']:,}, running {jobs['running']:,})",
+        f"tags         {info['tags']:,}",
+        f"database     {db_path} ({info['db_bytes'] / 2**20:,.1f} MiB)",
+    ]
+    for name, m in info["models"].items():
+        lines.append(f"model {name}: {m['tagged']:,} files tagged, {m['embeddings']:,} embeddings")
+    print("\n".join(lines))
+    return 0

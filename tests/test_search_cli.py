@@ -1,0 +1,152 @@
+"""`tagd search/similar/dupes/tags/stats` as subprocesses over a real index file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_tagd, write_config
+from test_search_semantics import build_index, reference
+
+from tagd.query import parse
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("cli")
+    idx = build_index(tmp)
+    rng = np.random.default_rng(3)
+    vecs = rng.standard_normal((61, 6)).astype(np.float32)
+    vecs[2] = vecs[1] * 3 + 0.01  # same direction as file 1, different length
+    vecs[3] = vecs[1] + rng.standard_normal(6).astype(np.float32) * 0.3
+    conn = sqlite3.connect(idx.db)
+    conn.executemany(
+        "INSERT INTO embeddings(file_id, model_id, dim, dtype, vector) "
+        "VALUES (?, 1, 6, 'float16', ?)",
+        [(fid, vecs[fid].astype("<f2").tobytes()) for fid in range(1, 61)],
+    )
+    conn.commit()
+    conn.close()
+    cfg = write_config(
+        tmp / "config.yaml",
+        {"database": str(idx.db), "watch": [str(tmp)], "models": [{"name": "wd", "path": str(tmp)}]},
+    )
+    return idx, cfg
+
+
+def tagd(cfg: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_tagd("--config", str(cfg), *args)
+
+
+def path_of(idx, fid: int) -> str:
+    return min(p for p, f, _ in idx.rows if f == fid)
+
+
+def test_formats_and_exit_codes(setup) -> None:
+    idx, cfg = setup
+    expected = reference(idx, parse("1girl -hat"))
+    r = tagd(cfg, "search", "1girl", "-hat")  # -hat must not be taken for -h
+    assert r.returncode == 0, r.stderr
+    assert set(r.stdout.splitlines()) == expected
+    r0 = tagd(cfg, "search", "1girl", "-hat", "-0")
+    assert r0.returncode == 0
+    assert r0.stdout.endswith("\0") and set(r0.stdout[:-1].split("\0")) == expected
+    r0b = tagd(cfg, "search", "-0", "1girl", "-hat")
+    assert r0b.stdout == r0.stdout
+    js = json.loads(tagd(cfg, "search", "1girl -hat", "--format", "json").stdout)
+    assert {h["path"] for h in js} == expected
+    assert all(set(h["tags"]) == {"general:1girl"} and h["score"] > 0 for h in js)
+    lines = tagd(cfg, "search", "1girl -hat", "--format", "jsonl").stdout.splitlines()
+    assert [json.loads(x)["path"] for x in lines] == [h["path"] for h in js]
+    tsv = tagd(cfg, "search", "1girl -hat", "--format", "tsv").stdout.splitlines()
+    assert [row.split("\t")[0] for row in tsv] == [h["path"] for h in js]
+    assert all(len(row.split("\t")) == 4 for row in tsv)
+    c = tagd(cfg, "search", "1girl -hat", "--count")
+    assert (c.returncode, c.stdout.strip()) == (0, str(len(expected)))
+    page = tagd(cfg, "search", "1girl -hat", "--limit", "2", "--offset", "1")
+    assert page.stdout.splitlines() == [h["path"] for h in js][1:3]
+    none = tagd(cfg, "search", "1girl", "general:hatsune_miku")
+    assert (none.returncode, none.stdout) == (1, "")
+    assert tagd(cfg, "search", "general:hatsune_miku", "--count").returncode == 1
+
+
+def test_bad_query_caret(setup) -> None:
+    _, cfg = setup
+    r = tagd(cfg, "search", "1girl (smile | hat")
+    assert r.returncode == 2
+    err = r.stderr.splitlines()
+    assert err[-2] == "1girl (smile | hat" and err[-1].index("^") == 6
+    assert "Traceback" not in r.stderr
+    r = tagd(cfg, "search", "model:nope 1girl")
+    assert r.returncode == 2 and "no model named 'nope'" in r.stderr and "wd" in r.stderr
+
+
+def test_explain_and_sql_keep_user_text_out_of_sql(setup) -> None:
+    _, cfg = setup
+    ex = tagd(cfg, "search", "1girl | smile:>0.5 -hat", "--explain")
+    assert ex.returncode == 0
+    assert "OR" in ex.stdout and "NOT" in ex.stdout and "wd general 0.35" in ex.stdout
+    evil = "x');DROP_TABLE_files;--"
+    sql = tagd(cfg, "search", evil, "--sql")
+    assert sql.returncode == 0, sql.stderr
+    statement, params = sql.stdout.splitlines()
+    assert "drop_table" not in statement.lower() and evil.lower() in json.loads(params)
+
+
+def test_similar_and_dupes(setup) -> None:
+    idx, cfg = setup
+    r = tagd(cfg, "similar", path_of(idx, 1), "--limit", "2", "--format", "tsv")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [row[0] for row in rows] == [path_of(idx, 2), path_of(idx, 3)]
+    assert float(rows[0][1]) > 0.999 > float(rows[1][1])
+    by_sha = tagd(cfg, "similar", f"{1:064x}", "--limit", "1")
+    assert by_sha.stdout.splitlines() == [path_of(idx, 2)]
+    assert list(Path(idx.db).parent.glob("*.sim-1.npy"))  # cached next to the DB
+    term = tagd(cfg, "search", f"similar:{path_of(idx, 1)}:>=0.999")
+    assert term.returncode == 0 and set(term.stdout.splitlines()) == {
+        p for p, f, _ in idx.rows if f == 2
+    }
+    missing = tagd(cfg, "similar", "/nowhere.png")
+    assert missing.returncode == 1 and "not in the index" in missing.stderr
+    d = json.loads(tagd(cfg, "dupes", "--min-sim", "0.999", "--format", "json").stdout)
+    assert [sorted(m["path"] for m in g) for g in d["near"]] == [
+        sorted([path_of(idx, 1), path_of(idx, 2)])
+    ]
+    multi = {f for _, f, _ in idx.rows if sum(1 for _, g, _ in idx.rows if g == f) > 1}
+    assert {e["sha256"] for e in d["exact"]} == {f"{f:064x}" for f in multi}
+
+
+def test_tags_and_stats(setup) -> None:
+    idx, cfg = setup
+    r = tagd(cfg, "tags", "--top", "3")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3
+    counts = [int(line.split("\t")[0]) for line in r.stdout.splitlines()]
+    assert counts == sorted(counts, reverse=True)
+    ch = tagd(cfg, "tags", "character:hat")
+    assert [line.split("\t")[1] for line in ch.stdout.splitlines()] == ["character:hatsune_miku"]
+    miku = next(t for t, (ns, n) in idx.tags.items() if n == "hatsune_miku")
+    n_files = len({f for (f, _, t), (_, sel) in idx.scores.items() if t == miku and sel})
+    assert int(ch.stdout.split("\t")[0]) == n_files > 0
+    s = json.loads(tagd(cfg, "stats", "--format", "json").stdout)
+    assert s["files"] == 60 and s["jobs"]["failed"] == 2
+    assert s["models"]["wd"]["embeddings"] == 60 and s["db_bytes"] > 0
+
+
+def test_search_imports_stay_light(setup) -> None:
+    _, cfg = setup
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tagd", "--config", str(cfg), "search", "1girl"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()}
+    assert "tagd" in imported
+    assert not imported & {"numpy", "onnxruntime", "PIL"}
