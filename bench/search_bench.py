@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -139,8 +138,13 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
             "INSERT INTO paths(id, path, file_id, size, mtime_ns, missing, last_seen) "
             "VALUES (?, ?, ?, ?, ?, 0, 0)",
             [
-                (int(f), f"/srv/gallery/{int(f) % 997:03d}/img{int(f):07d}.{e}", int(f), int(s),
-                 int(m))
+                (
+                    int(f),
+                    f"/srv/gallery/{int(f) % 997:03d}/img{int(f):07d}.{e}",
+                    int(f),
+                    int(s),
+                    int(m),
+                )
                 for f, s, m, e in zip(ids, sizes, mtimes, exts, strict=True)
             ],
         )
@@ -173,7 +177,7 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
 
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 def measure(db: Path, repeats: int, limit: int) -> None:
@@ -182,12 +186,15 @@ def measure(db: Path, repeats: int, limit: int) -> None:
     from tagd.search import SearchOptions, count, search
 
     conn = connect(db, readonly=True)
-    print(f"database {db}: {db.stat().st_size / 2**30:.2f} GiB, "
-          f"{conn.execute('SELECT count(*) FROM files').fetchone()[0]:,} files, "
-          f"{conn.execute('SELECT max(rowid) FROM embeddings').fetchone()[0]:,} embeddings")
+    print(
+        f"database {db}: {db.stat().st_size / 2**30:.2f} GiB, "
+        f"{conn.execute('SELECT count(*) FROM files').fetchone()[0]:,} files, "
+        f"{conn.execute('SELECT max(rowid) FROM embeddings').fetchone()[0]:,} embeddings"
+    )
     print(f"load average: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
-    print(f"{'shape':<11} {'query':<32} {'matches':>9} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'count p50':>10}")
+    print(
+        f"{'shape':<11} {'query':<32} {'matches':>9} {'p50 ms':>8} {'p95 ms':>8} {'count p50':>10}"
+    )
     for shape, queries in QUERIES.items():
         for text in queries:
             node = parse(text)
@@ -202,8 +209,10 @@ def measure(db: Path, repeats: int, limit: int) -> None:
                 t = time.perf_counter()
                 n = count(conn, node, opts)
                 ctimes.append((time.perf_counter() - t) * 1000)
-            print(f"{shape:<11} {text:<32} {n:>9,} {percentile(times, .5):>8.1f} "
-                  f"{percentile(times, .95):>8.1f} {percentile(ctimes, .5):>10.1f}")
+            print(
+                f"{shape:<11} {text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
+                f"{percentile(times, 0.95):>8.1f} {percentile(ctimes, 0.5):>10.1f}"
+            )
     measure_similar(db, conn, repeats)
     measure_cold(db, limit)
 
@@ -213,25 +222,38 @@ def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int) -> None:
 
     t = time.perf_counter()
     index = EmbeddingIndex.open(conn, db, None)
-    print(f"similar: index open {time.perf_counter() - t:.2f} s "
-          f"({index.matrix.shape[0]:,} x {index.matrix.shape[1]}, {index.matrix.dtype})")
+    print(
+        f"similar: index open {time.perf_counter() - t:.2f} s "
+        f"({index.matrix.shape[0]:,} x {index.matrix.shape[1]}, {index.matrix.dtype})"
+    )
     times = []
     rng = np.random.default_rng(1)
     for fid in rng.integers(1, index.matrix.shape[0], size=repeats).tolist():
         t = time.perf_counter()
         index.nearest_to_file(int(fid), limit=20)
         times.append((time.perf_counter() - t) * 1000)
-    print(f"similar top-20: p50 {percentile(times, .5):.0f} ms, "
-          f"p95 {percentile(times, .95):.0f} ms")
+    print(
+        f"similar top-20: p50 {percentile(times, 0.5):.0f} ms, p95 {percentile(times, 0.95):.0f} ms"
+    )
 
 
 def measure_cold(db: Path, limit: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "config.yaml"
-        cfg.write_text(f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n"
-                       f"    path: {tmp}\n")
-        cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "search", "1girl solo",
-               "--limit", str(limit)]
+        cfg.write_text(
+            f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n    path: {tmp}\n"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "tagd",
+            "--config",
+            str(cfg),
+            "search",
+            "1girl solo",
+            "--limit",
+            str(limit),
+        ]
         times = []
         for _ in range(5):
             t = time.perf_counter()
@@ -240,8 +262,10 @@ def measure_cold(db: Path, limit: int) -> None:
             if r.returncode != 0:
                 print(f"cold start failed: {r.stderr.strip()}")
                 return
-    print(f"cold `tagd search '1girl solo' --limit {limit}` (process start to exit): "
-          f"p50 {percentile(times, .5) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms")
+    print(
+        f"cold `tagd search '1girl solo' --limit {limit}` (process start to exit): "
+        f"p50 {percentile(times, 0.5) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -226,7 +226,9 @@ def tokenize(query: str) -> list[Token]:
             col += 1
         while chars and chars[-1] == (")", False):
             body = "".join(ch for ch, q in chars if not q)
-            if body.count(")") <= body.count("(") or is_kaomoji(_bare("".join(c for c, _ in chars))):
+            if body.count(")") <= body.count("(") or is_kaomoji(
+                _bare("".join(c for c, _ in chars))
+            ):
                 break
             chars.pop()
             tail.insert(0, Token(")", ")", col + len(chars)))
@@ -427,7 +429,9 @@ def _tag(tok: Token, query: str, namespaces: frozenset[str]) -> Node:
 
 def _rating(op: str, value: str, column: int, query: str) -> Rating:
     if value not in RATINGS:
-        raise QueryError(f"unknown rating '{value}': use one of {', '.join(RATINGS)}", column, query)
+        raise QueryError(
+            f"unknown rating '{value}': use one of {', '.join(RATINGS)}", column, query
+        )
     i = RATINGS.index(value)
     keep = {
         "<": RATINGS[:i],
@@ -473,7 +477,9 @@ def _file_filter(key: str, value: str, column: int, query: str) -> FileFilter:
         return FileFilter(key, value, rng, column)
     rng = parse_range(value, bare=True)
     if rng is None:
-        raise QueryError(f"{key}: takes a number or a comparison like >=1920 or 10..20", column, query)
+        raise QueryError(
+            f"{key}: takes a number or a comparison like >=1920 or 10..20", column, query
+        )
     return FileFilter(key, value, rng, column)
 
 
@@ -537,8 +543,7 @@ def _time_range(text: str, column: int, query: str) -> TimeRange:
             rng = TimeRange(lo=v, hi=TimeBound(v.seconds + 86400, False), hi_incl=False)
     if rng is None:
         raise QueryError(
-            "mtime: takes -7d.. (last 7 days), 2024-01-01, >2024-01-01 or A..B "
-            "(units s m h d w y)",
+            "mtime: takes -7d.. (last 7 days), 2024-01-01, >2024-01-01 or A..B (units s m h d w y)",
             column,
             query,
         )

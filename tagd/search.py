@@ -186,7 +186,9 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
     if isinstance(node, Rating):
         marks = ", ".join("?" * len(node.names))
         sub, params = _scores_sub(
-            Tag("*", "rating", node.column), ctx, f"s.selected = 1 AND s.tag_id IN "
+            Tag("*", "rating", node.column),
+            ctx,
+            f"s.selected = 1 AND s.tag_id IN "
             f"(SELECT id FROM tags WHERE namespace = 'rating' AND name IN ({marks}))",
             list(node.names),
         )
@@ -205,8 +207,9 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
             return Compiled(
                 f"NOT EXISTS (SELECT 1 FROM taggings g WHERE g.file_id = {f}{msql})", mparams
             )
-        return _on_path(ctx, "EXISTS (SELECT 1 FROM jobs j WHERE j.path = {p} AND "
-                        "j.state = 'failed')", [])
+        return _on_path(
+            ctx, "EXISTS (SELECT 1 FROM jobs j WHERE j.path = {p} AND j.state = 'failed')", []
+        )
     if isinstance(node, Similar):
         found = ctx.similar.get(node)
         if found is None:
@@ -515,9 +518,7 @@ def explain(node: Node, conn: sqlite3.Connection | None = None, indent: int = 0)
     pad = "  " * indent
     if isinstance(node, And | Or):
         head = "AND" if isinstance(node, And) else "OR"
-        return "\n".join(
-            [f"{pad}{head}", *(explain(t, conn, indent + 1) for t in node.terms)]
-        )
+        return "\n".join([f"{pad}{head}", *(explain(t, conn, indent + 1) for t in node.terms)])
     if isinstance(node, Not):
         return f"{pad}NOT\n{explain(node.term, conn, indent + 1)}"
     if isinstance(node, Tag):
@@ -525,8 +526,10 @@ def explain(node: Node, conn: sqlite3.Connection | None = None, indent: int = 0)
         kind = "pattern" if node.wildcard else "tag"
         return f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
     if isinstance(node, Score):
-        return f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in " \
+        return (
+            f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in "
             f"{_fmt_range(node.range)} (unstored scores below the floor count as 0)"
+        )
     if isinstance(node, Rating):
         return f"{pad}rating in {', '.join(node.names)} (each model's top rating)"
     if isinstance(node, Model):

@@ -143,7 +143,9 @@ class EmbeddingIndex:
     def similarities(self, vector: np.ndarray) -> np.ndarray:
         out = np.empty(self.matrix.shape[0], dtype=np.float32)
         for start in range(0, len(out), CHUNK_ROWS * 4):
-            out[start : start + CHUNK_ROWS * 4] = self.matrix[start : start + CHUNK_ROWS * 4] @ vector
+            out[start : start + CHUNK_ROWS * 4] = (
+                self.matrix[start : start + CHUNK_ROWS * 4] @ vector
+            )
         return out
 
     def nearest(

@@ -34,7 +34,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     conn.close()
     cfg = write_config(
         tmp / "config.yaml",
-        {"database": str(idx.db), "watch": [str(tmp)], "models": [{"name": "wd", "path": str(tmp)}]},
+        {
+            "database": str(idx.db),
+            "watch": [str(tmp)],
+            "models": [{"name": "wd", "path": str(tmp)}],
+        },
     )
     return idx, cfg
 

@@ -71,7 +71,11 @@ def build_index(tmp: Path, seed: int = 7) -> Index:
         conn.execute("INSERT INTO tags(id, namespace, name) VALUES (?, ?, ?)", (tid, ns, n))
         idx.tags[tid] = (ns, n)
     for fid in range(1, 61):
-        size, w, h = rng.randint(1, 5_000_000), rng.choice([640, 1920, 4000]), rng.choice([480, 1080])
+        size, w, h = (
+            rng.randint(1, 5_000_000),
+            rng.choice([640, 1920, 4000]),
+            rng.choice([480, 1080]),
+        )
         conn.execute(
             "INSERT INTO files(id, sha256, size, width, height, format, first_seen) "
             "VALUES (?, ?, ?, ?, ?, 'PNG', 0)",
@@ -118,7 +122,8 @@ def build_index(tmp: Path, seed: int = 7) -> Index:
     for j, state in enumerate(["failed", "failed", "queued", "done"]):
         path = f"/g/a/bad{j}.png"
         conn.execute(
-            "INSERT INTO jobs(path, state, mtime_ns, created_at, updated_at) VALUES (?, ?, ?, 0, 0)",
+            "INSERT INTO jobs(path, state, mtime_ns, created_at, updated_at) "
+            "VALUES (?, ?, ?, 0, 0)",
             (path, state, int(NOW * 1e9)),
         )
         idx.jobs[path] = state
@@ -151,7 +156,12 @@ def _scope(idx: Index, model: str | None) -> set[int]:
 
 
 def evaluate(
-    idx: Index, node: Node, path: str, fid: int | None, mtime: int, model: str | None,
+    idx: Index,
+    node: Node,
+    path: str,
+    fid: int | None,
+    mtime: int,
+    model: str | None,
     untagged: bool = False,
 ) -> bool:
     mids = _scope(idx, model)
@@ -188,8 +198,7 @@ def evaluate(
         return any((fid, m) in idx.taggings and m not in have for m in mids)
     if isinstance(node, Rating):
         return any(
-            sel and idx.tags[t][1] in node.names
-            for m, t, s, sel in stored(Tag("*", "rating", 0))
+            sel and idx.tags[t][1] in node.names for m, t, s, sel in stored(Tag("*", "rating", 0))
         )
     assert isinstance(node, FileFilter)
     size, w, h = idx.files[fid]
@@ -201,6 +210,7 @@ def evaluate(
     if node.key == "ext":
         return any(path.lower().endswith("." + e) for e in node.text.split(","))
     if node.key == "mtime":
+
         def ns(b: TimeBound) -> float:
             return ((NOW + b.seconds) if b.relative else b.seconds) * 1e9
 
@@ -319,7 +329,9 @@ def queries(draw, depth: int = 0) -> str:  # type: ignore[no-untyped-def]
     return f"({joined})" if draw(st.booleans()) else joined
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(text=queries())
 def test_random_queries_match_reference(index: Index, conn, text: str) -> None:
     from tagd.query import QueryError
@@ -338,7 +350,9 @@ def test_default_order_is_product_of_confidences(index: Index, conn) -> None:
 
     def best(fid: int, name: str) -> float:
         tid = next(t for t, (_, n) in index.tags.items() if n == name)
-        return max(s for (f, m, t), (s, sel) in index.scores.items() if f == fid and t == tid and sel)
+        return max(
+            s for (f, m, t), (s, sel) in index.scores.items() if f == fid and t == tid and sel
+        )
 
     expected = [best(h.file_id, "1girl") * best(h.file_id, "smile") for h in hits]
     assert [h.rank for h in hits] == pytest.approx(expected)

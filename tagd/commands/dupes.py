@@ -55,10 +55,13 @@ def run(ctx: Context) -> int:
         sys.stdout.write("\n")
     else:
         blocks = [
-            "\n".join([f"# exact {e['sha256']}", *e["paths"]]) for e in exact  # type: ignore[list-item]
+            "\n".join([f"# exact {e['sha256']}", *e["paths"]])
+            for e in exact  # type: ignore[list-item]
         ]
         blocks += [
-            "\n".join([f"# similar >= {args.min_sim}"] + [f"{m['path']}\t{m['similarity']}" for m in g])
+            "\n".join(
+                [f"# similar >= {args.min_sim}"] + [f"{m['path']}\t{m['similarity']}" for m in g]
+            )
             for g in near
         ]
         if blocks:

@@ -51,7 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="paths")
     p.add_argument("--null", action="store_true", help="NUL-separated paths (same as -0)")
     p.add_argument(
-        "--sort", choices=("score", "mtime", "path", "random"), default="score",
+        "--sort",
+        choices=("score", "mtime", "path", "random"),
+        default="score",
         help="score (default, best first), mtime (newest first), path, random",
     )
     order = p.add_mutually_exclusive_group()
@@ -87,7 +89,7 @@ def run(ctx: Context) -> int:
     words, nul = split_flags(args.query)
     nul = nul or args.null
     text = " ".join(words)
-    if args.limit is not None and args.limit < 0 or args.offset < 0:
+    if (args.limit is not None and args.limit < 0) or args.offset < 0:
         raise UserError("--limit and --offset take numbers >= 0", 2)
     try:
         node = parse(text)

@@ -44,10 +44,8 @@ def run(ctx: Context) -> int:
     except SimilarError as exc:
         raise UserError(str(exc), 1) from None
     where = paths_of(conn, [fid for fid, _ in found])
-    hits = [
-        Hit(where[fid][0], where[fid][1], {}, fid, sim)
-        for fid, sim in found
-        if fid in where
-    ][: args.limit]
+    hits = [Hit(where[fid][0], where[fid][1], {}, fid, sim) for fid, sim in found if fid in where][
+        : args.limit
+    ]
     n = write_hits(hits, args.format, args.null, sys.stdout)
     return 0 if n else 1

@@ -32,9 +32,7 @@ def collect(conn, db_path: str) -> dict[str, object]:  # type: ignore[no-untyped
         )
     }
     jobs = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-    size = sum(
-        os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p)
-    )
+    size = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
     return {
         "files": one("SELECT count(*) FROM files"),
         "paths": one("SELECT count(*) FROM paths WHERE missing = 0"),
