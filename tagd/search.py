@@ -35,6 +35,7 @@ from tagd.query import (
 )
 
 SORTS = ("score", "mtime", "path", "random")
+TOPK_FIRST_BATCH = 256
 _DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
 
@@ -385,7 +386,9 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
         )
 
 
-def build_sql(node: Node, opts: SearchOptions, *, count: bool = False) -> Compiled:
+def build_sql(
+    node: Node, opts: SearchOptions, *, count: bool = False, restrict: bool = False
+) -> Compiled:
     """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed."""
     if opts.sort not in SORTS:
         raise SearchError(f"unknown sort {opts.sort!r}: use one of {', '.join(SORTS)}")
@@ -421,8 +424,9 @@ def build_sql(node: Node, opts: SearchOptions, *, count: bool = False) -> Compil
                 f"SELECT p.path AS path, p.file_id AS file_id, f.sha256 AS sha256, "
                 f"p.mtime_ns AS mtime_ns, {rank_sql} AS rank "
                 f"FROM {source} LEFT JOIN files f ON f.id = p.file_id "
-                f"WHERE {base} AND ({where.sql})",
-                [*rank_params, *where.params],
+                f"WHERE {base} AND ({where.sql})"
+                + (" AND p.file_id IN (SELECT value FROM json_each(?))" if restrict else ""),
+                [*rank_params, *where.params, *(["?"] if restrict else [])],
             )
         )
     sql = " UNION ALL ".join(b.sql for b in branches)
@@ -449,12 +453,89 @@ def iter_search(
 ) -> Iterator[Hit]:
     opts = opts or SearchOptions()
     check_model(conn, node)
-    q = build_sql(node, opts)
     wanted = positive_tags(node) if opts.with_tags else []
     ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
-    for path, file_id, sha, mtime_ns, rank in conn.execute(q.sql, q.params):
+    driver = _driver(conn, node, opts)
+    if driver is not None:
+        rows = _top_k(conn, node, opts, *driver)
+    else:
+        q = build_sql(node, opts)
+        rows = conn.execute(q.sql, q.params)
+    for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
         yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
+
+
+def _driver(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> tuple[int, Tag] | None:
+    """The top-level tag to walk in score order for a ranked page, if the query allows it."""
+    if opts.sort != "score" or opts.descending is False or opts.limit is None:
+        return None
+    if _needs_jobs(node):
+        return None
+    terms = node.terms if isinstance(node, And) else (node,)
+    best: tuple[int, int, Tag] | None = None
+    for term in terms:
+        if not isinstance(term, Tag) or term.wildcard:
+            continue
+        sql, params = _tag_ids(term)
+        ids = [r[0] for r in conn.execute(sql, params)]
+        if len(ids) != 1:
+            continue
+        n = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND selected = 1 "
+            "LIMIT 20000)",
+            (ids[0],),
+        ).fetchone()[0]
+        if best is None or n < best[0]:
+            best = (n, ids[0], term)
+    return None if best is None else (best[1], best[2])
+
+
+def _top_k(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, tag_id: int, driver: Tag
+) -> list[tuple]:
+    """The best `limit + offset` rows by rank without ranking every match.
+
+    Every rank factor is at most 1, so a file's rank is at most its driver tag's score:
+    walking the driver in descending score order, once the k-th best rank so far beats the
+    driver's current score no unseen file can enter the page.
+    """
+    k = (opts.limit or 0) + opts.offset
+    q = build_sql(
+        node,
+        SearchOptions(sort="score", similar=opts.similar),
+        restrict=True,
+    )
+    msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
+    walk = (
+        "SELECT s.file_id, s.score FROM scores s WHERE s.tag_id = ? AND s.selected = 1"
+        f"{msql} AND (s.score < ? OR (s.score = ? AND s.file_id < ?)) "
+        "ORDER BY s.score DESC, s.file_id DESC LIMIT ?"
+    )
+    rows: list[tuple] = []
+    seen: set[int] = set()
+    last_score, last_id, batch = 2.0, 0, TOPK_FIRST_BATCH
+    while True:
+        chunk = conn.execute(walk, [tag_id, *mparams, last_score, last_score, last_id, batch])
+        chunk = chunk.fetchall()
+        if not chunk:
+            break
+        last_score, last_id = float(chunk[-1][1]), int(chunk[-1][0])
+        fresh = [int(fid) for fid, _ in chunk if fid not in seen]
+        seen.update(fresh)
+        if fresh:
+            params = [*q.params[:-1], json.dumps(fresh)]
+            rows.extend(conn.execute(q.sql.replace(" ORDER BY rank DESC, path", ""), params))
+        if len(chunk) < batch:
+            break
+        if len(rows) >= k:
+            rows.sort(key=lambda r: (-r[4], r[0]))
+            del rows[k:]
+            if rows[-1][4] > last_score:
+                break
+        batch = min(batch * 2, 16384)
+    rows.sort(key=lambda r: (-r[4], r[0]))
+    return rows[opts.offset : k]
 
 
 def search(

@@ -372,3 +372,22 @@ def test_sort_limit_offset(index: Index, conn) -> None:
     assert [h.mtime_ns for h in by_mtime] == sorted((h.mtime_ns for h in by_mtime), reverse=True)
     rand = {h.path for h in iter_search(conn, node, SearchOptions(sort="random"))}
     assert rand == set(all_paths)
+
+
+@pytest.mark.parametrize(
+    "text", ["1girl", "1girl smile", "solo -hat long_hair:>0.3", "model:dd smile ext:png", "hat"]
+)
+@pytest.mark.parametrize(("limit", "offset"), [(1, 0), (5, 2), (40, 0)])
+@pytest.mark.parametrize("first_batch", [1, 3, 256])
+def test_ranked_page_equals_full_ranking(
+    conn, monkeypatch, text: str, limit: int, offset: int, first_batch: int
+) -> None:
+    import tagd.search
+
+    monkeypatch.setattr(tagd.search, "TOPK_FIRST_BATCH", first_batch)
+    node = parse(text)
+    full = [(h.path, h.rank) for h in iter_search(conn, node, SearchOptions())]
+    page = [
+        (h.path, h.rank) for h in iter_search(conn, node, SearchOptions(limit=limit, offset=offset))
+    ]
+    assert page == full[offset : offset + limit]
