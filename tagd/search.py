@@ -273,7 +273,7 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
     column = {"width": "width", "height": "height", "size": "size"}[key]
     if ctx.files is not None:
         cond, params = _range_sql(f"{ctx.files}.{column}", node.range)
-        return Compiled(f"({cond})", params)
+        return Compiled(f"coalesce({cond}, 0)", params)  # unknown (not hashed yet) = no match
     cond, params = _range_sql(column, node.range)
     return Compiled(f"{ctx.file} IN (SELECT id FROM files WHERE {cond})", params)
 

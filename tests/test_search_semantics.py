@@ -185,8 +185,10 @@ def evaluate(
         return not any((fid, m) in idx.taggings for m in mids)
     if isinstance(node, Model):
         return untagged or (fid, idx.models[node.name]) in idx.taggings
+    if isinstance(node, FileFilter) and node.key in ("path", "dir", "ext", "mtime"):
+        return _path_filter(node, path, mtime)
     if fid is None:
-        return False
+        return isinstance(node, FileFilter) and node.key == "tags" and node.range.contains(0)
     if isinstance(node, Tag):
         return any(sel for *_, sel in stored(node))
     if isinstance(node, Score):
@@ -201,7 +203,14 @@ def evaluate(
             sel and idx.tags[t][1] in node.names for m, t, s, sel in stored(Tag("*", "rating", 0))
         )
     assert isinstance(node, FileFilter)
+    if node.key == "tags":
+        n = len({t for (f, m, t), (s, sel) in idx.scores.items() if f == fid and m in mids and sel})
+        return node.range.contains(n)
     size, w, h = idx.files[fid]
+    return node.range.contains({"size": size, "width": w, "height": h}[node.key])
+
+
+def _path_filter(node: FileFilter, path: str, mtime: int) -> bool:
     if node.key == "path":
         pat = node.text if node.text.startswith(("/", "*")) else "*/" + node.text
         return fnmatch.fnmatchcase(path, pat)
@@ -218,10 +227,7 @@ def evaluate(
         lo_ok = t.lo is None or (mtime >= ns(t.lo) if t.lo_incl else mtime > ns(t.lo))
         hi_ok = t.hi is None or (mtime <= ns(t.hi) if t.hi_incl else mtime < ns(t.hi))
         return lo_ok and hi_ok
-    if node.key == "tags":
-        n = len({t for (f, m, t), (s, sel) in idx.scores.items() if f == fid and m in mids and sel})
-        return node.range.contains(n)
-    return node.range.contains({"size": size, "width": w, "height": h}[node.key])
+    raise AssertionError(node.key)
 
 
 def needs_jobs(node: Node) -> bool:
@@ -239,7 +245,9 @@ def reference(idx: Index, node: Node) -> set[str]:
     rows = list(idx.rows)
     if needs_jobs(node):
         live = {p for p, _, _ in idx.rows}
-        rows += [(p, None, 0) for p, s in idx.jobs.items() if s != "done" and p not in live]
+        rows += [
+            (p, None, int(NOW * 1e9)) for p, s in idx.jobs.items() if s != "done" and p not in live
+        ]
     untagged = "untagged" in repr(node)
     return {p for p, fid, m in rows if evaluate(idx, node, p, fid, m, model, untagged)}
 
@@ -315,7 +323,7 @@ def test_listed_queries_are_not_trivial(index: Index) -> None:
 ATOMS = [
     "1girl", "solo", "smile", "hat*", "character:*", "rating:<=sensitive", "long_hair:>0.7",
     "smile:<0.3", "ext:png", "width:>=1920", "untagged", "failed", ">_<", "tags:<8",
-    "dir:/g/a", "size:<2MB",
+    "dir:/g/a", "size:<2MB", "mtime:-1d..", "path:*bad*",
 ]  # fmt: skip
 
 
