@@ -10,6 +10,7 @@ an OR; similarity for `similar:`).
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import sqlite3
@@ -36,6 +37,7 @@ from tagd.query import (
 
 SORTS = ("score", "mtime", "path", "random")
 TOPK_FIRST_BATCH = 256
+TOPK_MAX_BATCH = 4096
 _DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
 
@@ -62,6 +64,8 @@ class SearchOptions:
     limit: int | None = None
     offset: int = 0
     with_tags: bool = False
+    # Every model id, bound as literals so per-file probes seek the whole primary key.
+    model_ids: tuple[int, ...] | None = None
     # Files found by each `similar:` term, with their similarity (see resolve_similar).
     similar: dict[Similar, dict[int, float]] = field(default_factory=dict)
 
@@ -80,6 +84,8 @@ class _Ctx:
     similar: dict[Similar, dict[int, float]]
     now: float
     untagged: bool = False
+    correlated: bool = False
+    model_ids: tuple[int, ...] | None = None
 
 
 def scope_model(node: Node) -> str | None:
@@ -101,6 +107,7 @@ def compile_where(
     mtime_col: str | None = None,
     similar: dict[Similar, dict[int, float]] | None = None,
     now: float | None = None,
+    correlated: bool = False,
 ) -> Compiled:
     """A boolean SQL expression over the alias `f` (files) by default.
 
@@ -116,13 +123,21 @@ def compile_where(
         similar or {},
         time.time() if now is None else now,
         _has_flag(node, "untagged"),
+        correlated,
     )
     return _where(node, ctx)
 
 
-def _model_clause(alias: str, ctx: _Ctx) -> tuple[str, list[object]]:
+def _model_clause(alias: str, ctx: _Ctx, probe: bool = False) -> tuple[str, list[object]]:
+    """Scope to the `model:` model; `probe` names every model otherwise, so a per-file lookup
+    seeks the (file_id, model_id, tag_id) key instead of scanning the file's rows."""
     if ctx.model is None:
-        return "", []
+        if not probe:
+            return "", []
+        if ctx.model_ids is None:
+            return f" AND {alias}.model_id IN (SELECT id FROM models)", []
+        marks = ", ".join("?" * len(ctx.model_ids))
+        return f" AND {alias}.model_id IN ({marks})", list(ctx.model_ids)
     return f" AND {alias}.model_id = (SELECT id FROM models WHERE name = ?)", [ctx.model]
 
 
@@ -158,10 +173,21 @@ def _range_sql(expr: str, rng: Range | TimeRange, conv=lambda v: v) -> tuple[str
     return " AND ".join(parts) or "1", params
 
 
+def _in(ctx: _Ctx, col: str, source: str, cond: str) -> str:
+    """`file IN (SELECT col FROM source WHERE cond)`, or per-row EXISTS when correlated.
+
+    The IN form lets SQLite drive a whole search from the smallest list; the EXISTS form is
+    a primary-key probe, for checking a few known candidates (ranked pages).
+    """
+    if ctx.correlated:
+        return f"EXISTS (SELECT 1 FROM {source} WHERE {col} = {ctx.file} AND {cond})"
+    return f"{ctx.file} IN (SELECT {col} FROM {source} WHERE {cond})"
+
+
 def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple[str, list]:
     ids, params = _tag_ids(term)
-    msql, mparams = _model_clause("s", ctx)
-    sql = f"SELECT s.file_id FROM scores s WHERE s.tag_id IN ({ids}) AND {cond}{msql}"
+    msql, mparams = _model_clause("s", ctx, probe=ctx.correlated)
+    sql = _in(ctx, "s.file_id", "scores s", f"s.tag_id IN ({ids}) AND {cond}{msql}")
     return sql, [*params, *cparams, *mparams]
 
 
@@ -169,19 +195,21 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
     f = ctx.file
     if isinstance(node, Tag):
         sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
-        return Compiled(f"{f} IN ({sub})", params)
+        return Compiled(sub, params)
     if isinstance(node, Score):
         cond, cparams = _range_sql("s.score", node.range)
-        sub, params = _scores_sub(node.tag, ctx, cond, cparams)
-        sql = f"{f} IN ({sub})"
+        sql, params = _scores_sub(node.tag, ctx, cond, cparams)
         if node.range.contains(0.0):
             ids, iparams = _tag_ids(node.tag)
             msql, mparams = _model_clause("g", ctx)
-            sql += (
-                f" OR {f} IN (SELECT g.file_id FROM taggings g WHERE 1{msql} AND NOT EXISTS "
-                "(SELECT 1 FROM scores s WHERE s.file_id = g.file_id AND s.model_id = g.model_id"
-                f" AND s.tag_id IN ({ids})))"
+            absent = _in(
+                ctx,
+                "g.file_id",
+                "taggings g",
+                f"1{msql} AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.file_id = g.file_id "
+                f"AND s.model_id = g.model_id AND s.tag_id IN ({ids}))",
             )
+            sql += f" OR {absent}"
             params += [*mparams, *iparams]
         return Compiled(f"({sql})", params)
     if isinstance(node, Rating):
@@ -193,13 +221,12 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
             f"(SELECT id FROM tags WHERE namespace = 'rating' AND name IN ({marks}))",
             list(node.names),
         )
-        return Compiled(f"{f} IN ({sub})", params)
+        return Compiled(sub, params)
     if isinstance(node, Model):
         if ctx.untagged:
             return Compiled("1")
         return Compiled(
-            f"{f} IN (SELECT file_id FROM taggings WHERE model_id = "
-            "(SELECT id FROM models WHERE name = ?))",
+            _in(ctx, "file_id", "taggings", "model_id = (SELECT id FROM models WHERE name = ?)"),
             [node.name],
         )
     if isinstance(node, Flag):
@@ -295,7 +322,7 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
             cond, cparams = "s.selected = 1", []
         else:
             cond, cparams = _range_sql("s.score", node.range)
-        msql, mparams = _model_clause("s", ctx)
+        msql, mparams = _model_clause("s", ctx, probe=True)
         return Compiled(
             f"coalesce((SELECT max(s.score) FROM scores s WHERE s.file_id = {f} "
             f"AND s.tag_id IN ({ids}) AND {cond}{msql}), 0)",
@@ -387,17 +414,24 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
 
 
 def build_sql(
-    node: Node, opts: SearchOptions, *, count: bool = False, restrict: bool = False
+    node: Node, opts: SearchOptions, *, count: bool = False, restrict: str | None = None
 ) -> Compiled:
-    """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed."""
+    """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed.
+
+    `restrict` (a JSON list of file ids: the candidates of a ranked page) checks only those
+    files, probing each term per file instead of driving from whole tag lists.
+    """
     if opts.sort not in SORTS:
         raise SearchError(f"unknown sort {opts.sort!r}: use one of {', '.join(SORTS)}")
     now = time.time()
+    model = scope_model(node)
+    files_join = _uses_files(node)
     branches: list[Compiled] = []
-    sources = [
-        ("p.file_id", "paths p", "p.missing = 0 AND p.file_id IS NOT NULL"),
-    ]
-    if _needs_jobs(node):
+    paths = "paths p"
+    if restrict is not None:
+        paths = "json_each(?) r CROSS JOIN paths p ON p.file_id = r.value"
+    sources = [("p.file_id", paths, "p.missing = 0 AND p.file_id IS NOT NULL")]
+    if _needs_jobs(node) and restrict is None:
         sources.append(
             (
                 "-1",
@@ -408,25 +442,27 @@ def build_sql(
             )
         )
     for file_col, source, base in sources:
-        ctx_args = dict(
-            file_col=file_col,
-            path_col="p.path",
-            mtime_col="p.mtime_ns",
-            similar=opts.similar,
-            now=now,
+        ctx = _Ctx(
+            file_col,
+            "p.path",
+            "f" if files_join else None,
+            "p.mtime_ns",
+            model,
+            opts.similar,
+            now,
+            _has_flag(node, "untagged"),
+            restrict is not None,
+            opts.model_ids,
         )
-        where = compile_where(node, **ctx_args)  # type: ignore[arg-type]
-        ctx = _Ctx(file_col, "p.path", "f", "p.mtime_ns", scope_model(node), opts.similar, now)
+        where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
         rank_sql, rank_params = (rank.sql, rank.params) if rank else ("1.0", [])
+        join = " LEFT JOIN files f ON f.id = p.file_id" if files_join else ""
         branches.append(
             Compiled(
-                f"SELECT p.path AS path, p.file_id AS file_id, f.sha256 AS sha256, "
-                f"p.mtime_ns AS mtime_ns, {rank_sql} AS rank "
-                f"FROM {source} LEFT JOIN files f ON f.id = p.file_id "
-                f"WHERE {base} AND ({where.sql})"
-                + (" AND p.file_id IN (SELECT value FROM json_each(?))" if restrict else ""),
-                [*rank_params, *where.params, *(["?"] if restrict else [])],
+                f"SELECT p.path AS path, p.file_id AS file_id, p.mtime_ns AS mtime_ns, "
+                f"{rank_sql} AS rank FROM {source}{join} WHERE {base} AND ({where.sql})",
+                [*rank_params, *([] if restrict is None else [restrict]), *where.params],
             )
         )
     sql = " UNION ALL ".join(b.sql for b in branches)
@@ -441,11 +477,29 @@ def build_sql(
         "path": f"path {direction}",
         "random": "random()",
     }[opts.sort]
-    sql += f" ORDER BY {order}"
-    if opts.limit is not None or opts.offset:
-        sql += " LIMIT ? OFFSET ?"
-        params += [-1 if opts.limit is None else opts.limit, opts.offset]
-    return Compiled(sql, params)
+    sha = "(SELECT sha256 FROM files WHERE id = file_id)"
+    if restrict is not None:
+        return Compiled(f"SELECT path, file_id, NULL, mtime_ns, rank FROM ({sql})", params)
+    if opts.limit is None and not opts.offset:
+        return Compiled(
+            f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql}) ORDER BY {order}", params
+        )
+    params += [-1 if opts.limit is None else opts.limit, opts.offset]
+    return Compiled(
+        f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql} ORDER BY {order} "
+        f"LIMIT ? OFFSET ?) ORDER BY {order}",
+        params,
+    )
+
+
+def _uses_files(node: Node) -> bool:
+    if isinstance(node, FileFilter):
+        return node.key in ("width", "height", "size")
+    if isinstance(node, Not):
+        return _uses_files(node.term)
+    if isinstance(node, And | Or):
+        return any(_uses_files(t) for t in node.terms)
+    return False
 
 
 def iter_search(
@@ -453,6 +507,7 @@ def iter_search(
 ) -> Iterator[Hit]:
     opts = opts or SearchOptions()
     check_model(conn, node)
+    opts.model_ids = tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id"))
     wanted = positive_tags(node) if opts.with_tags else []
     ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
     driver = _driver(conn, node, opts)
@@ -466,76 +521,113 @@ def iter_search(
         yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
 
 
-def _driver(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> tuple[int, Tag] | None:
-    """The top-level tag to walk in score order for a ranked page, if the query allows it."""
+def _driver(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions
+) -> tuple[int, Tag | Score] | None:
+    """The top-level tag (or confidence) term to walk in score order for a ranked page."""
     if opts.sort != "score" or opts.descending is False or opts.limit is None:
         return None
     if _needs_jobs(node):
         return None
     terms = node.terms if isinstance(node, And) else (node,)
-    best: tuple[int, int, Tag] | None = None
+    best: tuple[int, int, Tag | Score] | None = None
     for term in terms:
-        if not isinstance(term, Tag) or term.wildcard:
+        tag = term if isinstance(term, Tag) else term.tag if isinstance(term, Score) else None
+        if tag is None or tag.wildcard:
             continue
-        sql, params = _tag_ids(term)
+        if isinstance(term, Score) and term.range.contains(0.0):
+            continue  # files without a stored score match too: not walkable
+        sql, params = _tag_ids(tag)
         ids = [r[0] for r in conn.execute(sql, params)]
         if len(ids) != 1:
             continue
         n = conn.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND selected = 1 "
+            "SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND selected = ? "
             "LIMIT 20000)",
-            (ids[0],),
+            (ids[0], 1 if isinstance(term, Tag) else 0),
         ).fetchone()[0]
+        if isinstance(term, Score):
+            n += 1  # prefer a plain tag on ties: one walk instead of two
         if best is None or n < best[0]:
             best = (n, ids[0], term)
     return None if best is None else (best[1], best[2])
 
 
+def _walk(
+    conn: sqlite3.Connection, tag_id: int, selected: int, cond: Compiled, model: Compiled
+) -> Iterator[tuple[float, int]]:
+    """(score, file_id) of one tag in descending score order, in growing keyset pages."""
+    sql = (
+        "SELECT s.score, s.file_id FROM scores s WHERE s.tag_id = ? AND s.selected = ?"
+        f" AND {cond.sql}{model.sql} AND s.score <= ? AND (s.score < ? OR +s.file_id < ?) "
+        "ORDER BY s.score DESC, s.file_id DESC LIMIT ?"
+    )
+    last_score, last_id, batch = 2.0, 0, TOPK_FIRST_BATCH
+    while True:
+        rows = conn.execute(
+            sql,
+            [tag_id, selected, *cond.params, *model.params, last_score, last_score, last_id, batch],
+        ).fetchall()
+        yield from rows
+        if len(rows) < batch:
+            return
+        last_score, last_id = rows[-1]
+        batch = min(batch * 2, 16384)
+
+
 def _top_k(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions, tag_id: int, driver: Tag
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, tag_id: int, driver: Tag | Score
 ) -> list[tuple]:
     """The best `limit + offset` rows by rank without ranking every match.
 
-    Every rank factor is at most 1, so a file's rank is at most its driver tag's score:
+    Every rank factor is at most 1, so a file's rank is at most the driver term's score:
     walking the driver in descending score order, once the k-th best rank so far beats the
     driver's current score no unseen file can enter the page.
     """
     k = (opts.limit or 0) + opts.offset
-    q = build_sql(
-        node,
-        SearchOptions(sort="score", similar=opts.similar),
-        restrict=True,
-    )
     msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
-    walk = (
-        "SELECT s.file_id, s.score FROM scores s WHERE s.tag_id = ? AND s.selected = 1"
-        f"{msql} AND (s.score < ? OR (s.score = ? AND s.file_id < ?)) "
-        "ORDER BY s.score DESC, s.file_id DESC LIMIT ?"
-    )
+    model = Compiled(msql, mparams)
+    if isinstance(driver, Tag):
+        walk = _walk(conn, tag_id, 1, Compiled("1"), model)
+    else:
+        cond = Compiled(*_range_sql("s.score", driver.range))
+        walk = heapq.merge(
+            _walk(conn, tag_id, 1, cond, model),
+            _walk(conn, tag_id, 0, cond, model),
+            key=lambda r: (-r[0], -r[1]),
+        )
     rows: list[tuple] = []
     seen: set[int] = set()
-    last_score, last_id, batch = 2.0, 0, TOPK_FIRST_BATCH
-    while True:
-        chunk = conn.execute(walk, [tag_id, *mparams, last_score, last_score, last_id, batch])
-        chunk = chunk.fetchall()
-        if not chunk:
+    batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0
+    exhausted = False
+    while not exhausted:
+        pending.clear()
+        for score, fid in walk:
+            last_score = score
+            if fid not in seen:
+                seen.add(fid)
+                pending.append(fid)
+                if len(pending) >= batch:
+                    break
+        else:
+            exhausted = True
+        if pending:
+            page = SearchOptions(similar=opts.similar, model_ids=opts.model_ids)
+            q = build_sql(node, page, restrict=json.dumps(pending))
+            rows.extend(conn.execute(q.sql, q.params))
+        rows.sort(key=lambda r: (-r[4], r[0]))
+        del rows[k:]
+        if len(rows) >= k and rows[-1][4] > last_score:
             break
-        last_score, last_id = float(chunk[-1][1]), int(chunk[-1][0])
-        fresh = [int(fid) for fid, _ in chunk if fid not in seen]
-        seen.update(fresh)
-        if fresh:
-            params = [*q.params[:-1], json.dumps(fresh)]
-            rows.extend(conn.execute(q.sql.replace(" ORDER BY rank DESC, path", ""), params))
-        if len(chunk) < batch:
-            break
-        if len(rows) >= k:
-            rows.sort(key=lambda r: (-r[4], r[0]))
-            del rows[k:]
-            if rows[-1][4] > last_score:
-                break
-        batch = min(batch * 2, 16384)
-    rows.sort(key=lambda r: (-r[4], r[0]))
-    return rows[opts.offset : k]
+        batch = min(batch * 2, TOPK_MAX_BATCH)
+    page = rows[opts.offset : k]
+    shas = dict(
+        conn.execute(
+            "SELECT id, sha256 FROM files WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps([r[1] for r in page]),),
+        ).fetchall()
+    )
+    return [(path, fid, shas.get(fid), mtime, rank) for path, fid, _, mtime, rank in page]
 
 
 def search(

@@ -383,7 +383,17 @@ def test_sort_limit_offset(index: Index, conn) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["1girl", "1girl smile", "solo -hat long_hair:>0.3", "model:dd smile ext:png", "hat"]
+    "text",
+    [
+        "1girl",
+        "1girl smile",
+        "solo -hat long_hair:>0.3",
+        "model:dd smile ext:png",
+        "hat",
+        "1girl:>0.2",
+        "smile:0.3..0.9 -hat",
+        "model:wd rating:general:>0.1 width:>700",
+    ],
 )
 @pytest.mark.parametrize(("limit", "offset"), [(1, 0), (5, 2), (40, 0)])
 @pytest.mark.parametrize("first_batch", [1, 3, 256])
