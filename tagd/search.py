@@ -38,6 +38,7 @@ from tagd.query import (
 SORTS = ("score", "mtime", "path", "random")
 TOPK_FIRST_BATCH = 256
 TOPK_MAX_BATCH = 4096
+DRIVER_COUNT_CAPS = (20_000, 200_000)
 _DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
 
@@ -512,7 +513,7 @@ def iter_search(
     ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
     driver = _driver(conn, node, opts)
     if driver is not None:
-        rows = _top_k(conn, node, opts, *driver)
+        rows = _top_k(conn, node, opts, driver)
     else:
         q = build_sql(node, opts)
         rows = conn.execute(q.sql, q.params)
@@ -523,34 +524,58 @@ def iter_search(
 
 def _driver(
     conn: sqlite3.Connection, node: Node, opts: SearchOptions
-) -> tuple[int, Tag | Score] | None:
-    """The top-level tag (or confidence) term to walk in score order for a ranked page."""
+) -> list[tuple[int, Tag | Score]] | None:
+    """The top-level term to walk in score order for a ranked page: a tag, a confidence
+    filter, or an OR of those (walked together)."""
     if opts.sort != "score" or opts.descending is False or opts.limit is None:
         return None
     if _needs_jobs(node):
         return None
     terms = node.terms if isinstance(node, And) else (node,)
-    best: tuple[int, int, Tag | Score] | None = None
+    walkable: list[list[tuple[int, Tag | Score]]] = []
     for term in terms:
-        tag = term if isinstance(term, Tag) else term.tag if isinstance(term, Score) else None
-        if tag is None or tag.wildcard:
-            continue
-        if isinstance(term, Score) and term.range.contains(0.0):
-            continue  # files without a stored score match too: not walkable
-        sql, params = _tag_ids(tag)
-        ids = [r[0] for r in conn.execute(sql, params)]
-        if len(ids) != 1:
-            continue
-        n = conn.execute(
-            "SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND selected = ? "
-            "LIMIT 20000)",
-            (ids[0], 1 if isinstance(term, Tag) else 0),
-        ).fetchone()[0]
-        if isinstance(term, Score):
-            n += 1  # prefer a plain tag on ties: one walk instead of two
-        if best is None or n < best[0]:
-            best = (n, ids[0], term)
-    return None if best is None else (best[1], best[2])
+        branches = term.terms if isinstance(term, Or) else (term,)
+        walks = [_walkable(conn, b) for b in branches]
+        if all(w is not None for w in walks):
+            walkable.append(walks)  # type: ignore[arg-type]
+    if not walkable:
+        return None
+    # The shortest lists are the cheapest to walk; count with growing caps so that common
+    # tags cost a few ms and only ties at a cap are counted further.
+    sizes = {i: 0 for i in range(len(walkable))}
+    for cap in DRIVER_COUNT_CAPS:
+        for i in list(sizes):
+            sizes[i] = sum(_walk_size(conn, tag_id, term, cap) for tag_id, term in walkable[i])
+        smallest = min(sizes.values())
+        if smallest < cap:
+            break
+        sizes = {i: n for i, n in sizes.items() if n >= cap}
+    best = min(sizes, key=lambda i: (sizes[i], len(walkable[i]), i))
+    return walkable[best]
+
+
+def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] | None:
+    """(tag id, term) when `term` can be walked in score order: one tag, all matches stored."""
+    tag = term if isinstance(term, Tag) else term.tag if isinstance(term, Score) else None
+    if tag is None or tag.wildcard:
+        return None
+    if isinstance(term, Score) and term.range.contains(0.0):
+        return None  # files without a stored score match too
+    sql, params = _tag_ids(tag)
+    ids = [r[0] for r in conn.execute(sql, params)]
+    return (ids[0], term) if len(ids) == 1 else None  # type: ignore[return-value]
+
+
+def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score, cap: int) -> int:
+    if isinstance(term, Tag):
+        cond, params = "selected = 1", []
+    else:
+        cond, params = _range_sql("score", term.range)
+        cond = f"selected IN (0, 1) AND {cond}"
+    return conn.execute(
+        f"SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND {cond} LIMIT ?)",
+        [tag_id, *params, cap],
+    ).fetchone()[0]
 
 
 def _walk(
@@ -576,26 +601,27 @@ def _walk(
 
 
 def _top_k(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions, tag_id: int, driver: Tag | Score
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, driver: list[tuple[int, Tag | Score]]
 ) -> list[tuple]:
     """The best `limit + offset` rows by rank without ranking every match.
 
-    Every rank factor is at most 1, so a file's rank is at most the driver term's score:
-    walking the driver in descending score order, once the k-th best rank so far beats the
-    driver's current score no unseen file can enter the page.
+    Every rank factor is at most 1 and the driver's factor is at most its current walk score
+    (the best branch, for an OR), so a file's rank is at most that score: walking the driver
+    in descending score order, once the k-th best rank so far beats the current score no
+    unseen file can enter the page.
     """
     k = (opts.limit or 0) + opts.offset
     msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
     model = Compiled(msql, mparams)
-    if isinstance(driver, Tag):
-        walk = _walk(conn, tag_id, 1, Compiled("1"), model)
-    else:
-        cond = Compiled(*_range_sql("s.score", driver.range))
-        walk = heapq.merge(
-            _walk(conn, tag_id, 1, cond, model),
-            _walk(conn, tag_id, 0, cond, model),
-            key=lambda r: (-r[0], -r[1]),
-        )
+    walks = []
+    for tag_id, term in driver:
+        if isinstance(term, Tag):
+            walks.append(_walk(conn, tag_id, 1, Compiled("1"), model))
+        else:
+            cond = Compiled(*_range_sql("s.score", term.range))
+            walks.append(_walk(conn, tag_id, 1, cond, model))
+            walks.append(_walk(conn, tag_id, 0, cond, model))
+    walk = heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
     rows: list[tuple] = []
     seen: set[int] = set()
     batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0

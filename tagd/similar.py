@@ -213,10 +213,12 @@ class EmbeddingIndex:
 def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, int]) -> None:
     """Write the cache atomically; an unwritable folder only means no cache."""
     try:
+        mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder
         for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
             fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=base.name, suffix=".tmp")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, arr)
+            os.chmod(tmp, mode)
             os.replace(tmp, f"{base}{suffix}")
         Path(f"{base}.json").write_text(json.dumps(sig))
     except OSError:

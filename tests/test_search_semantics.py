@@ -393,6 +393,9 @@ def test_sort_limit_offset(index: Index, conn) -> None:
         "1girl:>0.2",
         "smile:0.3..0.9 -hat",
         "model:wd rating:general:>0.1 width:>700",
+        "smile | hat",
+        "(1girl | smile:>0.6) -hat",
+        "(1girl | hat*) solo",
     ],
 )
 @pytest.mark.parametrize(("limit", "offset"), [(1, 0), (5, 2), (40, 0)])
