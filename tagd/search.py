@@ -26,6 +26,7 @@ from tagd.query import (
     Node,
     Not,
     Or,
+    QueryError,
     Range,
     Rating,
     Score,
@@ -242,7 +243,7 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
     if isinstance(node, Similar):
         found = ctx.similar.get(node)
         if found is None:
-            raise SearchError("similar: needs the embedding index (run it through tagd search)")
+            raise QueryError("similar: works only in tagd search", node.column, "")
         return Compiled(f"{f} IN (SELECT value FROM json_each(?))", [json.dumps(list(found))])
     if isinstance(node, FileFilter):
         return _file_filter(node, ctx)

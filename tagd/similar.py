@@ -2,8 +2,8 @@
 
 The `embeddings` table holds raw float16 vectors; the index is an L2-normalised float32
 matrix plus the file ids, built from SQLite on demand and cached next to the database as
-`<db>.sim-<model id>.npy` / `.ids.npy` / `.json` (the signature: row count and max rowid of
-that model's embeddings; a changed signature rebuilds). Search is one exact matrix-vector
+`<db>.sim-<model id>.npy` / `.ids.npy` / `.json` (the signature: a change counter on the
+embeddings table; a changed signature rebuilds). Search is one exact matrix-vector
 product (numpy/BLAS); see README "Performance" for why not an ANN library.
 """
 
@@ -64,6 +64,11 @@ def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
 
 
 def signature(conn: sqlite3.Connection, model_id: int) -> dict[str, int]:
+    """What the cached index was built from: the change counter kept by triggers (migration
+    0004), or on an older schema the row count and max rowid of the model's embeddings."""
+    row = conn.execute("SELECT value FROM state WHERE key = 'embeddings.version'").fetchone()
+    if row is not None:
+        return {"model_id": model_id, "version": int(row[0])}
     n, top = conn.execute(
         "SELECT count(*), coalesce(max(rowid), 0) FROM embeddings WHERE model_id = ?",
         (model_id,),

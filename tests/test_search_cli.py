@@ -154,3 +154,33 @@ def test_search_imports_stay_light(setup) -> None:
     imported = {line.split("|")[-1].strip().split(".")[0] for line in r.stderr.splitlines()}
     assert "tagd" in imported
     assert not imported & {"numpy", "onnxruntime", "PIL"}
+
+
+def test_similar_index_rebuilds_when_embeddings_change(tmp_path: Path) -> None:
+    from tagd.db import connect
+    from tagd.similar import EmbeddingIndex
+
+    db = tmp_path / "e.db"
+    conn = connect(db)
+    conn.execute(
+        "INSERT INTO models(id, name, family, source, updated_at) VALUES (1, 'm', 'wd14', 'x', 0)"
+    )
+    vec = {1: [1, 0, 0], 2: [0.9, 0.1, 0], 3: [0, 1, 0]}
+    for fid, v in vec.items():
+        conn.execute(
+            "INSERT INTO files(id, sha256, size, first_seen) VALUES (?, ?, 1, 0)", (fid, str(fid))
+        )
+        conn.execute(
+            "INSERT INTO embeddings VALUES (?, 1, 3, 'float16', ?)",
+            (fid, np.asarray(v, "<f2").tobytes()),
+        )
+    first = EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1)
+    assert first[0][0] == 2
+    assert EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1) == first  # cached
+    conn.execute(
+        "UPDATE embeddings SET vector = ? WHERE file_id = 3",
+        (np.asarray([1, 0, 0.01], "<f2").tobytes(),),
+    )
+    assert EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1)[0][0] == 3
+    conn.execute("DELETE FROM embeddings WHERE file_id = 3")
+    assert EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1)[0][0] == 2
