@@ -48,15 +48,15 @@ def resolve_ref(conn: sqlite3.Connection, ref: str) -> int:
 
 
 def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
-    """The named model, or the one with the most embeddings."""
+    """The named model, or the first (oldest) model that has embeddings."""
     if name is not None:
         row = conn.execute("SELECT id, name FROM models WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise SimilarError(f"no model named {name!r} in the index")
         return int(row[0]), str(row[1])
     row = conn.execute(
-        "SELECT e.model_id, m.name FROM embeddings e JOIN models m ON m.id = e.model_id "
-        "GROUP BY e.model_id ORDER BY count(*) DESC LIMIT 1"
+        "SELECT m.id, m.name FROM models m WHERE EXISTS "
+        "(SELECT 1 FROM embeddings e WHERE e.model_id = m.id) ORDER BY m.id LIMIT 1"
     ).fetchone()
     if row is None:
         raise SimilarError("no embeddings stored yet: tag images with a model that has them")

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: tagd dupes --min-sim 0.98 --format json",
     )
     p.add_argument("--min-sim", type=float, default=0.97, help="near-duplicate cosine (0.97)")
-    p.add_argument("--model", help="whose embeddings (default: the model with the most)")
+    p.add_argument("--model", help="whose embeddings (default: the first model that has them)")
     p.add_argument("--exact-only", action="store_true", help="skip the embedding comparison")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=run)

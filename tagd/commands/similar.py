@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: tagd similar ~/gallery/img001.jpg --limit 10 --format tsv",
     )
     p.add_argument("ref", metavar="PATH|SHA256", help="an indexed image path or its sha256")
-    p.add_argument("--model", help="whose embeddings (default: the model with the most)")
+    p.add_argument("--model", help="whose embeddings (default: the first model that has them)")
     p.add_argument("--limit", type=int, default=20, help="at most N results (default 20)")
     p.add_argument("--min-sim", type=float, default=None, help="only cosine >= this (0..1)")
     p.add_argument("--format", choices=("paths", "json", "jsonl", "tsv"), default="paths")
