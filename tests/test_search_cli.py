@@ -137,6 +137,10 @@ def test_tags_and_stats(setup) -> None:
     miku = next(t for t, (ns, n) in idx.tags.items() if n == "hatsune_miku")
     n_files = len({f for (f, _, t), (_, sel) in idx.scores.items() if t == miku and sel})
     assert int(ch.stdout.split("\t")[0]) == n_files > 0
+    wd = tagd(cfg, "tags", "--model", "wd", "character:hatsune")
+    n_wd = sum(1 for (f, m, t), (_, sel) in idx.scores.items() if t == miku and m == 1 and sel)
+    assert wd.stdout == f"{n_wd}\tcharacter:hatsune_miku\n"
+    assert tagd(cfg, "tags", "--model", "nope").returncode == 2
     s = json.loads(tagd(cfg, "stats", "--format", "json").stdout)
     assert s["files"] == 60 and s["jobs"]["failed"] == 2
     assert s["models"]["wd"]["embeddings"] == 60 and s["db_bytes"] > 0

@@ -37,24 +37,30 @@ def run(ctx: Context) -> int:
         namespace, prefix = head.lower(), rest
     prefix = with_underscores(prefix)
     conn = ctx.db(readonly=True)
-    where, params = ["s.selected = 1"], []
+    tag_where, tag_params = ["1"], []
     if prefix:
-        where.append("t.name >= ? AND t.name < ?")
-        params += [prefix, prefix + "\U0010ffff"]
+        tag_where.append("t.name >= ? AND t.name < ?")
+        tag_params += [prefix, prefix + "\U0010ffff"]
     if namespace:
-        where.append("t.namespace = ?")
-        params.append(namespace)
+        tag_where.append("t.namespace = ?")
+        tag_params.append(namespace)
+    model_sql, model_params = "", []
     if args.model:
         row = conn.execute("SELECT id FROM models WHERE name = ?", (args.model,)).fetchone()
         if row is None:
             raise UserError(f"no model named {args.model!r} in the index", 2)
-        where.append("s.model_id = ?")
-        params.append(row[0])
+        model_sql, model_params = " AND s.model_id = ?", [row[0]]
+    # One model: each file has at most one row per tag, so an index range count suffices;
+    # with several, a file two models selected the tag for is counted once.
+    single = args.model or conn.execute("SELECT count(*) FROM models").fetchone()[0] <= 1
+    counted = "count(*)" if single else "count(DISTINCT s.file_id)"
     sql = (
-        "SELECT t.namespace, t.name, count(DISTINCT s.file_id) AS n FROM scores s "
-        f"JOIN tags t ON t.id = s.tag_id WHERE {' AND '.join(where)} "
-        "GROUP BY t.id ORDER BY n DESC, t.namespace, t.name"
+        f"SELECT namespace, name, n FROM (SELECT t.namespace, t.name, (SELECT {counted} "
+        f"FROM scores s WHERE s.tag_id = t.id AND s.selected = 1{model_sql}) AS n "
+        f"FROM tags t WHERE {' AND '.join(tag_where)}) WHERE n > 0 "
+        "ORDER BY n DESC, namespace, name"
     )
+    params = [*model_params, *tag_params]
     if args.top is not None:
         sql += " LIMIT ?"
         params.append(args.top)
