@@ -65,6 +65,8 @@ class InferenceConfig:
     device_id: int = 0
     batch_size: int | None = None
     threads: int | None = None
+    decode_workers: int | None = None
+    tensorrt: bool = False
     # Extra CUDA provider options (`tagd tag --provider-options k=v,...`); not a config key.
     provider_options: tuple[tuple[str, str], ...] = ()
 
@@ -433,17 +435,24 @@ def _tag_rules(value: Any, key: str) -> TagRules:
 
 
 def _inference(value: Any, key: str) -> InferenceConfig:
-    d = _mapping(value, key, ("device", "device_id", "batch_size", "threads"))
+    d = _mapping(
+        value,
+        key,
+        ("device", "device_id", "batch_size", "threads", "decode_workers", "tensorrt"),
+    )
     device = d.get("device", "auto")
     if device not in DEVICES:
         raise ConfigError(f"{key}.device: {device!r} is not one of {', '.join(DEVICES)}")
     batch = d.get("batch_size")
     threads = d.get("threads")
+    workers = d.get("decode_workers")
     return InferenceConfig(
         device=device,
         device_id=_int(d.get("device_id", 0), f"{key}.device_id", 0),
         batch_size=None if batch is None else _int(batch, f"{key}.batch_size", 1),
         threads=None if threads is None else _int(threads, f"{key}.threads", 1),
+        decode_workers=None if workers is None else _int(workers, f"{key}.decode_workers", 0),
+        tensorrt=_bool(d.get("tensorrt", False), f"{key}.tensorrt"),
     )
 
 

@@ -63,7 +63,8 @@ def open_image(
 ) -> Image.Image:
     """Decode the first frame, upright (EXIF orientation applied), fully loaded.
 
-    `draft` lets the JPEG decoder scale down by 1/2..1/8 while staying at least that size.
+    `draft` lets the JPEG decoder scale down by 1/2..1/8 while staying at least that size;
+    `info["full_size"]` keeps the upright size of the undecimated image.
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
@@ -81,7 +82,13 @@ def open_image(
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", draft)
             image.load()
-            return ImageOps.exif_transpose(image)
+            loaded = image.size
+            upright = ImageOps.exif_transpose(image)
+            if upright.size != loaded:
+                width, height = height, width
+            upright.info["full_size"] = (width, height)
+            upright.format = image.format
+            return upright
         except DecodeError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

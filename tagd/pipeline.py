@@ -1,38 +1,50 @@
-"""The tagging pipeline: claimed jobs → read + hash → decode + preprocess → infer → store.
+"""The tagging pipeline: claimed jobs → read + hash + decode + preprocess → infer → store.
 
-One pipeline serves `tagd scan` (drain the queue once) and the daemon's worker. Stages are
-separate functions so each can be moved to its own worker without changing the others.
+One pipeline serves `tagd scan` (drain the queue once) and the daemon's worker. The stages
+overlap: decode workers (tagd/workers.py) prepare the next files while the calling thread runs
+the model on the current batch, and a store thread with its own SQLite connection writes each
+finished batch in one transaction. Queues between the stages are bounded, so memory stays flat
+whatever the backlog.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import queue as stdqueue
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tagd import db, queue, results, store
+from tagd import db, queue, results, sizing, store, workers
 from tagd.config import Config
-from tagd.decode import DecodeError, FileBytes, open_image, read_file
-from tagd.preprocess import PreprocessSpec, prepare
+from tagd.decode import FileBytes
+from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
+from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
+
+__all__ = ["Outcome", "Pipeline", "Prepared", "decode_and_prepare", "owner_id"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prepared:
-    """A job whose file was read and decoded: tensors for each model that still needs it."""
+    """A decoded job: tensors for each model that still needs it.
+
+    `file.data` is empty: the bytes stay in the worker that hashed and decoded them.
+    """
 
     job: queue.Job
     file: FileBytes
-    width: int
-    height: int
+    width: int | None
+    height: int | None
     format: str | None
     tensors: dict[str, np.ndarray]
 
@@ -60,14 +72,64 @@ def decode_and_prepare(
     file: FileBytes, specs: dict[str, PreprocessSpec], max_pixels: int
 ) -> tuple[int, int, str | None, dict[str, np.ndarray]]:
     """Decode once, preprocess for every model that needs this file. Raises DecodeError."""
-    image = open_image(file.data, max_pixels=max_pixels)
-    try:
-        width, height = image.size
-        fmt = image.format
-        tensors = {name: prepare(image, spec) for name, spec in specs.items()}
-    finally:
-        image.close()
-    return width, height, fmt, tensors
+    return workers.decode_and_prepare(file.data, specs, max_pixels)
+
+
+def database_file(conn: sqlite3.Connection) -> str | None:
+    """The main database's file, or None for an in-memory database."""
+    for row in conn.execute("PRAGMA database_list"):
+        if row[1] == "main":
+            return row[2] or None
+    return None
+
+
+@dataclass
+class _Batch:
+    prepared: list[Prepared]
+    scores: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]]
+    unchanged: list[tuple[queue.Job, FileBytes]]
+
+
+_Item = _Batch | tuple[queue.Job, Failed]
+
+
+class _StoreThread(threading.Thread):
+    """Writes batches and failures in order, off the inference thread, on its own connection."""
+
+    def __init__(self, pipeline: Pipeline, path: str, outcome: Outcome) -> None:
+        super().__init__(name="tagd-store", daemon=True)
+        self.pipeline = pipeline
+        self.path = path
+        self.outcome = outcome
+        self.items: stdqueue.Queue[_Item | None] = stdqueue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        conn = None
+        try:
+            conn = db.connect(self.path)
+            while (item := self.items.get()) is not None:
+                self.pipeline._write(conn, item, self.outcome)
+        except BaseException as exc:
+            self.error = exc
+            while self.items.get() is not None:
+                pass
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def put(self, item: _Item) -> None:
+        if self.error is not None:
+            raise self.error
+        self.items.put(item)
+
+    def finish(self, *, raising: bool) -> None:
+        self.items.put(None)
+        self.join()
+        if self.error is not None:
+            if raising:
+                raise self.error
+            log.error("store thread failed: %s", self.error)
 
 
 class Pipeline:
@@ -84,12 +146,16 @@ class Pipeline:
         self.config = config
         self.taggers = list(taggers)
         self.owner = owner or owner_id()
-        self.batch_size = batch_size or config.inference.batch_size or 8
+        gpu = any(t.on_gpu for t in self.taggers)
+        self.plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
+        self.batch_size = batch_size or self.plan.batch_size
         self.records: dict[str, store.ModelRecord] = {}
         self.rules = {
             t.name: results.resolve_rules(t.labels.names, t.labels.namespaces, config.tags)
             for t in self.taggers
         }
+        self.database = database_file(conn)
+        self._pool: DecodePool | None = None
         with db.write(conn):
             for t in self.taggers:
                 self.records[t.name] = store.register_model(
@@ -108,6 +174,175 @@ class Pipeline:
     def model_ids(self) -> list[int]:
         return [r.id for r in self.records.values()]
 
+    @property
+    def in_flight_limit(self) -> int:
+        """Jobs claimed but not yet stored: two batches plus what the workers hold."""
+        return 2 * self.batch_size + 2 * max(1, self.plan.decode_workers)
+
+    def setup(self) -> Setup:
+        return Setup(
+            specs={t.name: t.spec for t in self.taggers},
+            model_ids={name: r.id for name, r in self.records.items()},
+            max_pixels=self.config.max_image_pixels,
+            database=self.database,
+        )
+
+    def decoder_factory(self) -> Callable[[], Callable[[Task], Decoded | Failed]]:
+        return functools.partial(Decoder, self.setup())
+
+    def pool(self, *, small: bool = False) -> DecodePool:
+        """Worker processes, started once and kept; a queue shorter than a batch and
+        `decode_workers: 0` decode in this process (starting workers would cost more)."""
+        if self._pool is not None:
+            return self._pool
+        workers = 0 if small else self.plan.decode_workers
+        pool = DecodePool(self.decoder_factory(), workers)
+        if workers:
+            self._pool = pool
+            log.info("%d decode workers, batch %d", workers, self.batch_size)
+        return pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
+        """Claim and process jobs until the queue has nothing runnable (or `stop()`)."""
+
+        def take(room: int) -> list[queue.Job]:
+            if stop():
+                return []
+            return queue.claim(
+                self.conn,
+                self.owner,
+                room,
+                lease_s=self.config.daemon.lease_seconds,
+                max_attempts=self.config.daemon.max_attempts,
+            )
+
+        return self._drive(take, stop)
+
+    def process(self, jobs: Sequence[queue.Job]) -> Outcome:
+        """Tag jobs this owner has already claimed."""
+        rest = list(jobs)
+
+        def take(room: int) -> list[queue.Job]:
+            chunk = rest[:room]
+            del rest[:room]
+            return chunk
+
+        return self._drive(take, lambda: False)
+
+    def _drive(self, take: Callable[[int], list[queue.Job]], stop: Callable[[], bool]) -> Outcome:
+        """Keep the decoders fed from `take`, run full batches, hand them to the store."""
+        outcome = Outcome()
+        limit = self.in_flight_limit
+        names = tuple(t.name for t in self.taggers)
+        claimed: dict[int, queue.Job] = {}
+        ready: list[Prepared | tuple[queue.Job, FileBytes]] = []
+        exhausted = False
+        pool: DecodePool | None = None
+        writer = _StoreThread(self, self.database, outcome) if self.database else None
+        if writer:
+            writer.start()
+            write: Callable[[_Item], None] = writer.put
+        else:
+            write = functools.partial(self._write, self.conn, outcome=outcome)
+
+        def unfinished() -> list[queue.Job]:
+            return list(claimed.values()) + [_job_of(r) for r in ready]
+
+        def accept(result: Decoded | Failed) -> None:
+            job = claimed.pop(result.task_id, None)
+            if job is None:
+                return  # a file released by an earlier stop
+            if isinstance(result, Failed):
+                write((job, result))
+            else:
+                ready.append(_prepared(job, result))
+
+        def decoder_for(jobs: list[queue.Job]) -> DecodePool:
+            """In-process decoding until a full batch shows there is a backlog to overlap."""
+            backlog = len(jobs) == self.batch_size and self.plan.decode_workers > 0
+            if pool is not None and (pool is self._pool or not backlog):
+                return pool
+            if pool is not None:
+                while (result := pool.get()) is not None:
+                    accept(result)
+                pool.close()
+            return self.pool(small=not backlog)
+
+        try:
+            while True:
+                if exhausted:
+                    pass
+                elif stop():
+                    exhausted = True
+                    self._release(unfinished())
+                    claimed.clear()
+                    ready.clear()
+                elif limit - len(claimed) - len(ready) >= self.batch_size:
+                    jobs = take(self.batch_size)
+                    exhausted = not jobs
+                    if jobs:
+                        pool = decoder_for(jobs)
+                    for job in jobs:
+                        claimed[job.id] = job
+                        pool.submit(Task(job.id, job.path, names, job.force_models))  # type: ignore[union-attr]
+                    continue
+                if not claimed and not ready and exhausted:
+                    break
+                if len(ready) >= self.batch_size or (ready and exhausted and not claimed):
+                    group, ready = ready[: self.batch_size], ready[self.batch_size :]
+                    write(self._infer_batch(group))
+                    continue
+                result = pool.get(timeout=0.5) if pool is not None else None
+                if result is not None:
+                    accept(result)
+        except BaseException:
+            self._release(unfinished())
+            if writer:
+                writer.finish(raising=False)
+            queue.release(self.conn, self.owner)
+            raise
+        finally:
+            if pool is not None and pool is not self._pool:
+                pool.close()
+        if writer:
+            writer.finish(raising=True)
+        return outcome
+
+    def _release(self, jobs: list[queue.Job]) -> None:
+        if jobs:
+            queue.release(self.conn, self.owner, [j.id for j in jobs])
+
+    def _infer_batch(self, group: Sequence[Prepared | tuple[queue.Job, FileBytes]]) -> _Batch:
+        prepared = [p for p in group if isinstance(p, Prepared)]
+        unchanged = [u for u in group if not isinstance(u, Prepared)]
+        if self.database is None:
+            prepared, more = self._drop_done(prepared)
+            unchanged += more
+        return _Batch(prepared, self.infer(prepared), unchanged)
+
+    def _drop_done(
+        self, prepared: list[Prepared]
+    ) -> tuple[list[Prepared], list[tuple[queue.Job, FileBytes]]]:
+        """Without a database file the workers cannot check earlier results: check here."""
+        keep: list[Prepared] = []
+        unchanged: list[tuple[queue.Job, FileBytes]] = []
+        for p in prepared:
+            needed = {t.name for t in self.needed(p.job, p.file.sha256)}
+            p.tensors = {k: v for k, v in p.tensors.items() if k in needed}
+            (keep.append(p) if p.tensors else unchanged.append((p.job, p.file)))
+        return keep, unchanged
+
     def needed(self, job: queue.Job, sha256: str) -> list[Tagger]:
         """Models that have no result for this content yet, plus any the job forces."""
         file_id = store.file_id_for_sha(self.conn, sha256)
@@ -118,69 +353,35 @@ class Pipeline:
             if self.records[t.name].id not in done or t.name in job.force_models
         ]
 
-    def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
-        """Claim and process batches until the queue has nothing runnable (or `stop()`)."""
-        total = Outcome()
-        while not stop():
-            jobs = queue.claim(
-                self.conn,
-                self.owner,
-                self.batch_size,
-                lease_s=self.config.daemon.lease_seconds,
-                max_attempts=self.config.daemon.max_attempts,
-            )
-            if not jobs:
-                break
-            total.add(self.process(jobs))
-        return total
-
-    def process(self, jobs: Sequence[queue.Job]) -> Outcome:
-        outcome = Outcome()
-        prepared: list[Prepared] = []
-        unchanged: list[tuple[queue.Job, FileBytes]] = []
-        for job in jobs:
-            try:
-                file = read_file(job.path)
-                todo = self.needed(job, file.sha256)
-                if not todo:
-                    unchanged.append((job, file))
-                    continue
-                specs = {t.name: t.spec for t in todo}
-                w, h, fmt, tensors = decode_and_prepare(file, specs, self.config.max_image_pixels)
-            except DecodeError as exc:
-                if exc.gone:
-                    self._forget(job)
-                else:
-                    self._fail(job, exc.reason, exc.transient, outcome)
-                continue
-            except (MemoryError, Exception) as exc:
-                # A decoder bug on one hostile file must not take the batch down with it.
-                log.exception("unexpected error decoding %s", job.path)
-                self._fail(job, f"decoder error: {type(exc).__name__}: {exc}", False, outcome)
-                continue
-            prepared.append(Prepared(job, file, w, h, fmt, tensors))
-        try:
-            scores = self.infer(prepared)
-            self.store(prepared, scores, unchanged, outcome)
-        except BaseException:
-            queue.release(self.conn, self.owner, [j.id for j in jobs])
-            raise
-        return outcome
-
     def infer(
         self, prepared: Sequence[Prepared]
     ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]]:
-        """Per-model batches; returns {(job id, model name): (probabilities, embedding)}."""
+        """Per-model batches; returns {(job id, model name): (probabilities, embedding)}.
+
+        On a GPU a short batch is padded to the full batch size (one input shape per session).
+        """
         out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
         for tagger in self.taggers:
             items = [p for p in prepared if tagger.name in p.tensors]
-            if not items:
-                continue
-            batch = np.stack([p.tensors[tagger.name] for p in items])
-            probs, emb = tagger.predict_with_embeddings(batch)
-            for i, p in enumerate(items):
-                out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
+            size = tagger.config.batch_size or self.batch_size
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                batch = np.stack([p.tensors[tagger.name] for p in chunk])
+                pad = size if tagger.on_gpu else None
+                probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
+                for i, p in enumerate(chunk):
+                    out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
         return out
+
+    def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
+        if isinstance(item, _Batch):
+            self.store(item.prepared, item.scores, item.unchanged, outcome, conn=conn)
+        else:
+            job, failure = item
+            if failure.gone:
+                self._forget(job, conn)
+            else:
+                self._fail(job, failure.reason, failure.transient, outcome, conn)
 
     def store(
         self,
@@ -188,20 +389,23 @@ class Pipeline:
         scores: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]],
         unchanged: Sequence[tuple[queue.Job, FileBytes]],
         outcome: Outcome,
+        *,
+        conn: sqlite3.Connection | None = None,
     ) -> None:
         """All results of the batch and their job completions in one transaction."""
+        conn = conn or self.conn
         by_name = {t.name: t for t in self.taggers}
-        with db.write(self.conn):
+        with db.write(conn):
             for p in prepared:
                 file_id = store.upsert_file(
-                    self.conn, p.file.sha256, p.file.size, p.width, p.height, p.format
+                    conn, p.file.sha256, p.file.size, p.width, p.height, p.format
                 )
-                store.upsert_path(self.conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
+                store.upsert_path(conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
                 for name in p.tensors:
                     tagger = by_name[name]
                     probs, emb = scores[(p.job.id, name)]
                     results.save(
-                        self.conn,
+                        conn,
                         file_id=file_id,
                         model=self.records[name],
                         scores=probs,
@@ -211,25 +415,32 @@ class Pipeline:
                         floor=self.config.floor_for(tagger.config),
                         embedding=emb,
                     )
-                if queue.complete(self.conn, p.job, self.owner):
+                if queue.complete(conn, p.job, self.owner):
                     outcome.done += 1
             for job, file in unchanged:
-                file_id = store.file_id_for_sha(self.conn, file.sha256)
-                store.upsert_path(self.conn, job.path, file_id, file.size, file.mtime_ns)
-                if queue.complete(self.conn, job, self.owner):
+                file_id = store.file_id_for_sha(conn, file.sha256)
+                store.upsert_path(conn, job.path, file_id, file.size, file.mtime_ns)
+                if queue.complete(conn, job, self.owner):
                     outcome.done += 1
 
-    def _forget(self, job: queue.Job) -> None:
+    def _forget(self, job: queue.Job, conn: sqlite3.Connection) -> None:
         """The file was deleted or moved away before we got to it: nothing left to do."""
-        with db.write(self.conn):
-            queue.drop(self.conn, job, self.owner)
-            self.conn.execute("UPDATE paths SET missing = 1 WHERE path = ?", (job.path,))
+        with db.write(conn):
+            queue.drop(conn, job, self.owner)
+            conn.execute("UPDATE paths SET missing = 1 WHERE path = ?", (job.path,))
         log.info("gone before tagging: %s", job.path)
 
-    def _fail(self, job: queue.Job, reason: str, transient: bool, outcome: Outcome) -> None:
-        with db.write(self.conn):
+    def _fail(
+        self,
+        job: queue.Job,
+        reason: str,
+        transient: bool,
+        outcome: Outcome,
+        conn: sqlite3.Connection,
+    ) -> None:
+        with db.write(conn):
             state = queue.fail(
-                self.conn,
+                conn,
                 job,
                 self.owner,
                 reason,
@@ -244,3 +455,14 @@ class Pipeline:
         else:
             outcome.retrying += 1
             log.info("will retry: %s: %s", job.path, reason)
+
+
+def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileBytes]:
+    file = FileBytes(b"", d.sha256, d.size, d.mtime_ns)
+    if not d.tensors:
+        return (job, file)
+    return Prepared(job, file, d.width, d.height, d.format, d.tensors)
+
+
+def _job_of(item: Prepared | tuple[queue.Job, FileBytes]) -> queue.Job:
+    return item.job if isinstance(item, Prepared) else item[0]

@@ -22,7 +22,9 @@ from tagd.preprocess import PreprocessSpec
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 CPU = "CPUExecutionProvider"
+GPU_PROVIDERS = (TENSORRT, CUDA)
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,20 @@ def nvidia_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.isdir("/proc/driver/nvidia")
 
 
+def tensorrt_cache_dir() -> str:
+    """Where TensorRT keeps built engines, so a restart does not rebuild them (minutes)."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "tagd", "tensorrt")
+
+
 def providers_for(
     inference: InferenceConfig, available: list[str], *, gpu_present: bool = True
 ) -> list[Any]:
     """The provider list to ask ONNX Runtime for, given the config and what is installed.
 
     `auto` tries CUDA only where a GPU driver is present, so CPU-only hosts start quietly.
+    TensorRT comes first only when asked for (`inference.tensorrt`), with CUDA behind it for
+    the operators TensorRT does not take.
     """
     if inference.device == "cpu" or (inference.device == "auto" and not gpu_present):
         return [CPU]
@@ -55,19 +65,29 @@ def providers_for(
         **dict(inference.provider_options),
     }
     if inference.device == "cuda" or CUDA in available:
-        return [(CUDA, cuda_options), CPU]
+        chain: list[Any] = [(CUDA, cuda_options), CPU]
+        if inference.tensorrt:
+            trt_options = {
+                "device_id": inference.device_id,
+                "trt_fp16_enable": True,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": tensorrt_cache_dir(),
+            }
+            chain.insert(0, (TENSORRT, trt_options))
+        return chain
     return [CPU]
 
 
-def _session_options(inference: InferenceConfig) -> Any:
+def session_options(threads: int | None) -> Any:
+    """No spinning: idle inference threads must not steal cores from the decode workers."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    if inference.threads:
-        so.intra_op_num_threads = inference.threads
+    if threads:
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     return so
 
@@ -81,6 +101,8 @@ class Tagger:
         family: Family,
         files: ModelFiles,
         inference: InferenceConfig,
+        *,
+        threads: int | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -92,6 +114,7 @@ class Tagger:
             raise ModelError(f"model {self.name!r}: {exc}") from None
         from tagd import graph
 
+        self.threads = inference.threads or threads
         self.graph = graph.load(os.fspath(files.model_path))
         self.head: graph.Head | None = self.graph.head
         self.session = self._create_session(inference, self.graph.serialized())
@@ -124,7 +147,7 @@ class Tagger:
         try:
             session = ort.InferenceSession(
                 data if data is not None else os.fspath(self.files.model_path),
-                sess_options=_session_options(inference),
+                sess_options=session_options(self.threads),
                 providers=providers,
             )
         except Exception as exc:
@@ -134,19 +157,26 @@ class Tagger:
                 f"({first}); the file may be incomplete: delete it and fetch it again"
             ) from None
         active = session.get_providers()[0]
-        if inference.device == "cuda" and active != CUDA:
+        if inference.device == "cuda" and active not in GPU_PROVIDERS:
             raise ModelError(
                 f"model {self.name!r}: inference.device is cuda but the CUDA provider could not "
                 f"be started (providers available: {', '.join(available)}); check the NVIDIA "
                 "driver and the onnxruntime-gpu CUDA/cuDNN libraries, or set inference.device: auto"
             )
-        if wants_cuda and active != CUDA:
+        if wants_cuda and active not in GPU_PROVIDERS:
             log.warning(
                 "model %s: CUDA is not usable here, falling back to the CPU (much slower); "
                 "set inference.device: cpu to silence this",
                 self.name,
             )
-        if active == CUDA and hasattr(session, "disable_fallback"):
+        if inference.tensorrt and active == CUDA:
+            log.warning(
+                "model %s: TensorRT is not usable here (providers available: %s), running on "
+                "CUDA; install the TensorRT libraries or set inference.tensorrt: false",
+                self.name,
+                ", ".join(available),
+            )
+        if active in GPU_PROVIDERS and hasattr(session, "disable_fallback"):
             session.disable_fallback()
         return session
 
@@ -184,13 +214,28 @@ class Tagger:
             spec=spec,
         )
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a batch of prepared tensors; fixed-batch graphs run one by one."""
-        return self.predict_with_embeddings(batch)[0]
+    @property
+    def on_gpu(self) -> bool:
+        return self.provider in GPU_PROVIDERS
 
-    def predict_with_embeddings(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(probabilities, pooled embeddings or None when the graph has no usable head)."""
+    def predict(self, batch: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
+        """Probabilities for a batch of prepared tensors; fixed-batch graphs run one by one."""
+        return self.predict_with_embeddings(batch, pad_to=pad_to)[0]
+
+    def predict_with_embeddings(
+        self, batch: np.ndarray, *, pad_to: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(probabilities, pooled embeddings or None when the graph has no usable head).
+
+        `pad_to` fills a short batch up to that many rows (results sliced back), so a GPU
+        session sees one input shape and does not plan again for the last batch of a run.
+        """
         info = self.info
+        n = batch.shape[0]
+        if info.fixed_batch is None and pad_to is not None and 0 < n < pad_to:
+            filler = np.broadcast_to(batch[-1:], (pad_to - n, *batch.shape[1:]))
+            probs, emb = self.predict_with_embeddings(np.concatenate([batch, filler]))
+            return probs[:n], None if emb is None else emb[:n]
         if info.fixed_batch is not None and batch.shape[0] != info.fixed_batch:
             if info.fixed_batch != 1:
                 raise ModelError(f"model {self.name!r}: fixed batch {info.fixed_batch} unsupported")
@@ -218,16 +263,26 @@ class Tagger:
         return res[0], (res[1] if self.head is not None else None)
 
 
+def expects_gpu(inference: InferenceConfig) -> bool:
+    """Whether sessions will be asked for a GPU provider first (decides the CPU split)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return providers_for(inference, available, gpu_present=nvidia_present())[0] != CPU
+
+
 def load(config: Config, model: ModelConfig) -> Tagger:
     """Resolve a configured model's files (downloading if allowed) and open its session."""
-    from tagd import families, hub
+    from tagd import families, hub, sizing
 
+    gpu = expects_gpu(config.inference)
+    plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
     try:
         family = families.get(model.family, config.families)
     except KeyError as exc:
         raise ModelError(f"model {model.name!r}: family: {exc.args[0]}") from None
     files = hub.resolve(model, family, cache_dir=config.hf_cache, offline=config.offline)
-    return Tagger(model, family, files, config.inference)
+    return Tagger(model, family, files, config.inference, threads=plan.ort_threads)
 
 
 def load_all(config: Config, names: list[str] | None = None) -> list[Tagger]:

@@ -55,6 +55,8 @@ def run(ctx: Context) -> int:
         outcome = pipeline.run()
     except ModelError as exc:
         raise UserError(str(exc)) from None
+    finally:
+        pipeline.close()
     waiting = queue.waiting(conn)
     log.info(
         "tagged %d, failed %d%s",

@@ -1,0 +1,59 @@
+"""How many decode workers, ONNX Runtime threads and images per batch, from the machine.
+
+Pure given the core count, so the rules are testable; `available_cores()` is the only probe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from tagd.config import InferenceConfig
+
+DEFAULT_BATCH_CPU = 8
+DEFAULT_BATCH_GPU = 32
+
+
+@dataclass(frozen=True)
+class Plan:
+    decode_workers: int
+    ort_threads: int
+    batch_size: int
+
+
+def available_cores() -> int:
+    """Cores this process may run on (cgroup/taskset affinity), not the host's total."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def plan(inference: InferenceConfig, *, gpu: bool, cores: int) -> Plan:
+    """Split `cores` between decode workers and the ONNX Runtime session.
+
+    On a GPU the session needs one CPU thread to feed the device and every other core decodes.
+    On a CPU, decode and inference take turns on the same cores, so by default both may use
+    all of them: decode workers wait on bounded queues whenever the model is behind, and the
+    session does not spin, so neither holds a core it has no work for. A static split (half
+    the cores each) caps a decode-bound run at half the machine and a compute-bound one at
+    half the model's speed (bench/throughput.py measures both). When `decode_workers` is set
+    and `threads` is not, the session gets the cores left after the workers.
+    """
+    cores = max(1, cores)
+    if inference.decode_workers is not None:
+        workers = inference.decode_workers
+    elif gpu:
+        workers = max(1, cores - 1)
+    else:
+        workers = cores
+    if inference.threads is not None:
+        threads = inference.threads
+    elif gpu:
+        threads = 1
+    elif inference.decode_workers is not None:
+        threads = max(1, cores - workers)
+    else:
+        threads = cores
+    batch = inference.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU)
+    return Plan(decode_workers=workers, ort_threads=threads, batch_size=batch)
