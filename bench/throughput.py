@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-vit", action="store_true")
     ap.add_argument("--backlog-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     quick = args.quick
     n_vit = args.vit_images or (8 if quick else 32)
     n_tiny = args.tiny_images or (48 if quick else 160)

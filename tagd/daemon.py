@@ -53,6 +53,11 @@ class Worker:
         self.wake = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tagd-worker", daemon=True)
 
+    def _halt(self) -> bool:
+        """Asked between pipeline steps: proves the worker alive, stops on stop or pause."""
+        self.beat = time.monotonic()
+        return self.stop.is_set() or queue.is_paused(self.pipeline.conn)
+
     def _run(self) -> None:
         conn = self.pipeline.conn
         while not self.stop.is_set():
@@ -62,18 +67,12 @@ class Worker:
                     self.wake.wait(IDLE_POLL_S)
                     self.wake.clear()
                     continue
-                jobs = queue.claim(
-                    conn,
-                    self.pipeline.owner,
-                    self.pipeline.batch_size,
-                    lease_s=self.config.daemon.lease_seconds,
-                    max_attempts=self.config.daemon.max_attempts,
-                )
-                if not jobs:
+                # run() keeps decoding the next batches while the model runs this one.
+                outcome = self.pipeline.run(stop=self._halt)
+                if not (outcome.done or outcome.failed or outcome.retrying):
                     self.wake.wait(IDLE_POLL_S)
                     self.wake.clear()
                     continue
-                outcome = self.pipeline.process(jobs)
                 if outcome.done or outcome.failed:
                     log.info(
                         "tagged %d, failed %d, retrying %d",
@@ -161,6 +160,7 @@ class Daemon:
                     "the batch in flight did not finish in time; %d jobs released", released
                 )
             else:
+                self.worker.pipeline.close()
                 self.worker.pipeline.conn.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
