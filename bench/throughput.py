@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         folder = model_dir(workdir, name)
         bound = "compute-bound (ViT-B/16 448)" if name == "vit" else "decode-bound (tiny model)"
         log(f"{bound}: {len(paths)} images")
+        decode = measure_decode(paths, (448, 448), cores)  # before any session holds memory
         raw_tagger = open_tagger(folder, raw_inference, None)
         raw = measure_raw(raw_tagger, batch, max(len(paths), 2 * batch))
-        decode = measure_decode(paths, raw_tagger.spec.size, cores)
         ref = measure_reference(raw_tagger, paths[: max(4, len(paths) // 2)])
         del raw_tagger
         limit = min(raw, decode) if gpu else 1.0 / (1.0 / raw + 1.0 / decode)
