@@ -45,13 +45,29 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
-        conn.execute("PRAGMA journal_mode = WAL")
+        _enable_wal(conn)
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA journal_size_limit = 67108864")
         migrate(conn)
     else:
         check_version(conn)
     return conn
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL once per database file. The switch needs a moment of exclusive access
+    and does not wait on the busy handler, so two processes creating the database together
+    (daemon and CLI) retry briefly instead of failing with "database is locked"."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -91,20 +107,34 @@ def check_version(conn: sqlite3.Connection) -> None:
         )
 
 
+def applied(conn: sqlite3.Connection) -> set[int]:
+    """Migration versions recorded in this database (each migration records itself)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'state'").fetchone() is None:
+        return set()
+    return {
+        int(key.split(".", 1)[1])
+        for (key,) in conn.execute("SELECT key FROM state WHERE key GLOB 'migration.[0-9]*'")
+    }
+
+
 def migrate(conn: sqlite3.Connection) -> int:
-    """Apply pending migrations, each in its own transaction with the version bump."""
+    """Apply every migration not yet recorded, in order, each in its own transaction.
+
+    Recorded per version rather than by `user_version` alone, so a migration numbered below
+    one already applied (branches landing out of order) is still applied.
+    """
     check_version(conn)
     for version, name, sql in migrations():
-        if version <= schema_version(conn):
+        if version in applied(conn):
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if schema_version(conn) >= version:
+            if version in applied(conn):
                 conn.execute("ROLLBACK")
                 continue
             for statement in _split_sql(sql):
                 conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute(f"PRAGMA user_version = {max(version, schema_version(conn))}")
             conn.execute(
                 "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                 (f"migration.{version:04d}", f"{name} applied {time.time():.0f}"),

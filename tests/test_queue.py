@@ -112,3 +112,41 @@ def test_release_hands_jobs_back_without_counting(conn: sqlite3.Connection) -> N
     again = queue.claim(conn, "w2", 2)
     assert [j.attempts for j in again] == [1, 1]
     assert {j.id for j in again} == {j.id for j in jobs}
+
+
+def test_lower_numbered_migration_landing_late_is_applied(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "m.db")
+    versions = [v for v, _, _ in db.migrations()]
+    assert db.applied(conn) == set(versions)
+    late = versions[1]
+    conn.execute("DELETE FROM state WHERE key = ?", (f"migration.{late:04d}",))
+    name = next(n for v, n, _ in db.migrations() if v == late)
+    sql = next(q for v, _, q in db.migrations() if v == late)
+    for statement in db._split_sql(sql):
+        table = statement.split()[2] if statement.upper().startswith("CREATE TABLE") else None
+        if table:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.close()
+    again = db.connect(tmp_path / "m.db")
+    assert late in db.applied(again), name
+    assert db.schema_version(again) == versions[-1]
+
+
+def test_concurrent_first_opens_do_not_lock(tmp_path: Path) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def open_db() -> None:
+        try:
+            db.connect(tmp_path / "race.db").close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_db) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert db.applied(db.connect(tmp_path / "race.db")) == {v for v, _, _ in db.migrations()}
