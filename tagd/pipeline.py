@@ -156,6 +156,8 @@ class Pipeline:
         }
         self.database = database_file(conn)
         self._pool: DecodePool | None = None
+        # Called with the running totals after each stored batch or failure (progress bars).
+        self.on_progress: Callable[[Outcome], None] | None = None
         with db.write(conn):
             for t in self.taggers:
                 self.records[t.name] = store.register_model(
@@ -382,6 +384,8 @@ class Pipeline:
                 self._forget(job, conn)
             else:
                 self._fail(job, failure.reason, failure.transient, outcome, conn)
+        if self.on_progress is not None:
+            self.on_progress(outcome)
 
     def store(
         self,

@@ -61,10 +61,13 @@ def test_workers_tag_everything_and_bad_files_fail_alone(
     scanner.scan(conn, config)
     with CrashingPipeline(conn, config, load_all(config)) as pipeline:
         assert pipeline.batch_size == 2 and pipeline.plan.decode_workers == 1
+        progress: list[int] = []
+        pipeline.on_progress = lambda o: progress.append(o.done + o.failed + o.retrying)
         outcome = pipeline.run()
         pool = pipeline._pool
         assert pool is not None and pool.size == 1 and pool.crashes == 1
     assert (outcome.done, outcome.failed, outcome.retrying) == (len(good), 2, 1)
+    assert progress == sorted(progress) and progress[-1] == len(good) + 3
     errors = dict(outcome.errors)
     assert "decoder crashed" in errors[str(gallery / "crash.png")]
     assert "not a recognised image" in errors[str(gallery / "corrupt.jpg")]

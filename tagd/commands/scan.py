@@ -46,13 +46,17 @@ def run(ctx: Context) -> int:
         return 0
     from tagd import queue
     from tagd.pipeline import Pipeline
+    from tagd.progress import Progress
 
     pipeline = Pipeline(conn, config, taggers)
     extra = scanner.queue_untagged(conn, pipeline.model_ids)
     if extra:
         log.info("%d known images lack results from a configured model", extra)
+    runnable = queue.counts(conn)["queued"] - queue.waiting(conn)
     try:
-        outcome = pipeline.run()
+        with Progress("tagging", total=runnable) as bar:
+            pipeline.on_progress = lambda o: bar.update(o.done + o.failed + o.retrying)
+            outcome = pipeline.run()
     except ModelError as exc:
         raise UserError(str(exc)) from None
     finally:
