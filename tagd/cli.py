@@ -34,7 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"tagd.commands.{name}").register(sub)
+    for command in sub.choices.values():
+        _add_json_alias(command)
     return parser
+
+
+def _add_json_alias(parser: argparse.ArgumentParser) -> None:
+    """Every command that can print JSON also takes `--json`, the same as `--format json`."""
+    options = {o for action in parser._actions for o in action.option_strings}
+    fmt = next((a for a in parser._actions if "--format" in a.option_strings), None)
+    if "--json" in options or fmt is None or "json" not in (fmt.choices or ()):
+        return
+    parser.add_argument(
+        "--json", dest="format", action="store_const", const="json", help="same as --format json"
+    )
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import time
 
 from tagd.commands import Context, UserError
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH")
     p.add_argument("--failed", action="store_true", help="list failed jobs only")
     p.add_argument("--limit", type=int, default=50, help="list at most N jobs (default 50)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=run)
 
 
@@ -38,6 +41,11 @@ def run(ctx: Context) -> int:
         rows = queue.listing(
             ctx.db(readonly=True), "failed" if ctx.args.failed else None, ctx.args.limit
         )
+        if ctx.args.format == "json":
+            keys = ("path", "state", "attempts", "priority", "error", "not_before")
+            json.dump([{k: r[k] for k in keys} for r in rows], sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return 0
         now = time.time()
         for r in rows:
             extra = ""
