@@ -231,6 +231,7 @@ class Tagger:
         session sees one input shape and does not plan again for the last batch of a run.
         """
         info = self.info
+        batch = np.asarray(batch, dtype=np.float32)
         n = batch.shape[0]
         if info.fixed_batch is None and pad_to is not None and 0 < n < pad_to:
             filler = np.broadcast_to(batch[-1:], (pad_to - n, *batch.shape[1:]))

@@ -147,3 +147,19 @@ def test_large_non_jpeg_is_box_reduced_within_tolerance(tmp_path: Path, fmt: str
     assert (w, h, got_fmt) == (2600, 1900, fmt)
     diff = np.abs(tensors["m"] - full)
     assert 0 < diff.mean() < 1.0 and np.percentile(diff, 99) < 6.0, (diff.mean(), diff.max())
+
+
+def test_raw_range_tensors_travel_as_exact_uint8() -> None:
+    from tagd.families import FAMILIES
+    from tagd.preprocess import prepare
+    from tagd.workers import compact
+
+    rng = np.random.default_rng(5)
+    image = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))
+    wd = FAMILIES["wd14"].preprocess.with_size(64, 64)
+    full = prepare(image, wd)
+    small = compact(full, wd)
+    assert small.dtype == np.uint8
+    np.testing.assert_array_equal(small.astype(np.float32), full)
+    jtp = FAMILIES["jtp"].preprocess.with_size(64, 64)
+    assert compact(prepare(image, jtp), jtp).dtype == np.float32
