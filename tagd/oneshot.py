@@ -14,7 +14,7 @@ import numpy as np
 
 from tagd import db, store
 from tagd.decode import DecodeError, FileBytes, read_file
-from tagd.pipeline import decode_and_prepare
+from tagd.pipeline import decode_and_prepare, register
 from tagd.tagger import Tagger
 from tagd.thresholds import select
 
@@ -72,15 +72,7 @@ def tag_paths(
     record = None
     if conn is not None:
         with db.write(conn):
-            record = store.register_model(
-                conn,
-                name=tagger.name,
-                family=tagger.family.name,
-                source=tagger.config.source,
-                revision=tagger.files.revision,
-                labels=tagger.labels,
-                settings={"thresholds": tagger.thresholds, "floor": floor},
-            )
+            record = register(conn, tagger, floor)
     namespaces = tagger.labels.namespaces
     for batch in _batches(paths, batch_size):
         ok: list[_Decoded] = []

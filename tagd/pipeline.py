@@ -63,6 +63,22 @@ class Outcome:
         self.errors.extend(other.errors)
 
 
+def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.ModelRecord:
+    """Record a loaded model, its output → tag mapping and its head (for reindex)."""
+    record = store.register_model(
+        conn,
+        name=tagger.name,
+        family=tagger.family.name,
+        source=tagger.config.source,
+        revision=tagger.files.revision,
+        labels=tagger.labels,
+        settings={"thresholds": tagger.thresholds, "floor": floor},
+    )
+    if tagger.head is not None:
+        results.save_head(conn, record, tagger.head)
+    return record
+
+
 def owner_id() -> str:
     """Lease owner: unique per process start, readable in `tagd jobs`."""
     return f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
@@ -160,17 +176,7 @@ class Pipeline:
         self.on_progress: Callable[[Outcome], None] | None = None
         with db.write(conn):
             for t in self.taggers:
-                self.records[t.name] = store.register_model(
-                    conn,
-                    name=t.name,
-                    family=t.family.name,
-                    source=t.config.source,
-                    revision=t.files.revision,
-                    labels=t.labels,
-                    settings={"thresholds": t.thresholds, "floor": config.floor_for(t.config)},
-                )
-                if t.head is not None:
-                    results.save_head(conn, self.records[t.name], t.head)
+                self.records[t.name] = register(conn, t, config.floor_for(t.config))
 
     @property
     def model_ids(self) -> list[int]:
