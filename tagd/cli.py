@@ -64,6 +64,8 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # APScheduler logs every run of every job at INFO: a line a minute in the journal, forever.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
