@@ -371,7 +371,12 @@ class Daemon:
         finally:
             self.notifier.stopping()
             log.info("stopping: finishing the batch in flight")
+            worker = self.worker
             self._stop_parts()
+            if worker is not None and worker.last_error:
+                # keep the last error for `tagd status` even if it came after the last tick
+                with db.write(self.conn):
+                    db.set_state(self.conn, LAST_ERROR_KEY, worker.last_error)
             with db.write(self.conn):
                 info = json.loads(db.get_state(self.conn, STATE_KEY) or "{}")
                 info.update(heartbeat=time.time(), stopped=True, healthy=False)

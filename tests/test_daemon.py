@@ -160,12 +160,21 @@ def test_cli_works_while_the_daemon_writes(
         results.append(run_tagd("-c", cfg, "pause"))
         time.sleep(1.0)
         paused_at = db_counts(db_path).get("done", 0)
+        # files arriving while paused are queued, not tagged (whether or not the first
+        # batch of the gallery was already finished when the pause landed)
+        for i in range(3):
+            save(gallery / f"late{i}.png", (10 * i, 20, 30), size=(300, 200))
+        wait_for(
+            lambda: (
+                db_counts(db_path).get("done", 0) + db_counts(db_path).get("queued", 0)
+                >= N_IMAGES + 3
+            )
+        )
         for _ in range(3):
             results.append(run_tagd("-c", cfg, "status"))
             results.append(run_tagd("-c", cfg, "jobs"))
         time.sleep(1.0)
         assert db_counts(db_path).get("done", 0) == paused_at, "tagging went on while paused"
-        assert paused_at < N_IMAGES
         status = run_tagd("-c", cfg, "status")
         assert "daemon:    running" in status.stdout and "paused" in status.stdout
         assert "provider:  CPUExecutionProvider" in status.stdout
@@ -177,12 +186,12 @@ def test_cli_works_while_the_daemon_writes(
         retry = run_tagd("-c", cfg, "jobs", "retry")
         assert "1 failed jobs queued again" in retry.stdout
         results.extend([failed, retry])
-        while db_counts(db_path).get("done", 0) < N_IMAGES:
+        while db_counts(db_path).get("done", 0) < N_IMAGES + 3:
             results.append(run_tagd("-c", cfg, "status"))
         for r in results:
             assert r.returncode == 0, r.stderr
             assert "locked" not in r.stderr and "Traceback" not in r.stderr
-        wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES, "failed": 1})
+        wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES + 3, "failed": 1})
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
