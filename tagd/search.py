@@ -315,15 +315,21 @@ def _repeat(mparams: list[object], params: list[object]) -> list[object]:
     return out
 
 
+def _score_condition(term: Tag | Score) -> tuple[str, list[object], str, list[object]]:
+    """(tag-id subquery, its params, condition on `s`, its params) for a tag or a confidence
+    filter: a tag counts where a model selected it, a filter on the stored score."""
+    tag = term if isinstance(term, Tag) else term.tag
+    ids, params = _tag_ids(tag)
+    if isinstance(term, Tag):
+        return ids, params, "s.selected = 1", []
+    cond, cparams = _range_sql("s.score", term.range)
+    return ids, params, cond, cparams
+
+
 def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
     f = ctx.file
     if isinstance(node, Tag | Score):
-        tag = node if isinstance(node, Tag) else node.tag
-        ids, params = _tag_ids(tag)
-        if isinstance(node, Tag):
-            cond, cparams = "s.selected = 1", []
-        else:
-            cond, cparams = _range_sql("s.score", node.range)
+        ids, params, cond, cparams = _score_condition(node)
         msql, mparams = _model_clause("s", ctx, probe=True)
         return Compiled(
             f"coalesce((SELECT max(s.score) FROM scores s WHERE s.file_id = {f} "
@@ -695,12 +701,7 @@ def matched_scores(
     ctx = ctx or _Ctx("?", None, None, None, None, {}, 0)
     out: dict[str, float] = {}
     for term in terms:
-        tag = term if isinstance(term, Tag) else term.tag
-        ids, params = _tag_ids(tag)
-        if isinstance(term, Tag):
-            cond, cparams = "s.selected = 1", []
-        else:
-            cond, cparams = _range_sql("s.score", term.range)
+        ids, params, cond, cparams = _score_condition(term)
         msql, mparams = _model_clause("s", ctx)
         rows = conn.execute(
             "SELECT t.namespace, t.name, max(s.score) FROM scores s JOIN tags t ON t.id = s.tag_id"
