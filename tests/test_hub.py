@@ -108,3 +108,38 @@ def test_scan_with_hub_model_end_to_end(tmp_path: Path, gallery: Path, hf_cache:
     r = run_tagd("-c", str(missing), "scan")
     assert r.returncode == 3
     assert r.stderr.count("\n") == 1 and "model 'wd'" in r.stderr
+
+
+def test_models_pull_downloads_through_the_hub_api(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    """`tagd models pull` fetches over HTTP into an empty cache; later runs work offline."""
+    from hf_server import HubServer
+
+    red = save(gallery / "r.png", (255, 0, 0))
+    base = {"database": str(tmp_path / "t.db"), "watch": [str(gallery)]}
+    model = {"name": "wd", "repo": "acme/wd-probe-tagger-v3", "revision": "main"}
+    cache = tmp_path / "hf"
+    online = write_config(tmp_path / "on.yaml", {**base, "hf_cache": str(cache), "models": [model]})
+    with HubServer({"acme/wd-probe-tagger-v3": probe_model}, COMMIT) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1"}
+        r = run_tagd("-c", str(online), "models", "pull", "wd", env=env)
+        assert r.returncode == 0, r.stderr
+        fetched = {p.rsplit("/", 1)[-1] for m, p in hub.requests if m == "GET"}
+        assert fetched == {"model.onnx", "selected_tags.csv"}, hub.requests
+        missing = write_config(
+            tmp_path / "missing.yaml",
+            {**base, "hf_cache": str(cache), "models": [{**model, "repo": "acme/nothing"}]},
+        )
+        r = run_tagd("-c", str(missing), "models", "pull", "wd", env=env)
+        assert r.returncode != 0 and "repository not found" in r.stderr
+        assert "Traceback" not in r.stderr
+    snapshot = cache / "models--acme--wd-probe-tagger-v3" / "snapshots" / COMMIT
+    assert (snapshot / "model.onnx").read_bytes() == (probe_model / "model.onnx").read_bytes()
+    offline = write_config(
+        tmp_path / "off.yaml",
+        {**base, "hf_cache": str(cache), "offline": True, "models": [model]},
+    )
+    r = run_tagd("-c", str(offline), "scan")
+    assert r.returncode == 0, r.stderr
+    assert run_tagd("-c", str(offline), "search", "red").stdout.split() == [str(red)]
