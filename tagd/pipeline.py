@@ -56,12 +56,6 @@ class Outcome:
     retrying: int = 0
     errors: list[tuple[str, str]] = field(default_factory=list)
 
-    def add(self, other: Outcome) -> None:
-        self.done += other.done
-        self.failed += other.failed
-        self.retrying += other.retrying
-        self.errors.extend(other.errors)
-
 
 def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.ModelRecord:
     """Record a loaded model, its output → tag mapping and its head (for reindex)."""

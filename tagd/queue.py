@@ -128,14 +128,6 @@ def _reap(conn: sqlite3.Connection, now: float, max_attempts: int) -> None:
     )
 
 
-def extend(conn: sqlite3.Connection, owner: str, job_ids: list[int], lease_s: float) -> None:
-    now = time.time()
-    conn.executemany(
-        "UPDATE jobs SET lease_expires = ? WHERE id = ? AND lease_owner = ? AND state = 'running'",
-        [(now + lease_s, j, owner) for j in job_ids],
-    )
-
-
 def complete(conn: sqlite3.Connection, job: Job, owner: str) -> bool:
     """Mark done; call inside the transaction that stored the job's results."""
     cur = conn.execute(
