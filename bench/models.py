@@ -181,6 +181,27 @@ def _preprocess(g: _GraphBuilder, input_name: str) -> str:
     return g.op("Sub", [scaled, g.scalar("pre.offset", 1.0)])
 
 
+def _save_tagger(
+    g: _GraphBuilder,
+    graph_name: str,
+    path: Path,
+    input_name: str,
+    output_name: str,
+    image_size: int,
+    n_tags: int,
+    batch: int | None,
+) -> Path:
+    """Wrap the graph with a WD tagger's I/O (NHWC image in, [batch, tags] out) and save it."""
+    b = _batch_dim(batch)
+    image = [b, image_size, image_size, 3]
+    model = g.model(
+        graph_name,
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, image)],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [b, n_tags])],
+    )
+    return _save(model, path)
+
+
 def _save(model: onnx.ModelProto, path: Path) -> Path:
     """Save, switching to external data only when one protobuf could not hold the model."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,17 +292,9 @@ def build_vit_tagger(
     pooled = g.op("ReduceMean", [x], out="pooled", axes=[1], keepdims=0)  # [B, dim]
     g.head(pooled, dim, n_tags, output_name)
 
-    b = _batch_dim(batch)
-    model = g.model(
-        "wd_vit_tagger_v3_random",
-        [
-            helper.make_tensor_value_info(
-                input_name, TensorProto.FLOAT, [b, image_size, image_size, 3]
-            )
-        ],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [b, n_tags])],
+    return _save_tagger(
+        g, "wd_vit_tagger_v3_random", path, input_name, output_name, image_size, n_tags, batch
     )
-    return _save(model, path)
 
 
 def build_tiny_tagger(
@@ -311,17 +324,9 @@ def build_tiny_tagger(
     pooled = g.op("Reshape", [x, g.ints("shape.flatten", (0, n_features))], out="pooled")
     g.head(pooled, n_features, n_tags, output_name)
 
-    b = _batch_dim(batch)
-    model = g.model(
-        "wd_tiny_tagger_random",
-        [
-            helper.make_tensor_value_info(
-                input_name, TensorProto.FLOAT, [b, image_size, image_size, 3]
-            )
-        ],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [b, n_tags])],
+    return _save_tagger(
+        g, "wd_tiny_tagger_random", path, input_name, output_name, image_size, n_tags, batch
     )
-    return _save(model, path)
 
 
 def _split_tags(n_tags: int) -> tuple[int, int]:
