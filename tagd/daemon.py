@@ -38,6 +38,7 @@ STOP_GRACE_S = 10.0
 ERROR_PAUSE_S = 5.0
 REAP_EVERY_S = 60.0
 CHECKPOINT_EVERY_S = 300.0
+RANK_CACHE_EVERY_S = 30.0
 WAL_TRUNCATE_BYTES = 64 << 20
 
 
@@ -187,6 +188,7 @@ class Daemon:
         )
         scheduler.add_job(self._reap, "interval", seconds=REAP_EVERY_S, id="reap")
         scheduler.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="wal")
+        scheduler.add_job(self._rank_cache, "interval", seconds=RANK_CACHE_EVERY_S, id="rank-cache")
         hydrus = getattr(self.config, "hydrus", None)
         if getattr(hydrus, "enabled", False):
             scheduler.add_job(
@@ -241,6 +243,19 @@ class Daemon:
         conn = db.connect(self.config.database)
         try:
             queue.reap_orphans(conn, self.owner, self.host)
+        finally:
+            conn.close()
+
+    def _rank_cache(self) -> None:
+        """Keep search's ranking cache current (patched in place; rebuilt daily)."""
+        from tagd import rankcache
+
+        conn = db.connect(self.config.database)
+        try:
+            outcome = rankcache.refresh(conn, self.config.database)
+            (log.info if outcome == "built" else log.debug)("search ranking cache: %s", outcome)
+        except sqlite3.Error as exc:
+            log.warning("search ranking cache: database error: %s", exc)
         finally:
             conn.close()
 

@@ -211,5 +211,9 @@ def _chunk(
     conn.executemany(
         "UPDATE taggings SET floor = ? WHERE file_id = ? AND model_id = ?", floor_updates
     )
+    changed = sorted({u[2] for u in updates} | {d[0] for d in deletes})
+    conn.executemany(
+        "INSERT OR REPLACE INTO score_changes(file_id) VALUES (?)", [(f,) for f in changed]
+    )
     report.files += len(file_ids)
     report.changed_rows += len(updates) + len(deletes)

@@ -15,8 +15,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tagd.query import (
     And,
@@ -518,15 +519,24 @@ def iter_search(
     opts.model_ids = tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id"))
     wanted = positive_tags(node) if opts.with_tags else []
     ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
-    driver = _driver(conn, node, opts)
-    if driver is not None:
-        rows = _top_k(conn, node, opts, driver)
-    else:
-        q = build_sql(node, opts)
-        rows = conn.execute(q.sql, q.params)
+    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts)
+    if rows is None:
+        driver = _driver(conn, node, opts)
+        if driver is not None:
+            rows = _top_k(conn, node, opts, _driver_walk(conn, node, driver))
+        else:
+            q = build_sql(node, opts)
+            rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
         yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
+
+
+def _ranked_page(node: Node, opts: SearchOptions) -> bool:
+    """A page of the best ranks, which can be found without ranking every match."""
+    if opts.sort != "score" or opts.descending is False or opts.limit is None:
+        return False
+    return not _needs_jobs(node)
 
 
 def _driver(
@@ -534,9 +544,7 @@ def _driver(
 ) -> list[tuple[int, Tag | Score]] | None:
     """The top-level term to walk in score order for a ranked page: a tag, a confidence
     filter, or an OR of those (walked together)."""
-    if opts.sort != "score" or opts.descending is False or opts.limit is None:
-        return None
-    if _needs_jobs(node):
+    if not _ranked_page(node, opts):
         return None
     terms = node.terms if isinstance(node, And) else (node,)
     walkable: list[list[tuple[int, Tag | Score]]] = []
@@ -559,6 +567,69 @@ def _driver(
         sizes = {i: n for i, n in sizes.items() if n >= cap}
     best = min(sizes, key=lambda i: (sizes[i], len(walkable[i]), i))
     return walkable[best]
+
+
+def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> list[tuple] | None:
+    """A ranked page of two or more common tags, checked in the order of the rank bounds of
+    the cache next to the database (tagd/rankcache.py); None where it cannot serve the query.
+
+    The cache's list of tags is read before numpy is imported, so queries it cannot serve
+    start as fast as without it.
+    """
+    if not _ranked_page(node, opts) or _similar_terms(node):
+        return None
+    db = _db_file(conn)
+    try:
+        cached = set(json.loads(Path(f"{db}.rank.json").read_text())["tags"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    groups = _cached_groups(conn, node, cached)
+    if groups is None:
+        return None
+    from tagd import rankcache
+
+    began = not conn.in_transaction
+    if began:
+        conn.execute("BEGIN")  # one snapshot: the bounds and the checks see the same scores
+    try:
+        cache = rankcache.RankCache.open(db)
+        if cache is None or not cache.usable(conn):
+            return None
+        dirty = rankcache.dirty_files(conn, cache.seq, rankcache.DIRTY_MAX)
+        columns = [[cache.column(t) for t in group] for group in groups]
+        if dirty is None or any(c is None for group in columns for c in group):
+            return None
+        ids, bounds = rankcache.candidates(conn, cache, groups, dirty)
+        return _top_k(conn, node, opts, rankcache.descending(ids, bounds))
+    finally:
+        if began:
+            conn.execute("COMMIT")
+
+
+def _db_file(conn: sqlite3.Connection) -> str:
+    return str(conn.execute("PRAGMA database_list").fetchone()[2])
+
+
+def _cached_groups(
+    conn: sqlite3.Connection, node: Node, cached: set[int]
+) -> list[list[int]] | None:
+    """Tag ids of each top-level AND term the cache can bound (an OR: one per branch).
+
+    Other terms only filter or multiply the rank by at most 1, so they leave the bound valid,
+    except a tag list shorter than the cache's threshold: walking that one is cheaper.
+    """
+    terms = node.terms if isinstance(node, And) else (node,)
+    groups = []
+    for term in terms:
+        branches = term.terms if isinstance(term, Or) else (term,)
+        walks = [_walkable(conn, b) for b in branches]
+        if any(w is None for w in walks):
+            continue
+        if any(tag_id not in cached for tag_id, _ in walks):  # type: ignore[misc]
+            return None
+        if all(isinstance(t, Tag) for _, t in walks):  # type: ignore[misc]
+            groups.append([tag_id for tag_id, _ in walks])  # type: ignore[misc]
+    return groups if len(groups) >= 2 else None
 
 
 def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] | None:
@@ -607,17 +678,14 @@ def _walk(
         batch = min(batch * 2, 16384)
 
 
-def _top_k(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions, driver: list[tuple[int, Tag | Score]]
-) -> list[tuple]:
-    """The best `limit + offset` rows by rank without ranking every match.
+def _driver_walk(
+    conn: sqlite3.Connection, node: Node, driver: list[tuple[int, Tag | Score]]
+) -> Iterator[tuple[float, int]]:
+    """(bound, file id) in descending bound order from the driver's score lists.
 
     Every rank factor is at most 1 and the driver's factor is at most its current walk score
-    (the best branch, for an OR), so a file's rank is at most that score: walking the driver
-    in descending score order, once the k-th best rank so far beats the current score no
-    unseen file can enter the page.
+    (the best branch, for an OR), so a file's rank is at most that score.
     """
-    k = (opts.limit or 0) + opts.offset
     msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
     model = Compiled(msql, mparams)
     walks = []
@@ -628,7 +696,19 @@ def _top_k(
             cond = Compiled(*_range_sql("s.score", term.range))
             walks.append(_walk(conn, tag_id, 1, cond, model))
             walks.append(_walk(conn, tag_id, 0, cond, model))
-    walk = heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
+    return heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
+
+
+def _top_k(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, walk: Iterator[tuple[float, int]]
+) -> list[tuple]:
+    """The best `limit + offset` rows by rank without ranking every match.
+
+    `walk` yields every candidate file with an upper bound of its rank, best bound first:
+    once the k-th best rank checked so far beats the current bound, no unseen file can
+    enter the page.
+    """
+    k = (opts.limit or 0) + opts.offset
     rows: list[tuple] = []
     seen: set[int] = set()
     batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0

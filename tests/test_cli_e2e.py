@@ -37,6 +37,12 @@ def test_scan_search_show(config_file: Path, gallery: Path) -> None:
     r = run_tagd("--config", str(config_file), "scan")
     assert r.returncode == 0, r.stderr
     assert "tagged 4, failed 0" in r.stderr
+    db = config_file.parent / "state" / "tagd.db"
+    meta = json.loads(Path(f"{db}.rank.json").read_text())
+    with sqlite3.connect(db) as conn:
+        seq = conn.execute("SELECT max(seq) FROM score_changes").fetchone()[0]
+    assert meta["seq"] == seq == 4  # the ranking cache is current after a scan
+    assert meta["tags"] == []  # no tag is on enough files to need a column
 
     def search(*q: str) -> tuple[int, set[str]]:
         res = run_tagd("--config", str(config_file), "search", *q)

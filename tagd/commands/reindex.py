@@ -76,4 +76,7 @@ def run(ctx: Context) -> int:
                 m.name,
             )
             retag.append(m.name)
+    from tagd import rankcache
+
+    log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
     return 1 if retag else 0

@@ -72,4 +72,8 @@ def run(ctx: Context) -> int:
     )
     for path, reason in outcome.errors[:20]:
         log.warning("  %s: %s", path, reason)
+    if outcome.done:
+        from tagd import rankcache
+
+        log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
     return 0

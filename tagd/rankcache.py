@@ -1,0 +1,337 @@
+"""Dense score columns of the most common tags, kept next to the database for ranked search.
+
+A ranked page of two or three common tags (`1girl solo long_hair`) is the product of scores
+that are mostly close to 1, so walking one tag's list in score order (search._top_k) has to
+check tens of thousands of files before no unseen one can beat the page. This cache holds,
+for each tag selected on at least `min_files` files, one uint16 column indexed by file id: an
+upper bound of the file's best selected score for that tag (0 = not selected). Multiplying a
+query's columns bounds every file's rank at once, so search checks files in bound order and
+stops after little more than a page.
+
+On disk: `<db>.rank.json` (tags, capacity, the `score_changes` seq the columns reflect, the
+column file's name) and `<db>.rank-<stamp>.npy` ([tags, capacity] uint16, memory-mapped).
+Files whose `score_changes` seq is newer than the cache's are dirty: search bounds them from
+SQLite instead. `refresh` (the daemon's schedule, the end of `tagd scan`) patches dirty
+columns in place, and rebuilds when tags may have become common or ids outgrew the capacity.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCALE = 65535
+MIN_FILES = 20_000
+MAX_BYTES = 1 << 30
+REBUILD_AFTER_S = 24 * 3600
+DIRTY_MAX = 20_000
+FORMAT = 1
+
+
+def quantize_up(scores: np.ndarray) -> np.ndarray:
+    """uint16 q with q / SCALE >= score: rounding up keeps every product an upper bound."""
+    s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    q = np.floor(s * SCALE) + 1
+    q[s <= 0.0] = 0
+    return np.minimum(q, SCALE).astype(np.uint16)
+
+
+def bound(columns: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """Rank bounds: per AND term the best of its OR branches' columns, multiplied."""
+    out: np.ndarray | None = None
+    for branches in columns:
+        best = branches[0] if len(branches) == 1 else np.maximum.reduce(list(branches))
+        term = best.astype(np.float64) / SCALE
+        out = term if out is None else out * term
+    assert out is not None
+    return out
+
+
+def current_seq(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM score_changes").fetchone()[0])
+
+
+def db_id(conn: sqlite3.Connection) -> str:
+    row = conn.execute("SELECT value FROM state WHERE key = 'db.id'").fetchone()
+    return "" if row is None else str(row[0])
+
+
+def meta_path(db_path: str | Path) -> Path:
+    return Path(f"{db_path}.rank.json")
+
+
+@dataclass
+class RankCache:
+    db_id: str
+    seq: int
+    capacity: int
+    rows: dict[int, int]
+    columns: np.ndarray
+    built_at: float
+    file: str
+
+    @classmethod
+    def open(cls, db_path: str | Path, *, writable: bool = False) -> RankCache | None:
+        """The cache next to `db_path`, or None when absent, unreadable or of another format."""
+        try:
+            meta = json.loads(meta_path(db_path).read_text())
+            if meta.get("format") != FORMAT:
+                return None
+            rows = {int(t): i for i, t in enumerate(meta["tags"])}
+            capacity = int(meta["capacity"])
+            if rows:
+                path = Path(db_path).parent / meta["file"]
+                columns = np.load(path, mmap_mode="r+" if writable else "r")
+            else:
+                columns = np.zeros((0, capacity), dtype=np.uint16)
+            if columns.shape != (len(rows), capacity) or columns.dtype != np.uint16:
+                return None
+            return cls(
+                str(meta["db_id"]),
+                int(meta["seq"]),
+                capacity,
+                rows,
+                columns,
+                float(meta["built_at"]),
+                str(meta["file"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def usable(self, conn: sqlite3.Connection) -> bool:
+        """Built from this database, not from a later state of it (a restored backup)."""
+        return self.db_id == db_id(conn) and self.seq <= current_seq(conn)
+
+    def column(self, tag_id: int) -> np.ndarray | None:
+        row = self.rows.get(tag_id)
+        return None if row is None else self.columns[row]
+
+
+def dirty_files(conn: sqlite3.Connection, since: int, limit: int) -> list[int] | None:
+    """Files whose scores changed after `since`, or None when more than `limit` did."""
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT file_id FROM score_changes WHERE seq > ? LIMIT ?", (since, limit + 1)
+        )
+    ]
+    return None if len(ids) > limit else ids
+
+
+def best_scores(
+    conn: sqlite3.Connection, file_ids: Sequence[int], tag_ids: Sequence[int]
+) -> dict[tuple[int, int], float]:
+    """(file, tag) -> best selected score over every model, read from SQLite."""
+    if not file_ids or not tag_ids:
+        return {}
+    return {
+        (int(f), int(t)): float(s)
+        for f, t, s in conn.execute(
+            "SELECT s.file_id, s.tag_id, max(s.score) FROM scores s "
+            "WHERE s.file_id IN (SELECT value FROM json_each(?)) "
+            "AND s.tag_id IN (SELECT value FROM json_each(?)) AND s.selected = 1 "
+            "GROUP BY s.file_id, s.tag_id",
+            (json.dumps(list(file_ids)), json.dumps(list(tag_ids))),
+        )
+    }
+
+
+@contextmanager
+def _locked(db_path: str | Path) -> Iterator[bool]:
+    """Serialise writers of the cache (daemon, scan); yields False if the lock is unusable."""
+    try:
+        fd = os.open(f"{db_path}.rank.lock", os.O_RDWR | os.O_CREAT, 0o660)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)
+
+
+def common_tags(
+    conn: sqlite3.Connection, min_files: int, capacity: int, max_bytes: int
+) -> list[int]:
+    """Tags selected on at least `min_files` files, most common first, within the budget."""
+    rows = conn.execute(
+        "SELECT tag_id, count(*) AS n FROM scores WHERE selected = 1 "
+        "GROUP BY tag_id HAVING n >= ? ORDER BY n DESC, tag_id",
+        (min_files,),
+    ).fetchall()
+    fit = max(0, max_bytes // max(1, 2 * capacity))
+    return [int(r[0]) for r in rows[:fit]]
+
+
+def build(
+    conn: sqlite3.Connection,
+    db_path: str | Path,
+    *,
+    min_files: int = MIN_FILES,
+    max_bytes: int = MAX_BYTES,
+) -> RankCache:
+    """Write a fresh cache from one read snapshot (callers hold the lock)."""
+    conn.execute("BEGIN")
+    try:
+        seq = current_seq(conn)
+        ident = db_id(conn)
+        top = int(conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0])
+        capacity = top + top // 4 + 4096
+        tags = common_tags(conn, min_files, capacity, max_bytes)
+        columns = np.zeros((len(tags), capacity), dtype=np.uint16)
+        for row, tag in enumerate(tags):
+            cur = conn.execute(
+                "SELECT file_id, score FROM scores WHERE tag_id = ? AND selected = 1", (tag,)
+            )
+            while chunk := cur.fetchmany(65536):
+                arr = np.asarray(chunk, dtype=np.float64)
+                ids = arr[:, 0].astype(np.int64)
+                np.maximum.at(columns[row], ids, quantize_up(arr[:, 1]))
+    finally:
+        conn.execute("COMMIT")
+    folder = Path(db_path).parent
+    name = f"{Path(db_path).name}.rank-{time.time_ns()}.npy"
+    mode = os.stat(folder).st_mode & 0o664
+    if tags:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, columns)
+        os.chmod(tmp, mode)
+        os.replace(tmp, folder / name)
+    cache = RankCache(ident, seq, capacity, {t: i for i, t in enumerate(tags)}, columns, 0, name)
+    cache.built_at = time.time()
+    old = RankCache.open(db_path)
+    _write_meta(db_path, cache, mode)
+    if old is not None and old.file != name:
+        (folder / old.file).unlink(missing_ok=True)
+    return cache
+
+
+def _write_meta(db_path: str | Path, cache: RankCache, mode: int) -> None:
+    meta = {
+        "format": FORMAT,
+        "db_id": cache.db_id,
+        "seq": cache.seq,
+        "capacity": cache.capacity,
+        "tags": sorted(cache.rows, key=cache.rows.__getitem__),
+        "built_at": cache.built_at,
+        "file": cache.file,
+    }
+    target = meta_path(db_path)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(meta, fh)
+    os.chmod(tmp, mode)
+    os.replace(tmp, target)
+
+
+def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> int | None:
+    """Bring stale columns up to date in place; None when only a rebuild can (too many
+    changes, or file ids past the capacity). Readers stay exact meanwhile: a file patched
+    under them is newer than the seq they read, so they bound it from SQLite anyway."""
+    conn.execute("BEGIN")
+    try:
+        seq = current_seq(conn)
+        dirty = dirty_files(conn, cache.seq, max(DIRTY_MAX, cache.capacity // 4))
+        if dirty is None or any(f >= cache.capacity for f in dirty):
+            return None
+        scores = best_scores(conn, dirty, list(cache.rows))
+    finally:
+        conn.execute("COMMIT")
+    if dirty and cache.rows:
+        ids = np.asarray(dirty, dtype=np.int64)
+        for tag, row in cache.rows.items():
+            vals = np.array([scores.get((f, tag), 0.0) for f in dirty], dtype=np.float64)
+            cache.columns[row, ids] = quantize_up(vals)
+        cache.columns.flush()
+    cache.seq = seq
+    mode = os.stat(Path(db_path).parent).st_mode & 0o664
+    _write_meta(db_path, cache, mode)
+    return len(dirty)
+
+
+def refresh(
+    conn: sqlite3.Connection,
+    db_path: str | Path,
+    *,
+    min_files: int = MIN_FILES,
+    max_bytes: int = MAX_BYTES,
+    max_age_s: float = REBUILD_AFTER_S,
+) -> str:
+    """Patch or rebuild the cache as needed: 'fresh', 'patched N', 'built' or 'skipped'."""
+    with _locked(db_path) as ok:
+        if not ok:
+            return "skipped"
+        try:
+            cache = RankCache.open(db_path, writable=True)
+            if (
+                cache is not None
+                and cache.usable(conn)
+                and time.time() - cache.built_at < max_age_s
+            ):
+                if cache.seq == current_seq(conn):
+                    return "fresh"
+                n = patch(conn, db_path, cache)
+                if n is not None:
+                    return f"patched {n}"
+            build(conn, db_path, min_files=min_files, max_bytes=max_bytes)
+            return "built"
+        except OSError:
+            return "skipped"
+
+
+def candidates(
+    conn: sqlite3.Connection,
+    cache: RankCache,
+    groups: Sequence[Sequence[int]],
+    dirty: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """(file ids, rank bounds) of every file that may match all `groups`: the cache's bounds
+    for clean files, bounds from SQLite for files changed since the cache's seq."""
+    columns = [[cache.columns[cache.rows[t]] for t in group] for group in groups]
+    bounds = bound(columns)
+    stale = np.asarray([f for f in dirty if f < cache.capacity], dtype=np.int64)
+    bounds[stale] = 0.0
+    ids = np.flatnonzero(bounds)
+    vals = bounds[ids]
+    if dirty:
+        tags = sorted({t for group in groups for t in group})
+        best = best_scores(conn, dirty, tags)
+        extra = [
+            (f, b)
+            for f in dirty
+            if (b := float(np.prod([max(best.get((f, t), 0.0) for t in g) for g in groups])))
+        ]
+        if extra:
+            ids = np.concatenate([ids, np.asarray([e[0] for e in extra], dtype=np.int64)])
+            vals = np.concatenate([vals, np.asarray([e[1] for e in extra], dtype=np.float64)])
+    return ids, vals
+
+
+def descending(
+    ids: np.ndarray, bounds: np.ndarray, first: int = 4096
+) -> Iterator[tuple[float, int]]:
+    """(bound, file id), best first: a partial sort for the head, which is usually all that
+    is read, then the rest. Bounds are widened by a hair so float rounding never lets a rank
+    computed by SQLite exceed its bound."""
+    bounds = bounds * (1 + 1e-9)
+    if len(ids) > first:
+        head = np.argpartition(-bounds, first - 1)[:first]
+        order = head[np.argsort(-bounds[head], kind="stable")]
+        yield from zip(bounds[order].tolist(), ids[order].tolist(), strict=True)
+        rest = np.ones(len(ids), dtype=bool)
+        rest[head] = False
+        ids, bounds = ids[rest], bounds[rest]
+    order = np.argsort(-bounds, kind="stable")
+    yield from zip(bounds[order].tolist(), ids[order].tolist(), strict=True)
