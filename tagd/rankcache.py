@@ -296,27 +296,60 @@ def candidates(
     cache: RankCache,
     groups: Sequence[Sequence[int]],
     dirty: Sequence[int],
+    listed: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(file ids, rank bounds) of every file that may match all `groups`: the cache's bounds
-    for clean files, bounds from SQLite for files changed since the cache's seq."""
-    columns = [[cache.columns[cache.rows[t]] for t in group] for group in groups]
-    bounds = bound(columns)
-    stale = np.asarray([f for f in dirty if f < cache.capacity], dtype=np.int64)
-    bounds[stale] = 0.0
-    ids = np.flatnonzero(bounds)
-    vals = bounds[ids]
-    if dirty:
+    """(file ids, rank bounds) of every file that may match all `groups`.
+
+    Without `listed`, candidates are every file the cached columns bound above 0. With it
+    (a rarer tag's (file ids, best scores), read from SQLite in the same snapshot), only those
+    files are candidates, and its score is one more factor. Files changed since the cache's
+    seq (or past its capacity) are bounded from SQLite instead of the columns.
+    """
+    stale = np.asarray(sorted(dirty), dtype=np.int64)
+    if listed is None:
+        bounds = bound([[cache.columns[cache.rows[t]] for t in group] for group in groups])
+        bounds[stale[stale < cache.capacity]] = 0.0
+        ids = np.flatnonzero(bounds)
+        vals = bounds[ids]
+        recheck = stale
+        base: dict[int, float] = {}
+    else:
+        all_ids, scores = listed
+        clean = (all_ids < cache.capacity) & ~np.isin(all_ids, stale)
+        ids, vals = all_ids[clean], scores[clean].astype(np.float64)
+        for group in groups:
+            vals = vals * (np.max(cache.columns[[cache.rows[t] for t in group]][:, ids], 0) / SCALE)
+        keep = vals > 0
+        ids, vals = ids[keep], vals[keep]
+        recheck = all_ids[~clean]
+        base = dict(zip(recheck.tolist(), scores[~clean].tolist(), strict=True))
+    if len(recheck):
         tags = sorted({t for group in groups for t in group})
-        best = best_scores(conn, dirty, tags)
-        extra = [
-            (f, b)
-            for f in dirty
-            if (b := float(np.prod([max(best.get((f, t), 0.0) for t in g) for g in groups])))
-        ]
+        best = best_scores(conn, recheck.tolist(), tags)
+        extra = []
+        for f in recheck.tolist():
+            b = base.get(f, 1.0)
+            for g in groups:
+                b *= max(best.get((f, t), 0.0) for t in g)
+            if b > 0:
+                extra.append((f, b))
         if extra:
             ids = np.concatenate([ids, np.asarray([e[0] for e in extra], dtype=np.int64)])
             vals = np.concatenate([vals, np.asarray([e[1] for e in extra], dtype=np.float64)])
     return ids, vals
+
+
+def listed_scores(
+    conn: sqlite3.Connection, tag_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(file ids, best selected score over every model and `tag_ids`) from SQLite."""
+    rows = conn.execute(
+        "SELECT file_id, max(score) FROM scores WHERE tag_id IN "
+        "(SELECT value FROM json_each(?)) AND selected = 1 GROUP BY file_id",
+        (json.dumps(list(tag_ids)),),
+    ).fetchall()
+    arr = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+    return arr[:, 0].astype(np.int64), arr[:, 1]
 
 
 def descending(

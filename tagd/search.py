@@ -570,11 +570,13 @@ def _driver(
 
 
 def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> list[tuple] | None:
-    """A ranked page of two or more common tags, checked in the order of the rank bounds of
-    the cache next to the database (tagd/rankcache.py); None where it cannot serve the query.
+    """A ranked page of several tags, at least one of them common, checked in the order of
+    rank bounds from the cache next to the database (tagd/rankcache.py); None where the cache
+    cannot serve the query.
 
-    The cache's list of tags is read before numpy is imported, so queries it cannot serve
-    start as fast as without it.
+    With a tag too rare for the cache, that tag's list (read from SQLite) gives the candidates
+    and the cache bounds the rest. The cache's list of tags is read before numpy is imported,
+    so queries it cannot serve start as fast as without it.
     """
     if not _ranked_page(node, opts) or _similar_terms(node):
         return None
@@ -583,8 +585,8 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
         cached = set(json.loads(Path(f"{db}.rank.json").read_text())["tags"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    groups = _cached_groups(conn, node, cached)
-    if groups is None:
+    groups, listed = _cache_groups(conn, node, cached)
+    if not groups or len(groups) + len(listed) < 2:
         return None
     from tagd import rankcache
 
@@ -596,10 +598,16 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
         if cache is None or not cache.usable(conn):
             return None
         dirty = rankcache.dirty_files(conn, cache.seq, rankcache.DIRTY_MAX)
-        columns = [[cache.column(t) for t in group] for group in groups]
-        if dirty is None or any(c is None for group in columns for c in group):
+        if dirty is None or any(t not in cache.rows for group in groups for t in group):
             return None
-        ids, bounds = rankcache.candidates(conn, cache, groups, dirty)
+        driver = None
+        if listed:
+            sizes = [
+                sum(_walk_size(conn, t, None, DRIVER_COUNT_CAPS[0]) for t in group)
+                for group in listed
+            ]
+            driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
+        ids, bounds = rankcache.candidates(conn, cache, groups, dirty, driver)
         return _top_k(conn, node, opts, rankcache.descending(ids, bounds))
     finally:
         if began:
@@ -610,26 +618,25 @@ def _db_file(conn: sqlite3.Connection) -> str:
     return str(conn.execute("PRAGMA database_list").fetchone()[2])
 
 
-def _cached_groups(
+def _cache_groups(
     conn: sqlite3.Connection, node: Node, cached: set[int]
-) -> list[list[int]] | None:
-    """Tag ids of each top-level AND term the cache can bound (an OR: one per branch).
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Tag ids of the top-level AND terms that can bound a rank (an OR: one id per branch):
+    those the cache holds, and those it does not (rarer tags, to read from SQLite).
 
-    Other terms only filter or multiply the rank by at most 1, so they leave the bound valid,
-    except a tag list shorter than the cache's threshold: walking that one is cheaper.
+    Other terms only filter or multiply the rank by at most 1, so they leave bounds valid.
     """
     terms = node.terms if isinstance(node, And) else (node,)
-    groups = []
+    held: list[list[int]] = []
+    rare: list[list[int]] = []
     for term in terms:
         branches = term.terms if isinstance(term, Or) else (term,)
         walks = [_walkable(conn, b) for b in branches]
-        if any(w is None for w in walks):
+        if any(w is None or not isinstance(w[1], Tag) for w in walks):
             continue
-        if any(tag_id not in cached for tag_id, _ in walks):  # type: ignore[misc]
-            return None
-        if all(isinstance(t, Tag) for _, t in walks):  # type: ignore[misc]
-            groups.append([tag_id for tag_id, _ in walks])  # type: ignore[misc]
-    return groups if len(groups) >= 2 else None
+        ids = [w[0] for w in walks]  # type: ignore[index]
+        (held if all(t in cached for t in ids) else rare).append(ids)
+    return held, rare
 
 
 def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] | None:
@@ -644,8 +651,9 @@ def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] |
     return (ids[0], term) if len(ids) == 1 else None  # type: ignore[return-value]
 
 
-def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score, cap: int) -> int:
-    if isinstance(term, Tag):
+def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score | None, cap: int) -> int:
+    """How many files a tag (None: selected) or confidence filter lists, counted up to `cap`."""
+    if not isinstance(term, Score):
         cond, params = "selected = 1", []
     else:
         cond, params = _range_sql("score", term.range)

@@ -202,7 +202,7 @@ def test_a_restored_or_other_database_never_uses_the_cache(
     conn.close()
 
 
-def test_uncommon_tags_are_left_out_and_walked_instead(index: Index, used: list[int]) -> None:
+def test_uncommon_tags_give_the_candidates_from_sqlite(index: Index, used: list[int]) -> None:
     conn = connect(index.db)
     counts = dict(
         conn.execute("SELECT tag_id, count(*) FROM scores WHERE selected = 1 GROUP BY tag_id")
@@ -210,12 +210,25 @@ def test_uncommon_tags_are_left_out_and_walked_instead(index: Index, used: list[
     cut = sorted(counts.values())[len(counts) // 2]
     cache = rankcache.build(conn, index.db, min_files=cut)
     assert set(cache.rows) == {t for t, n in counts.items() if n >= cut}
-    rare = next(
-        n for t, (_, n) in sorted(index.tags.items()) if t in counts and t not in cache.rows
-    )
-    common = [n for t, (_, n) in sorted(index.tags.items()) if t in cache.rows]
-    pages_match_full_ranking(conn, [f"{common[0]} {rare}"])
-    assert not used
+    names = {t: n for t, (_, n) in index.tags.items() if t in counts}
+    rare = [n for t, n in sorted(names.items()) if t not in cache.rows]
+    common = [n for t, n in sorted(names.items()) if t in cache.rows]
+    assert len(rare) >= 2 and len(common) >= 2
+    # Changed after the build: one file gains a rare tag, one loses a common one.
+    rare_id, common_id = tag_ids(conn, rare[0], common[0])
+    retag(conn, 8, 1, {rare_id: (0.999, 1), common_id: (0.999, 1)})
+    retag(conn, 12, 2, {})
+    queries = [
+        f"{common[0]} {rare[0]}",
+        f"{rare[0]} {common[0]} {common[1]}",
+        f"{common[0]} ({rare[0]} | {rare[1]}) -{common[1]}",
+        f"{rare[0]} {rare[1]} {common[0]}",
+    ]
+    pages_match_full_ranking(conn, queries)
+    assert len(used) == 3 * len(queries)
+    used.clear()
+    pages_match_full_ranking(conn, [f"{rare[0]} {rare[1]}", f"{common[0]} -{common[1]}"])
+    assert not used  # nothing for the cache to bound: the walk serves these
     conn.close()
 
 
@@ -249,11 +262,15 @@ def test_taggings_and_reindex_log_changed_files(tmp_path: Path) -> None:
     conn.close()
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["all tags", "common tags"])
+def cached(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     idx = build_index(tmp_path_factory.mktemp("cached"))
     conn = connect(idx.db)
-    rankcache.build(conn, idx.db, min_files=1)
+    counts = sorted(
+        n for (n,) in conn.execute("SELECT count(*) FROM scores WHERE selected = 1 GROUP BY tag_id")
+    )
+    cut = 1 if request.param == "all tags" else counts[len(counts) // 2]
+    assert len(rankcache.build(conn, idx.db, min_files=cut).rows) < len(counts) or cut == 1
     girl, solo = tag_ids(conn, "1girl", "solo")
     for fid in (2, 11, 17):  # changed after the build: bounded from SQLite
         retag(conn, fid, 2, {girl: (0.97, 1), solo: (0.99, 1)})
