@@ -77,6 +77,7 @@ class DaemonConfig:
 
     settle_seconds: float = 2.0
     reconcile_interval: float = 3600.0
+    rank_cache_interval: float = 30.0
     lease_seconds: float = 300.0
     max_attempts: int = 5
     retry_backoff: float = 30.0
@@ -459,6 +460,7 @@ def _inference(value: Any, key: str) -> InferenceConfig:
 _DAEMON_KEYS = (
     "settle_seconds",
     "reconcile_interval",
+    "rank_cache_interval",
     "lease_seconds",
     "max_attempts",
     "retry_backoff",
@@ -474,6 +476,11 @@ def _daemon(value: Any, key: str) -> DaemonConfig:
         ),
         reconcile_interval=_number(
             d.get("reconcile_interval", base.reconcile_interval), f"{key}.reconcile_interval", 60.0
+        ),
+        rank_cache_interval=_number(
+            d.get("rank_cache_interval", base.rank_cache_interval),
+            f"{key}.rank_cache_interval",
+            1.0,
         ),
         lease_seconds=_number(
             d.get("lease_seconds", base.lease_seconds), f"{key}.lease_seconds", 5.0

@@ -38,7 +38,6 @@ STOP_GRACE_S = 10.0
 ERROR_PAUSE_S = 5.0
 REAP_EVERY_S = 60.0
 CHECKPOINT_EVERY_S = 300.0
-RANK_CACHE_EVERY_S = 30.0
 WAL_TRUNCATE_BYTES = 64 << 20
 
 
@@ -188,7 +187,13 @@ class Daemon:
         )
         scheduler.add_job(self._reap, "interval", seconds=REAP_EVERY_S, id="reap")
         scheduler.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="wal")
-        scheduler.add_job(self._rank_cache, "interval", seconds=RANK_CACHE_EVERY_S, id="rank-cache")
+        scheduler.add_job(
+            self._rank_cache,
+            "interval",
+            seconds=self.config.daemon.rank_cache_interval,
+            id="rank-cache",
+            next_run_time=now,
+        )
         hydrus = getattr(self.config, "hydrus", None)
         if getattr(hydrus, "enabled", False):
             scheduler.add_job(

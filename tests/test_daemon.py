@@ -3,6 +3,7 @@ CLI reading and writing the database while the daemon works."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -79,9 +80,24 @@ def daemon_config(tmp_path: Path, gallery: Path, probe_model: Path) -> Path:
             "watch": [{"path": str(gallery)}],
             "models": [{"name": "probe", "path": str(probe_model)}],
             "inference": {"device": "cpu", "batch_size": 2, "threads": 1},
-            "daemon": {"settle_seconds": 0.3},
+            "daemon": {"settle_seconds": 0.3, "rank_cache_interval": 1},
         },
     )
+
+
+def rank_cache_seq(db: Path) -> int | None:
+    try:
+        return json.loads(Path(f"{db}.rank.json").read_text())["seq"]
+    except (OSError, ValueError):
+        return None
+
+
+def max_change_seq(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT max(seq) FROM score_changes").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def db_counts(path: Path) -> dict[str, int]:
@@ -192,6 +208,8 @@ def test_cli_works_while_the_daemon_writes(
             assert r.returncode == 0, r.stderr
             assert "locked" not in r.stderr and "Traceback" not in r.stderr
         wait_for(lambda: db_counts(db_path) == {"done": N_IMAGES + 3, "failed": 1})
+        # The search ranking cache takes in what the daemon tagged.
+        wait_for(lambda: rank_cache_seq(db_path) == max_change_seq(db_path))
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
