@@ -180,39 +180,155 @@ class EmbeddingIndex:
         row = self.row_of(file_id)
         return self.nearest(self.matrix[row], limit=limit, min_sim=min_sim, exclude=row)
 
-    def groups(self, min_sim: float, block: int = 1024) -> list[list[tuple[int, float]]]:
-        """Connected groups of files with pairwise cosine >= min_sim (O(n²) exact)."""
+    def groups(
+        self, min_sim: float, *, exhaustive: bool | None = None, block: int = 1024
+    ) -> list[list[tuple[int, float]]]:
+        """Connected groups of files with pairwise cosine >= min_sim.
+
+        Below LSH_MIN_FILES (or with `exhaustive`) every pair is compared, O(n²); above, only
+        pairs that random-projection LSH puts in one bucket (see lsh_pairs).
+        """
         n = self.matrix.shape[0]
-        parent = np.arange(n)
+        if exhaustive is None:
+            exhaustive = n < LSH_MIN_FILES
+        pairs = (
+            exhaustive_pairs(self.matrix, min_sim, block)
+            if exhaustive
+            else lsh_pairs(self.matrix, min_sim)
+        )
+        return _connect(self.ids, pairs)
 
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = int(parent[x])
-            return x
 
-        best = np.zeros(n, dtype=np.float32)
-        for start in range(0, n, block):
-            sims = np.asarray(self.matrix[start : start + block]) @ np.asarray(self.matrix).T
-            rows, cols = np.nonzero(sims >= min_sim)
-            for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-                a = start + r
-                if c <= a:
-                    continue
-                s = float(sims[r, c])
-                best[a] = max(best[a], s)
-                best[c] = max(best[c], s)
-                ra, rc = find(a), find(c)
-                if ra != rc:
-                    parent[max(ra, rc)] = min(ra, rc)
-        members: dict[int, list[int]] = {}
-        for i in range(n):
-            if best[i] > 0:
-                members.setdefault(find(i), []).append(i)
-        return [
-            [(int(self.ids[i]), float(best[i])) for i in rows]
-            for rows in sorted(members.values(), key=lambda r: (-len(r), r[0]))
-        ]
+LSH_MIN_FILES = 20_000
+LSH_RECALL = 0.99
+BIG_BUCKET = 256  # pairs of a bucket this big come from one matrix product, not gathers
+
+
+def exhaustive_pairs(
+    matrix: np.ndarray, min_sim: float, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows a, rows b, cosine) of every pair a < b at or above `min_sim`, block by block."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for start in range(0, matrix.shape[0], block):
+        sims = np.asarray(matrix[start : start + block]) @ np.asarray(matrix).T
+        r, c = np.nonzero(sims >= min_sim)
+        a = r + start
+        keep = c > a
+        found.append((a[keep], c[keep], sims[r[keep], c[keep]]))
+    return _concat(found)
+
+
+def lsh_plan(n: int, min_sim: float, recall: float = LSH_RECALL) -> tuple[int, int]:
+    """(bits per band, bands) for sign-random-projection LSH over n vectors.
+
+    A pair at angle θ agrees on one random hyperplane with p = 1 - θ/π, and shares a band of
+    r bits with p^r; L bands catch it with 1 - (1 - p^r)^L >= recall. r ≈ log2(n) keeps
+    buckets of unrelated vectors to a few files each.
+    """
+    theta = float(np.arccos(np.clip(min_sim, -1.0, 1.0)))
+    p = 1.0 - theta / np.pi
+    r = max(8, min(30, int(np.ceil(np.log2(max(n, 2)))) - 1))
+    hit = p**r
+    bands = 1 if hit >= 1.0 else int(np.ceil(np.log(1.0 - recall) / np.log1p(-hit)))
+    return r, max(1, bands)
+
+
+def lsh_pairs(
+    matrix: np.ndarray,
+    min_sim: float,
+    *,
+    recall: float = LSH_RECALL,
+    seed: int = 0,
+    chunk: int = CHUNK_ROWS,
+    max_pairs: int = 1 << 18,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs at or above `min_sim` among those sharing a random-projection bucket.
+
+    Every reported pair is checked exactly; a pair at exactly `min_sim` is found with
+    probability >= `recall`, closer pairs with more. Seeded, so runs repeat.
+    """
+    n, dim = matrix.shape
+    bits, bands = lsh_plan(n, min_sim, recall)
+    planes = np.random.default_rng(seed).standard_normal((dim, bits * bands), dtype=np.float32)
+    weights = (1 << np.arange(bits, dtype=np.int64))[None, :]
+    codes = np.empty((bands, n), dtype=np.int64)
+    for start in range(0, n, chunk):
+        signs = (np.asarray(matrix[start : start + chunk]) @ planes) > 0
+        for b in range(bands):
+            codes[b, start : start + chunk] = (signs[:, b * bits : (b + 1) * bits] * weights).sum(1)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for b in range(bands):
+        order = np.argsort(codes[b], kind="stable")
+        sorted_codes = codes[b][order]
+        edges = np.flatnonzero(np.diff(sorted_codes)) + 1
+        starts = np.concatenate([[0], edges])
+        sizes = np.diff(np.concatenate([starts, [n]]))
+        big = sizes > BIG_BUCKET
+        for first, size in zip(starts[big].tolist(), sizes[big].tolist(), strict=True):
+            rows = np.sort(order[first : first + size])
+            sub = np.asarray(matrix[rows])
+            r, c = np.nonzero(np.triu(sub @ sub.T, 1) >= min_sim)
+            found.append((rows[r], rows[c], np.einsum("ij,ij->i", sub[r], sub[c])))
+        for size in np.unique(sizes[(sizes > 1) & (sizes <= BIG_BUCKET)]).tolist():
+            runs = starts[sizes == size]
+            members = order[runs[:, None] + np.arange(size)[None, :]]  # [buckets, size]
+            ia, ib = np.triu_indices(size, 1)
+            a = members[:, ia].ravel()
+            c = members[:, ib].ravel()
+            for s in range(0, len(a), max_pairs):
+                pa, pc = a[s : s + max_pairs], c[s : s + max_pairs]
+                sims = np.einsum("ij,ij->i", matrix[pa], matrix[pc])
+                keep = sims >= min_sim
+                lo, hi = np.minimum(pa, pc)[keep], np.maximum(pa, pc)[keep]
+                found.append((lo, hi, sims[keep]))
+    a, c, sims = _concat(found)
+    if len(a):
+        _, first = np.unique(a * n + c, return_index=True)
+        a, c, sims = a[first], c[first], sims[first]
+    return a, c, sims
+
+
+def _concat(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.float32)
+    return (
+        np.concatenate([p[0] for p in parts]).astype(np.int64),
+        np.concatenate([p[1] for p in parts]).astype(np.int64),
+        np.concatenate([p[2] for p in parts]).astype(np.float32),
+    )
+
+
+def _connect(
+    ids: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> list[list[tuple[int, float]]]:
+    """Union-find over the pairs: groups of (file id, best cosine to another member)."""
+    parent: dict[int, int] = {}
+    best: dict[int, float] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, c, s in zip(*(x.tolist() for x in pairs), strict=True):
+        best[a] = max(best.get(a, 0.0), s)
+        best[c] = max(best.get(c, 0.0), s)
+        ra, rc = find(a), find(c)
+        if ra != rc:
+            parent[max(ra, rc)] = min(ra, rc)
+    members: dict[int, list[int]] = {}
+    for i in sorted(best):
+        members.setdefault(find(i), []).append(i)
+    return [
+        [(int(ids[i]), float(best[i])) for i in rows]
+        for rows in sorted(members.values(), key=lambda r: (-len(r), r[0]))
+    ]
 
 
 def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, int]) -> None:

@@ -124,6 +124,8 @@ def test_similar_and_dupes(setup) -> None:
     ]
     multi = {f for _, f, _ in idx.rows if sum(1 for _, g, _ in idx.rows if g == f) > 1}
     assert {e["sha256"] for e in d["exact"]} == {f"{f:064x}" for f in multi}
+    full = tagd(cfg, "dupes", "--min-sim", "0.999", "--exhaustive", "--format", "json")
+    assert full.returncode == 0 and json.loads(full.stdout) == d
 
 
 def test_tags_and_stats(setup) -> None:
