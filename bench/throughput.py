@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.corpus import build_corpus
-from bench.models import build_tiny_tagger, build_vit_tagger, write_selected_tags
+from bench.models import REVISION, build_tiny_tagger, build_vit_tagger, write_selected_tags
 from tagd import config as cfgmod
 from tagd import db, queue, scanner, sizing
 from tagd.config import InferenceConfig, ModelConfig
@@ -54,12 +54,15 @@ def log(msg: str) -> None:
 
 
 def model_dir(workdir: Path, name: str) -> Path:
+    """The cached model, rebuilt when bench/models.py's REVISION differs from the one cached."""
     folder = workdir / "models" / name
-    if not (folder / "model.onnx").exists():
+    stamp = folder / ".revision"
+    if not stamp.exists() or stamp.read_text().strip() != str(REVISION):
         log(f"building {name} model in {folder}")
         build = build_vit_tagger if name == "vit" else build_tiny_tagger
         build(folder / "model.onnx")
         write_selected_tags(folder / "selected_tags.csv")
+        stamp.write_text(f"{REVISION}\n")
     return folder
 
 

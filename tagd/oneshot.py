@@ -16,7 +16,7 @@ from tagd import db, store
 from tagd.decode import DecodeError, FileBytes, read_file
 from tagd.pipeline import decode_and_prepare, register
 from tagd.tagger import Tagger
-from tagd.thresholds import select
+from tagd.thresholds import groups, select_grouped
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ def tag_paths(
         with db.write(conn):
             record = register(conn, tagger, floor)
     namespaces = tagger.labels.namespaces
+    by_ns = groups(namespaces)
     for batch in _batches(paths, batch_size):
         ok: list[_Decoded] = []
         results: dict[str, Result] = {}
@@ -92,7 +93,7 @@ def tag_paths(
             ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name]))
         if ok:
             probs = tagger.predict(np.stack([d.tensor for d in ok]))
-            masks = [select(row, namespaces, rules) for row in probs]
+            masks = [select_grouped(row, by_ns, rules) for row in probs]
             for d, row, mask in zip(ok, probs, masks, strict=True):
                 idx = np.flatnonzero(mask)
                 idx = idx[np.argsort(-row[idx], kind="stable")]

@@ -413,7 +413,6 @@ class Pipeline:
                         file_id=file_id,
                         model=self.records[name],
                         scores=probs,
-                        namespaces=tagger.labels.namespaces,
                         thresholds=tagger.thresholds,
                         rules=self.rules[name],
                         floor=self.config.floor_for(tagger.config),

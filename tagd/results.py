@@ -17,15 +17,17 @@ import numpy as np
 from tagd import store
 from tagd.config import TagRules
 from tagd.graph import Head
-from tagd.thresholds import DEFAULT_THRESHOLD, MCUT_FLOORS, mcut_threshold, select
+from tagd.thresholds import DEFAULT_THRESHOLD, MCUT_FLOORS, groups, mcut_threshold, select_grouped
 
 
 @dataclass(frozen=True)
 class Rules:
-    """Tag rules resolved against one model's labels: blacklist mask and alias targets."""
+    """Tag rules resolved against one model's labels: blacklist mask, alias targets, and the
+    labels' namespaces grouped once (per image that grouping would cost more than the rest)."""
 
     blocked: np.ndarray
     alias_of: dict[int, tuple[str, str]]
+    by_ns: dict[str, np.ndarray]
 
 
 def resolve_rules(names: Sequence[str], namespaces: Sequence[str], rules: TagRules) -> Rules:
@@ -43,12 +45,7 @@ def resolve_rules(names: Sequence[str], namespaces: Sequence[str], rules: TagRul
         if target is not None:
             tns, _, tname = target.rpartition(":")
             alias_of[i] = (tns or ns, tname)
-    return Rules(blocked, alias_of)
-
-
-def groups(namespaces: Sequence[str]) -> dict[str, np.ndarray]:
-    ns = np.asarray(namespaces)
-    return {str(n): np.flatnonzero(ns == n) for n in np.unique(ns)}
+    return Rules(blocked, alias_of, groups(namespaces))
 
 
 def select_many(
@@ -72,13 +69,10 @@ def select_many(
 
 
 def decide(
-    scores: np.ndarray,
-    namespaces: Sequence[str],
-    thresholds: Mapping[str, float | str],
-    rules: Rules,
+    scores: np.ndarray, thresholds: Mapping[str, float | str], rules: Rules
 ) -> tuple[np.ndarray, dict[tuple[str, str], float]]:
     """(selected mask, {alias target: best score}); aliased and blacklisted tags are unselected."""
-    selected = select(scores, namespaces, thresholds) & ~rules.blocked
+    selected = select_grouped(scores, rules.by_ns, thresholds) & ~rules.blocked
     return selected, alias_targets(scores, selected, rules)
 
 
@@ -100,14 +94,13 @@ def save(
     file_id: int,
     model: store.ModelRecord,
     scores: np.ndarray,
-    namespaces: Sequence[str],
     thresholds: Mapping[str, float | str],
     rules: Rules,
     floor: float,
     embedding: np.ndarray | None = None,
 ) -> None:
     """Replace one (file, model) result, alias rows and embedding included."""
-    selected, targets = decide(scores, namespaces, thresholds, rules)
+    selected, targets = decide(scores, thresholds, rules)
     store.save_prediction(
         conn, file_id=file_id, model=model, scores=scores, selected=selected, floor=floor
     )

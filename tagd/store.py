@@ -10,6 +10,7 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -123,12 +124,17 @@ def save_prediction(
     """Replace one (file, model) result: scores >= floor plus every selected tag."""
     keep = np.flatnonzero((scores >= floor) | selected)
     conn.execute("DELETE FROM scores WHERE file_id = ? AND model_id = ?", (file_id, model.id))
+    # tolist() converts whole arrays to the same Python ints and floats that per-element
+    # int()/float() gave, at a fraction of the CPU (this runs for every image).
     conn.executemany(
         "INSERT INTO scores(file_id, model_id, tag_id, score, selected) VALUES (?, ?, ?, ?, ?)",
-        [
-            (file_id, model.id, int(model.tag_ids[i]), float(scores[i]), int(selected[i]))
-            for i in keep
-        ],
+        zip(
+            repeat(file_id),
+            repeat(model.id),
+            model.tag_ids[keep].tolist(),
+            scores[keep].tolist(),
+            selected[keep].astype(np.int64).tolist(),
+        ),
     )
     conn.execute(
         """INSERT INTO taggings(file_id, model_id, revision, floor, tagged_at)

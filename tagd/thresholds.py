@@ -24,6 +24,15 @@ def mcut_threshold(probs: np.ndarray) -> float:
     return float((s[t] + s[t + 1]) / 2)
 
 
+def groups(namespaces: Sequence[str]) -> dict[str, np.ndarray]:
+    """{namespace: its output indices}, in sorted namespace order.
+
+    Computed once per model: grouping 10k label strings costs more than selecting from them.
+    """
+    ns = np.asarray(namespaces)
+    return {str(n): np.flatnonzero(ns == n) for n in np.unique(ns)}
+
+
 def select(
     scores: np.ndarray,
     namespaces: Sequence[str],
@@ -34,18 +43,25 @@ def select(
     `rules` maps a namespace to a threshold (score >= t), "top" (only the best-scoring tag of
     that namespace) or "mcut". Namespaces without a rule use rules["default"] or 0.35.
     """
+    return select_grouped(scores, groups(namespaces), rules)
+
+
+def select_grouped(
+    scores: np.ndarray,
+    by_ns: Mapping[str, np.ndarray],
+    rules: Mapping[str, float | str],
+) -> np.ndarray:
+    """`select` with the namespaces already grouped (see `groups`)."""
     scores = np.asarray(scores, dtype=np.float32)
-    ns = np.asarray(namespaces)
     mask = np.zeros(scores.shape, dtype=bool)
-    for namespace in np.unique(ns):
-        idx = np.flatnonzero(ns == namespace)
-        rule = rules.get(str(namespace), rules.get("default", DEFAULT_THRESHOLD))
+    for namespace, idx in by_ns.items():
+        rule = rules.get(namespace, rules.get("default", DEFAULT_THRESHOLD))
         sub = scores[idx]
         if rule == "top":
             mask[idx[int(np.argmax(sub))]] = True
             continue
         if rule == "mcut":
-            threshold = max(mcut_threshold(sub), MCUT_FLOORS.get(str(namespace), 0.0))
+            threshold = max(mcut_threshold(sub), MCUT_FLOORS.get(namespace, 0.0))
         else:
             threshold = float(rule)
         mask[idx] = sub >= threshold

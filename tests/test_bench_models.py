@@ -94,7 +94,8 @@ def test_runs_batch_1_and_3_consistently(which: str, request: pytest.FixtureRequ
     y3 = sess.run(["output"], {"input": x})[0]
     assert y3.shape == (3, 50)
     assert y3.dtype == np.float32
-    assert np.all((y3 > 0) & (y3 < 1))
+    # Most tags sit far below any threshold, where a float32 Sigmoid rounds to exactly 0.
+    assert np.all((y3 >= 0) & (y3 < 1)) and np.all(y3.max(axis=1) > 0)
     singles = [sess.run(["output"], {"input": x[i : i + 1]})[0] for i in range(3)]
     assert all(s.shape == (1, 50) for s in singles)
     np.testing.assert_allclose(y3, np.concatenate(singles), atol=1e-5, rtol=0)
@@ -187,3 +188,24 @@ def test_corpus_is_deterministic(tmp_path: Path) -> None:
     a = build_corpus(tmp_path / "a", 3, seed=7, megapixels=(0.02, 0.05))
     b = build_corpus(tmp_path / "b", 3, seed=7, megapixels=(0.02, 0.05), jobs=2)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_tiny_tagger_stores_and_selects_as_many_tags_as_a_real_one(tmp_path: Path) -> None:
+    """A real WD v3 tagger stores ~50-150 scores >= 0.05 per image and selects ~10-40 at 0.35;
+    benchmarks of the store and post-processing are only meaningful if the stand-in does too."""
+    from tagd.families import WD14
+    from tagd.workers import decode_and_prepare
+
+    model = build_tiny_tagger(tmp_path / "model.onnx")
+    spec = WD14.preprocess.with_size(448, 448)
+    images = build_corpus(tmp_path / "corpus", 8, megapixels=(0.2, 0.4))
+    batch = np.stack(
+        [decode_and_prepare(p.read_bytes(), {"m": spec}, 10**8)[3]["m"] for p in images]
+    ).astype(np.float32)
+    probs = _session(model).run(["output"], {"input": batch})[0]
+    stored = (probs >= 0.05).sum(axis=1)
+    selected = (probs >= 0.35).sum(axis=1)
+    assert np.all((stored >= 40) & (stored <= 150)), stored
+    assert np.all((selected >= 10) & (selected <= 40)), selected
+    # Each image gets its own tags, not one fixed set.
+    assert len({tuple(np.flatnonzero(p >= 0.35)) for p in probs}) == len(images)

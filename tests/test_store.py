@@ -1,0 +1,85 @@
+"""What one stored result looks like in SQLite: rows, values, types, and replacement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tagd import db, results, store
+from tagd.config import TagRules
+from tagd.labels import Labels
+from tagd.thresholds import groups
+
+LABELS = Labels(
+    names=("general", "explicit", "smile", "long_hair", "solo", "miku"),
+    namespaces=("rating", "rating", "general", "general", "general", "character"),
+)
+THRESHOLDS: dict[str, float | str] = {"general": 0.35, "character": 0.85, "rating": "top"}
+
+
+def _rows(conn, file_id: int) -> list[tuple]:
+    return conn.execute(
+        """SELECT t.name, s.score, typeof(s.score), s.selected, typeof(s.selected)
+           FROM scores s JOIN tags t ON t.id = s.tag_id WHERE s.file_id = ? ORDER BY t.name""",
+        (file_id,),
+    ).fetchall()
+
+
+def test_save_stores_floor_and_selected_rows_and_replaces_them(tmp_path: Path) -> None:
+    conn = db.connect(tmp_path / "t.db")
+    rules = results.resolve_rules(
+        LABELS.names, LABELS.namespaces, TagRules(aliases={"general:long_hair": "general:hair"})
+    )
+    with db.write(conn):
+        model = store.register_model(
+            conn, name="m", family="wd14", source="x", revision="r1", labels=LABELS, settings={}
+        )
+        file_id = store.upsert_file(conn, "a" * 64, 10, 1, 1, "PNG")
+        first = np.array([0.03, 0.01, 0.7, 0.6, 0.2, 0.04], dtype=np.float32)
+        results.save(
+            conn,
+            file_id=file_id,
+            model=model,
+            scores=first,
+            thresholds=THRESHOLDS,
+            rules=rules,
+            floor=0.05,
+        )
+    # Below the floor but selected (top rating) is kept; long_hair is moved to its alias.
+    assert [tuple(r) for r in _rows(conn, file_id)] == [
+        ("general", float(first[0]), "real", 1, "integer"),
+        ("hair", float(first[3]), "real", 1, "integer"),
+        ("long_hair", float(first[3]), "real", 0, "integer"),
+        ("smile", float(first[2]), "real", 1, "integer"),
+        ("solo", float(first[4]), "real", 0, "integer"),
+    ]
+    with db.write(conn):
+        second = np.array([0.02, 0.9, 0.1, 0.01, 0.5, 0.9], dtype=np.float32)
+        results.save(
+            conn,
+            file_id=file_id,
+            model=model,
+            scores=second,
+            thresholds=THRESHOLDS,
+            rules=rules,
+            floor=0.05,
+        )
+    # A retry or re-tag replaces the result: nothing of the first one survives.
+    assert [(r[0], r[1], r[3]) for r in _rows(conn, file_id)] == [
+        ("explicit", float(second[1]), 1),
+        ("miku", float(second[5]), 1),
+        ("smile", float(second[2]), 0),
+        ("solo", float(second[4]), 1),
+    ]
+    assert conn.execute("SELECT count(*) FROM taggings").fetchone()[0] == 1
+
+
+def test_groups_are_each_namespaces_indices_in_sorted_order() -> None:
+    by_ns = groups(LABELS.namespaces)
+    assert list(by_ns) == ["character", "general", "rating"]
+    assert {k: v.tolist() for k, v in by_ns.items()} == {
+        "character": [5],
+        "general": [2, 3, 4],
+        "rating": [0, 1],
+    }
