@@ -222,7 +222,9 @@ def prepare_rank_cache(db: Path, use: bool, dirty: int) -> None:
     conn.close()
 
 
-def measure(db: Path, repeats: int, limit: int, skip_search: bool = False) -> None:
+def measure(
+    db: Path, repeats: int, limit: int, skip_search: bool = False, dupes: bool = False
+) -> None:
     from tagd.db import connect
     from tagd.query import parse
     from tagd.search import SearchOptions, count, search
@@ -255,11 +257,11 @@ def measure(db: Path, repeats: int, limit: int, skip_search: bool = False) -> No
                 f"{shape:<11} {text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
                 f"{percentile(times, 0.95):>8.1f} {percentile(ctimes, 0.5):>10.1f}"
             )
-    measure_similar(db, conn, repeats)
+    measure_similar(db, conn, repeats, dupes)
     measure_cold(db, limit)
 
 
-def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int) -> None:
+def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int, dupes: bool) -> None:
     from tagd.similar import EmbeddingIndex
 
     t = time.perf_counter()
@@ -277,6 +279,16 @@ def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int) -> None:
     print(
         f"similar top-20: p50 {percentile(times, 0.5):.0f} ms, p95 {percentile(times, 0.95):.0f} ms"
     )
+    if dupes:
+        from tagd.similar import lsh_plan
+
+        bits, bands = lsh_plan(index.matrix.shape[0], 0.97)
+        t = time.perf_counter()
+        groups = index.groups(0.97)
+        print(
+            f"dupes --min-sim 0.97 (LSH, {bands} bands of {bits} bits): "
+            f"{time.perf_counter() - t:.0f} s, {len(groups)} groups"
+        )
 
 
 def measure_cold(db: Path, limit: int) -> None:
@@ -323,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--skip-search", action="store_true", help="only similar and cold start")
     ap.add_argument("--no-rank-cache", action="store_true", help="set the ranking cache aside")
+    ap.add_argument("--dupes", action="store_true", help="also time `tagd dupes` (minutes)")
     ap.add_argument(
         "--dirty", type=int, default=0, help="files changed since the ranking cache's refresh"
     )
@@ -331,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
         build(args.db, args.files, args.dim)
     if not args.build_only:
         prepare_rank_cache(args.db, not args.no_rank_cache, args.dirty)
-        measure(args.db, args.repeats, args.limit, args.skip_search)
+        measure(args.db, args.repeats, args.limit, args.skip_search, args.dupes)
 
 
 if __name__ == "__main__":
