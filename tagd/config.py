@@ -77,7 +77,7 @@ class DaemonConfig:
 
     settle_seconds: float = 2.0
     reconcile_interval: float = 3600.0
-    rank_cache_interval: float = 30.0
+    rank_cache_interval: float = 10.0
     lease_seconds: float = 300.0
     max_attempts: int = 5
     retry_backoff: float = 30.0

@@ -134,14 +134,16 @@ def best_scores(
     """(file, tag) -> best selected score over every model, read from SQLite."""
     if not file_ids or not tag_ids:
         return {}
+    models = [int(r[0]) for r in conn.execute("SELECT id FROM models")]
+    # Every key column bound, so each (file, model, tag) is one primary-key seek.
     return {
         (int(f), int(t)): float(s)
         for f, t, s in conn.execute(
-            "SELECT s.file_id, s.tag_id, max(s.score) FROM scores s "
-            "WHERE s.file_id IN (SELECT value FROM json_each(?)) "
-            "AND s.tag_id IN (SELECT value FROM json_each(?)) AND s.selected = 1 "
-            "GROUP BY s.file_id, s.tag_id",
-            (json.dumps(list(file_ids)), json.dumps(list(tag_ids))),
+            "SELECT s.file_id, s.tag_id, max(s.score) FROM json_each(?) d "
+            "CROSS JOIN json_each(?) g CROSS JOIN scores s ON s.file_id = d.value "
+            f"AND s.model_id IN ({', '.join('?' * len(models))}) AND s.tag_id = g.value "
+            "WHERE s.selected = 1 GROUP BY s.file_id, s.tag_id",
+            (json.dumps(list(file_ids)), json.dumps(list(tag_ids)), *models),
         )
     }
 
@@ -246,14 +248,20 @@ def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> in
         dirty = dirty_files(conn, cache.seq, max(DIRTY_MAX, cache.capacity // 4))
         if dirty is None or any(f >= cache.capacity for f in dirty):
             return None
-        scores = best_scores(conn, dirty, list(cache.rows))
+        rows = conn.execute(
+            "SELECT file_id, tag_id, max(score) FROM scores "
+            "WHERE file_id IN (SELECT value FROM json_each(?)) AND selected = 1 "
+            "GROUP BY file_id, tag_id",
+            (json.dumps(dirty),),
+        ).fetchall()
     finally:
         conn.execute("COMMIT")
     if dirty and cache.rows:
-        ids = np.asarray(dirty, dtype=np.int64)
-        for tag, row in cache.rows.items():
-            vals = np.array([scores.get((f, tag), 0.0) for f in dirty], dtype=np.float64)
-            cache.columns[row, ids] = quantize_up(vals)
+        cache.columns[:, np.asarray(dirty, dtype=np.int64)] = 0
+        found = np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+        row_of = np.array([cache.rows.get(int(t), -1) for t in found[:, 1]], dtype=np.int64)
+        held = row_of >= 0
+        cache.columns[row_of[held], found[held, 0].astype(np.int64)] = quantize_up(found[held, 2])
         cache.columns.flush()
     cache.seq = seq
     mode = os.stat(Path(db_path).parent).st_mode & 0o664
