@@ -254,3 +254,70 @@ def test_daemon_pushes_new_tags_to_hydrus(
             assert proc.wait(timeout=30) == 0
     assert {"red", "rating:general", "character:crimson knight"} <= state.tags(sha, TAGD_KEY)
     assert "c" * 64 not in (tmp_path / "daemon.log").read_text()
+
+
+def taggings_by_model(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(
+            conn.execute(
+                "SELECT m.name, count(*) FROM taggings t JOIN models m ON m.id = t.model_id "
+                "GROUP BY m.name"
+            ).fetchall()
+        )
+    finally:
+        conn.close()
+
+
+def test_sighup_reload_adds_a_root_and_a_model(
+    tmp_path: Path, probe_model: Path, notify_socket: socket.socket
+) -> None:
+    db_path = tmp_path / "state" / "tagd.db"
+    first, second = tmp_path / "first", tmp_path / "second"
+    for i in range(2):
+        save(first / f"a{i}.png", (40 * i, 90, 200), size=(300, 200))
+        save(second / f"b{i}.png", (200, 40 * i, 90), size=(300, 200))
+    base = {
+        "database": str(db_path),
+        "models": [{"name": "probe", "path": str(probe_model)}],
+        "inference": {"device": "cpu", "batch_size": 2, "threads": 1},
+        "daemon": {"settle_seconds": 0.3},
+    }
+    config = write_config(tmp_path / "config.yaml", {**base, "watch": [{"path": str(first)}]})
+    log = tmp_path / "daemon.log"
+    proc = start(config, notify_socket, log)
+    try:
+        wait_message(notify_socket, "READY=1")
+        wait_for(lambda: taggings_by_model(db_path) == {"probe": 2})
+
+        # A broken config is refused and the running one kept.
+        config.write_text(config.read_text() + "\nwatchh: []\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the running configuration" in log.read_text())
+        assert proc.poll() is None
+
+        write_config(
+            config,
+            {
+                **base,
+                "watch": [{"path": str(first)}, {"path": str(second)}],
+                "models": [
+                    {"name": "probe", "path": str(probe_model)},
+                    {"name": "probe2", "path": str(probe_model)},
+                ],
+            },
+        )
+        messages(notify_socket)
+        proc.send_signal(signal.SIGHUP)
+        seen = wait_message(notify_socket, "READY=1", timeout=60)
+        assert any(m.startswith("RELOADING=1") for m in seen), seen
+        # The new root is scanned and the new model catches up on every known file.
+        wait_for(lambda: taggings_by_model(db_path) == {"probe": 4, "probe2": 4}, timeout=60)
+        status = run_tagd("-c", str(config), "status")
+        assert str(second) in status.stdout and "probe2" in status.stdout, status.stdout
+        # The new root is watched live, by both models.
+        save(second / "late.png", (10, 200, 10), size=(300, 200))
+        wait_for(lambda: taggings_by_model(db_path) == {"probe": 5, "probe2": 5}, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
