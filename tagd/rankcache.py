@@ -13,6 +13,9 @@ column file's name) and `<db>.rank-<stamp>.npy` ([tags, capacity] uint16, memory
 Files whose `score_changes` seq is newer than the cache's are dirty: search bounds them from
 SQLite instead. `refresh` (the daemon's schedule, the end of `tagd scan`) patches dirty
 columns in place, and rebuilds when tags may have become common or ids outgrew the capacity.
+
+A query racing a patch may bound a file re-tagged in that instant by its new scores while
+checking it against the old ones; every other file is ranked exactly as of its snapshot.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ import os
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -206,11 +210,7 @@ def build(
     name = f"{Path(db_path).name}.rank-{time.time_ns()}.npy"
     mode = os.stat(folder).st_mode & 0o664
     if tags:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}", suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, columns)
-        os.chmod(tmp, mode)
-        os.replace(tmp, folder / name)
+        _atomic_write(folder / name, mode, lambda fh: np.save(fh, columns))
     cache = RankCache(ident, seq, capacity, {t: i for i, t in enumerate(tags)}, columns, 0, name)
     cache.built_at = time.time()
     old = RankCache.open(db_path)
@@ -231,11 +231,20 @@ def _write_meta(db_path: str | Path, cache: RankCache, mode: int) -> None:
         "file": cache.file,
     }
     target = meta_path(db_path)
+    _atomic_write(target, mode, lambda fh: fh.write(json.dumps(meta).encode()))
+
+
+def _atomic_write(target: Path, mode: int, write: Callable[[IO[bytes]], object]) -> None:
+    """Write beside `target` and rename over it; a failed write (disk full) leaves nothing."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(meta, fh)
-    os.chmod(tmp, mode)
-    os.replace(tmp, target)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> int | None:

@@ -303,3 +303,20 @@ def test_random_ranked_pages_match_the_full_ranking(
         for h in iter_search(cached, node, SearchOptions(limit=limit, offset=offset))
     ]
     assert page == full[offset : offset + limit]
+
+
+def test_a_failed_write_leaves_the_old_cache_and_no_temporary_files(index: Index) -> None:
+    conn = connect(index.db)
+    rankcache.build(conn, index.db, min_files=1)
+    before = sorted(p.name for p in index.db.parent.iterdir())
+    meta = rankcache.meta_path(index.db).read_text()
+
+    def disk_full(fh) -> None:  # type: ignore[no-untyped-def]
+        fh.write(b"{")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        rankcache._atomic_write(rankcache.meta_path(index.db), 0o644, disk_full)
+    assert sorted(p.name for p in index.db.parent.iterdir()) == before
+    assert rankcache.meta_path(index.db).read_text() == meta
+    conn.close()
