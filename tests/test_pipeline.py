@@ -166,7 +166,7 @@ def test_session_threads_are_what_the_plan_leaves() -> None:
     assert session_options(3).intra_op_num_threads == 3
     assert session_options(None).intra_op_num_threads == 0  # ORT's own choice
     cpu = sizing.plan(InferenceConfig(), gpu=False, cores=8)
-    assert (cpu.decode_workers, cpu.ort_threads, cpu.batch_size) == (8, 8, 8)
+    assert (cpu.decode_workers, cpu.ort_threads, cpu.batch_size) == (8, 8, 2)
     split = sizing.plan(InferenceConfig(decode_workers=3), gpu=False, cores=8)
     assert (split.decode_workers, split.ort_threads) == (3, 5)
     gpu = sizing.plan(InferenceConfig(), gpu=True, cores=8)
