@@ -34,6 +34,8 @@ from typing import IO
 
 import numpy as np
 
+from tagd import changes
+
 SCALE = 65535
 MIN_FILES = 20_000
 MAX_BYTES = 1 << 30
@@ -59,15 +61,6 @@ def bound(columns: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
         out = term if out is None else out * term
     assert out is not None
     return out
-
-
-def current_seq(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM score_changes").fetchone()[0])
-
-
-def db_id(conn: sqlite3.Connection) -> str:
-    row = conn.execute("SELECT value FROM state WHERE key = 'db.id'").fetchone()
-    return "" if row is None else str(row[0])
 
 
 def meta_path(db_path: str | Path) -> Path:
@@ -114,22 +107,11 @@ class RankCache:
 
     def usable(self, conn: sqlite3.Connection) -> bool:
         """Built from this database, not from a later state of it (a restored backup)."""
-        return self.db_id == db_id(conn) and self.seq <= current_seq(conn)
+        return self.db_id == changes.db_id(conn) and self.seq <= changes.current_seq(conn)
 
     def column(self, tag_id: int) -> np.ndarray | None:
         row = self.rows.get(tag_id)
         return None if row is None else self.columns[row]
-
-
-def dirty_files(conn: sqlite3.Connection, since: int, limit: int) -> list[int] | None:
-    """Files whose scores changed after `since`, or None when more than `limit` did."""
-    ids = [
-        r[0]
-        for r in conn.execute(
-            "SELECT file_id FROM score_changes WHERE seq > ? LIMIT ?", (since, limit + 1)
-        )
-    ]
-    return None if len(ids) > limit else ids
 
 
 def best_scores(
@@ -190,8 +172,8 @@ def build(
     """Write a fresh cache from one read snapshot (callers hold the lock)."""
     conn.execute("BEGIN")
     try:
-        seq = current_seq(conn)
-        ident = db_id(conn)
+        seq = changes.current_seq(conn)
+        ident = changes.db_id(conn)
         top = int(conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0])
         capacity = top + top // 4 + 4096
         tags = common_tags(conn, min_files, capacity, max_bytes)
@@ -253,8 +235,8 @@ def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> in
     under them is newer than the seq they read, so they bound it from SQLite anyway."""
     conn.execute("BEGIN")
     try:
-        seq = current_seq(conn)
-        dirty = dirty_files(conn, cache.seq, max(DIRTY_MAX, cache.capacity // 4))
+        seq = changes.current_seq(conn)
+        dirty = changes.changed_since(conn, cache.seq, max(DIRTY_MAX, cache.capacity // 4))
         if dirty is None or any(f >= cache.capacity for f in dirty):
             return None
         rows = conn.execute(
@@ -297,7 +279,7 @@ def refresh(
                 and cache.usable(conn)
                 and time.time() - cache.built_at < max_age_s
             ):
-                if cache.seq == current_seq(conn):
+                if cache.seq == changes.current_seq(conn):
                     return "fresh"
                 n = patch(conn, db_path, cache)
                 if n is not None:

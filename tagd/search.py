@@ -588,7 +588,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
-    from tagd import rankcache
+    from tagd import changes, rankcache
 
     began = not conn.in_transaction
     if began:
@@ -597,7 +597,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
         cache = rankcache.RankCache.open(db)
         if cache is None or not cache.usable(conn):
             return None
-        dirty = rankcache.dirty_files(conn, cache.seq, rankcache.DIRTY_MAX)
+        dirty = changes.changed_since(conn, cache.seq, rankcache.DIRTY_MAX)
         if dirty is None or any(t not in cache.rows for group in groups for t in group):
             return None
         driver = None

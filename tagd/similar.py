@@ -14,12 +14,15 @@ import os
 import re
 import sqlite3
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tagd import changes
+
 CHUNK_ROWS = 65536
+DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
 
 
 class SimilarError(Exception):
@@ -63,17 +66,34 @@ def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
     return int(row[0]), str(row[1])
 
 
-def signature(conn: sqlite3.Connection, model_id: int) -> dict[str, int]:
+def signature(conn: sqlite3.Connection, model_id: int) -> dict[str, object]:
     """What the cached index was built from: the change counter kept by triggers (migration
-    0004), or on an older schema the row count and max rowid of the model's embeddings."""
+    0004) and the change log's seq (0006), or on an older schema the row count and max rowid
+    of the model's embeddings."""
     row = conn.execute("SELECT value FROM state WHERE key = 'embeddings.version'").fetchone()
     if row is not None:
-        return {"model_id": model_id, "version": int(row[0])}
+        sig: dict[str, object] = {"model_id": model_id, "version": int(row[0])}
+        if changes.logged(conn):
+            sig.update(seq=changes.current_seq(conn), db_id=changes.db_id(conn))
+        return sig
     n, top = conn.execute(
         "SELECT count(*), coalesce(max(rowid), 0) FROM embeddings WHERE model_id = ?",
         (model_id,),
     ).fetchone()
     return {"model_id": model_id, "rows": int(n), "max_rowid": int(top)}
+
+
+def changed_files(
+    meta: dict[str, object], sig: dict[str, object], conn: sqlite3.Connection
+) -> list[int] | None:
+    """Files whose embeddings may differ from a cache built at `meta`, or None when the
+    cache cannot be brought up to date that way (another database, too many changes)."""
+    seq, now = meta.get("seq"), sig.get("seq")
+    if not isinstance(seq, int) or not isinstance(now, int) or seq > now:
+        return None
+    if meta.get("model_id") != sig["model_id"] or meta.get("db_id") != sig.get("db_id"):
+        return None
+    return changes.changed_since(conn, seq, DELTA_MAX)
 
 
 def normalise(m: np.ndarray) -> np.ndarray:
@@ -89,13 +109,18 @@ def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, n
     ).fetchone()
     if not n:
         raise SimilarError("no embeddings stored for this model yet")
-    ids = np.empty(n, dtype=np.int64)
-    mat = np.zeros((n, dim), dtype=np.float32)
-    i = 0
     cur = conn.execute(
         "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? ORDER BY file_id",
         (model_id,),
     )
+    return read_rows(cur, n, dim)
+
+
+def read_rows(cur: sqlite3.Cursor, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, L2-normalised rows) from (file_id, dim, dtype, vector) rows; other dims skipped."""
+    ids = np.empty(n, dtype=np.int64)
+    mat = np.zeros((n, dim), dtype=np.float32)
+    i = 0
     while rows := cur.fetchmany(8192):
         for file_id, d, dtype, blob in rows:
             if dtype != "float16" or d != dim or len(blob) != 2 * d:
@@ -111,27 +136,46 @@ def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, n
 
 @dataclass
 class EmbeddingIndex:
+    """The cached matrix, plus the files changed since it was written (`extra_*` rows read
+    from SQLite; `hidden`: their stale rows in `matrix`)."""
+
     model_id: int
     model: str
     ids: np.ndarray
     matrix: np.ndarray
+    extra_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    extra: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+    hidden: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @classmethod
     def open(
-        cls, conn: sqlite3.Connection, db_path: str | Path | None, model: str | None
+        cls,
+        conn: sqlite3.Connection,
+        db_path: str | Path | None,
+        model: str | None,
+        *,
+        changes_ok: bool = True,
     ) -> EmbeddingIndex:
-        """Load the cached index if its signature matches, else rebuild (and try to cache)."""
+        """Load the cached index if its signature matches; with `changes_ok`, also when up to
+        DELTA_MAX files changed since (their rows come from SQLite); else rebuild and cache.
+
+        A daemon tagging all day would otherwise make every `tagd similar` rebuild.
+        """
         model_id, name = pick_model(conn, model)
         sig = signature(conn, model_id)
         base = None if db_path is None else Path(f"{db_path}.sim-{model_id}")
         if base is not None:
             try:
                 meta = json.loads(Path(f"{base}.json").read_text())
-                if meta == sig:
+                changed = [] if meta == sig else None
+                if changed is None and changes_ok:
+                    changed = changed_files(meta, sig, conn)
+                if changed is not None:
                     ids = np.load(Path(f"{base}.ids.npy"))
                     mat = np.load(Path(f"{base}.npy"), mmap_mode="r")
                     if len(ids) == mat.shape[0]:
-                        return cls(model_id, name, ids, mat)
+                        index = cls(model_id, name, ids, mat)
+                        return index.with_changes(conn, changed) if changed else index
             except (OSError, ValueError):
                 pass
         ids, mat = build_matrix(conn, model_id)
@@ -139,11 +183,29 @@ class EmbeddingIndex:
             _save(base, ids, mat, sig)
         return cls(model_id, name, ids, mat)
 
-    def row_of(self, file_id: int) -> int:
+    def with_changes(self, conn: sqlite3.Connection, file_ids: list[int]) -> EmbeddingIndex:
+        """This index with the current embeddings of `file_ids` read from SQLite."""
+        cur = conn.execute(
+            "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? "
+            "AND file_id IN (SELECT value FROM json_each(?)) ORDER BY file_id",
+            (self.model_id, json.dumps(file_ids)),
+        )
+        extra_ids, extra = read_rows(cur, len(file_ids), self.matrix.shape[1])
+        wanted = np.asarray(sorted(file_ids), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
+        hidden = pos[self.ids[pos] == wanted] if len(self.ids) else pos[:0]
+        return EmbeddingIndex(
+            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden
+        )
+
+    def vector(self, file_id: int) -> np.ndarray:
+        j = int(np.searchsorted(self.extra_ids, file_id))
+        if j < len(self.extra_ids) and self.extra_ids[j] == file_id:
+            return self.extra[j]
         i = int(np.searchsorted(self.ids, file_id))
-        if i >= len(self.ids) or self.ids[i] != file_id:
+        if i >= len(self.ids) or self.ids[i] != file_id or i in set(self.hidden.tolist()):
             raise SimilarError(f"that file has no embedding from model {self.model!r} yet")
-        return i
+        return np.asarray(self.matrix[i])
 
     def similarities(self, vector: np.ndarray) -> np.ndarray:
         out = np.empty(self.matrix.shape[0], dtype=np.float32)
@@ -153,6 +215,15 @@ class EmbeddingIndex:
             )
         return out
 
+    def scored(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids, cosine) of every indexed file; stale rows score -inf."""
+        sims = self.similarities(vector)
+        if not len(self.extra_ids) and not len(self.hidden):
+            return self.ids, sims
+        sims[self.hidden] = -np.inf
+        extra = self.extra @ vector if len(self.extra_ids) else np.empty(0, dtype=np.float32)
+        return np.concatenate([self.ids, self.extra_ids]), np.concatenate([sims, extra])
+
     def nearest(
         self,
         vector: np.ndarray,
@@ -161,24 +232,25 @@ class EmbeddingIndex:
         min_sim: float | None = None,
         exclude: int | None = None,
     ) -> list[tuple[int, float]]:
-        """(file_id, cosine) best first."""
-        sims = self.similarities(np.asarray(vector, dtype=np.float32))
+        """(file_id, cosine) best first; `exclude` is a file id."""
+        ids, sims = self.scored(np.asarray(vector, dtype=np.float32))
         if exclude is not None:
-            sims[exclude] = -np.inf
-        cand = np.flatnonzero(sims >= min_sim) if min_sim is not None else None
-        if cand is None:
+            sims[ids == exclude] = -np.inf
+        if min_sim is not None:
+            cand = np.flatnonzero(sims >= min_sim)
+        else:
             k = min(limit or len(sims), len(sims))
             cand = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+            cand = cand[np.isfinite(sims[cand])]
         cand = cand[np.argsort(-sims[cand], kind="stable")]
         if limit is not None:
             cand = cand[:limit]
-        return [(int(self.ids[i]), float(sims[i])) for i in cand]
+        return [(int(ids[i]), float(sims[i])) for i in cand]
 
     def nearest_to_file(
         self, file_id: int, *, limit: int | None = 20, min_sim: float | None = None
     ) -> list[tuple[int, float]]:
-        row = self.row_of(file_id)
-        return self.nearest(self.matrix[row], limit=limit, min_sim=min_sim, exclude=row)
+        return self.nearest(self.vector(file_id), limit=limit, min_sim=min_sim, exclude=file_id)
 
     def groups(
         self, min_sim: float, *, exhaustive: bool | None = None, block: int = 1024
@@ -188,15 +260,18 @@ class EmbeddingIndex:
         Below LSH_MIN_FILES (or with `exhaustive`) every pair is compared, O(n²); above, only
         pairs that random-projection LSH puts in one bucket (see lsh_pairs).
         """
-        n = self.matrix.shape[0]
+        ids, matrix = self.ids, self.matrix
+        if len(self.extra_ids) or len(self.hidden):  # a copy: open dupes' index unchanged
+            keep = np.ones(len(ids), dtype=bool)
+            keep[self.hidden] = False
+            ids = np.concatenate([ids[keep], self.extra_ids])
+            matrix = np.concatenate([np.asarray(matrix)[keep], self.extra])
         if exhaustive is None:
-            exhaustive = n < LSH_MIN_FILES
+            exhaustive = matrix.shape[0] < LSH_MIN_FILES
         pairs = (
-            exhaustive_pairs(self.matrix, min_sim, block)
-            if exhaustive
-            else lsh_pairs(self.matrix, min_sim)
+            exhaustive_pairs(matrix, min_sim, block) if exhaustive else lsh_pairs(matrix, min_sim)
         )
-        return _connect(self.ids, pairs)
+        return _connect(ids, pairs)
 
 
 LSH_MIN_FILES = 20_000
@@ -331,7 +406,7 @@ def _connect(
     ]
 
 
-def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, int]) -> None:
+def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]) -> None:
     """Write the cache atomically; an unwritable folder only means no cache."""
     try:
         mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder

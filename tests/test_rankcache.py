@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tagd.rankcache
 import tagd.search
-from tagd import rankcache
+from tagd import changes, rankcache
 from tagd.config import TagRules
 from tagd.db import connect
 from tagd.query import parse
@@ -143,7 +143,7 @@ def test_files_changed_after_the_build_are_ranked_from_sqlite(
 
     cache = rankcache.RankCache.open(index.db)
     assert cache is not None
-    assert sorted(rankcache.dirty_files(conn, cache.seq, 100) or []) == [3, 4, 5, 9000]
+    assert sorted(changes.changed_since(conn, cache.seq, 100) or []) == [3, 4, 5, 9000]
     pages_match_full_ranking(conn, RANKED)
     top = next(iter_search(conn, parse("1girl solo"), SearchOptions(limit=1)))
     assert top.path == "/g/a/new.png"
@@ -155,7 +155,7 @@ def test_files_changed_after_the_build_are_ranked_from_sqlite(
     assert rankcache.refresh(conn, index.db, min_files=1) == "patched 1"
     assert rankcache.refresh(conn, index.db, min_files=1) == "fresh"
     cache = rankcache.RankCache.open(index.db)
-    assert cache is not None and rankcache.dirty_files(conn, cache.seq, 100) == []
+    assert cache is not None and changes.changed_since(conn, cache.seq, 100) == []
     col = cache.column(girl)
     assert col is not None and col[3] == rankcache.quantize_up(np.array([0.999]))[0]
     assert col[4] == 0
@@ -252,13 +252,13 @@ def test_taggings_and_reindex_log_changed_files(tmp_path: Path) -> None:
     conn = connect(db)
     logged = [r[0] for r in conn.execute("SELECT file_id FROM score_changes ORDER BY seq")]
     assert sorted(logged) == sorted(r[0] for r in conn.execute("SELECT id FROM files"))
-    seq = rankcache.current_seq(conn)
+    seq = changes.current_seq(conn)
     model = conn.execute("SELECT name FROM models").fetchone()[0]
     reindex_model(
         conn, name=model, thresholds={**RULES, "general": 0.1}, tag_rules=TagRules(), floor=0.05
     )
     b = conn.execute("SELECT file_id FROM paths WHERE path = '/g/b.png'").fetchone()[0]
-    assert rankcache.dirty_files(conn, seq, 10) == [b]
+    assert changes.changed_since(conn, seq, 10) == [b]
     conn.close()
 
 

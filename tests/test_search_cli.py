@@ -190,3 +190,58 @@ def test_similar_index_rebuilds_when_embeddings_change(tmp_path: Path) -> None:
     assert EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1)[0][0] == 3
     conn.execute("DELETE FROM embeddings WHERE file_id = 3")
     assert EmbeddingIndex.open(conn, db, None).nearest_to_file(1, limit=1)[0][0] == 2
+
+
+def test_similar_index_takes_in_changes_without_a_rebuild(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tagd.similar
+    from tagd.db import connect
+    from tagd.similar import EmbeddingIndex
+
+    db = tmp_path / "e.db"
+    conn = connect(db)
+    conn.execute(
+        "INSERT INTO models(id, name, family, source, updated_at) VALUES (1, 'm', 'wd14', 'x', 0)"
+    )
+
+    def put(fid: int, v: list[float]) -> None:
+        conn.execute(
+            "INSERT OR IGNORE INTO files(id, sha256, size, first_seen) VALUES (?, ?, 1, 0)",
+            (fid, str(fid)),
+        )
+        conn.execute(
+            "INSERT INTO embeddings VALUES (?, 1, 3, 'float16', ?) ON CONFLICT DO UPDATE "
+            "SET vector = excluded.vector",
+            (fid, np.asarray(v, "<f2").tobytes()),
+        )
+
+    for fid, v in {1: [1, 0, 0], 2: [0.9, 0.1, 0], 3: [0, 1, 0], 4: [0, 0, 1]}.items():
+        put(fid, v)
+    EmbeddingIndex.open(conn, db, None)
+    cached = tmp_path / "e.db.sim-1.npy"
+    written = cached.stat().st_mtime_ns
+    # The daemon goes on: a new file, a re-tagged one, a deleted one.
+    put(5, [0.99, 0.02, 0])
+    put(3, [0.98, 0, 0.05])
+    conn.execute("DELETE FROM embeddings WHERE file_id = 2")
+    index = EmbeddingIndex.open(conn, db, None)
+    assert cached.stat().st_mtime_ns == written  # served from the cache plus SQLite
+    assert sorted(index.extra_ids.tolist()) == [3, 5] and len(index.hidden) == 2
+    got = index.nearest_to_file(1, limit=None)
+    assert [f for f, _ in got] == [5, 3, 4]
+    assert index.nearest_to_file(5, limit=1)[0][0] == 1  # a new file as the query
+    fresh = EmbeddingIndex.open(conn, db, None, changes_ok=False)
+    assert cached.stat().st_mtime_ns != written
+    again = fresh.nearest_to_file(1, limit=None)
+    assert [f for f, _ in again] == [5, 3, 4]
+    assert [s for _, s in again] == pytest.approx([s for _, s in got], abs=1e-6)
+    assert [[f for f, _ in g] for g in index.groups(0.95)] == [[1, 3, 5]]
+    assert [[f for f, _ in g] for g in fresh.groups(0.95)] == [[1, 3, 5]]
+    # Past DELTA_MAX changed files a rebuild is cheaper.
+    monkeypatch.setattr(tagd.similar, "DELTA_MAX", 1)
+    put(4, [0, 0.5, 0.5])
+    put(6, [0, 0, 1])
+    written = cached.stat().st_mtime_ns
+    assert len(EmbeddingIndex.open(conn, db, None).extra_ids) == 0
+    assert cached.stat().st_mtime_ns != written

@@ -41,7 +41,7 @@ def run(ctx: Context) -> int:
     near: list[list[dict[str, object]]] = []
     if not args.exact_only:
         try:
-            index = EmbeddingIndex.open(conn, ctx.config.database, args.model)
+            index = EmbeddingIndex.open(conn, ctx.config.database, args.model, changes_ok=False)
         except SimilarError as exc:
             print(f"tagd: near duplicates skipped: {exc}", file=sys.stderr)
         else:
