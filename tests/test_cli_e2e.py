@@ -40,8 +40,8 @@ def test_scan_search_show(config_file: Path, gallery: Path) -> None:
     db = config_file.parent / "state" / "tagd.db"
     meta = json.loads(Path(f"{db}.rank.json").read_text())
     with sqlite3.connect(db) as conn:
-        seq = conn.execute("SELECT max(seq) FROM score_changes").fetchone()[0]
-    assert meta["seq"] == seq == 4  # the ranking cache is current after a scan
+        seq, logged = conn.execute("SELECT max(seq), count(*) FROM score_changes").fetchone()
+    assert meta["seq"] == seq and logged == 4  # the ranking cache is current after a scan
     assert meta["tags"] == []  # no tag is on enough files to need a column
 
     def search(*q: str) -> tuple[int, set[str]]:
