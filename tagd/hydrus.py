@@ -42,7 +42,8 @@ DEFAULT_NAMESPACES = {
     "copyright": "series",
     "meta": "meta",
 }
-CURRENT, PENDING, DELETED = "0", "1", "2"
+CURRENT, PENDING, DELETED = "0", "1", "2"  # storage statuses in file metadata
+ADD, DELETE = "0", "1"  # content actions on a local tag service
 
 
 class HydrusError(Exception):
@@ -63,6 +64,7 @@ class HydrusConfig:
     timeout: float = 10.0
     interval: float = 900.0
     recheck_unknown_after: float = 86400.0
+    retract: bool = True
 
     def access_key(self) -> str:
         """The key from access_key_file, else $access_key_env; a HydrusError if neither."""
@@ -99,6 +101,7 @@ _HYDRUS_KEYS = (
     "timeout",
     "interval",
     "recheck_unknown_after",
+    "retract",
 )
 
 
@@ -144,6 +147,7 @@ def parse_config(value: Any, key: str, base: Path) -> HydrusConfig:
         recheck_unknown_after=_number(
             d.get("recheck_unknown_after", 86400.0), f"{key}.recheck_unknown_after", 0
         ),
+        retract=_bool(d.get("retract", True), f"{key}.retract"),
     )
 
 
@@ -269,13 +273,30 @@ class Client:
             out[sha] = (present, set(storage.get(DELETED, [])))
         return out
 
-    def add_tags(self, hashes: Sequence[str], service_key: str, tags: Sequence[str]) -> None:
+    def add_tags(
+        self,
+        hashes: Sequence[str],
+        service_key: str,
+        tags: Sequence[str],
+        *,
+        override_deleted: bool = False,
+    ) -> None:
+        """Add to a local tag service; a deletion record blocks a tag unless overridden."""
         self._request(
             "/add_tags/add_tags",
             body={
                 "hashes": list(hashes),
-                "service_keys_to_actions_to_tags": {service_key: {"0": list(tags)}},
-                "override_previously_deleted_mappings": False,
+                "service_keys_to_actions_to_tags": {service_key: {ADD: list(tags)}},
+                "override_previously_deleted_mappings": override_deleted,
+            },
+        )
+
+    def delete_tags(self, hashes: Sequence[str], service_key: str, tags: Sequence[str]) -> None:
+        self._request(
+            "/add_tags/add_tags",
+            body={
+                "hashes": list(hashes),
+                "service_keys_to_actions_to_tags": {service_key: {DELETE: list(tags)}},
             },
         )
 
@@ -301,16 +322,58 @@ class SyncReport:
     unknown: int = 0
     files_updated: int = 0
     tags_added: int = 0
+    tags_removed: int = 0
     kept_deleted: int = 0
     planned: dict[str, list[str]] = field(default_factory=dict)
 
     def line(self) -> str:
-        verb = "would add" if self.dry_run else "added"
+        add, remove = ("would add", "would remove") if self.dry_run else ("added", "removed")
         return (
             f"hydrus: {self.checked} of {self.considered} files checked, {self.unknown} not in "
-            f"Hydrus; {verb} {self.tags_added} tags to {self.files_updated} files; "
+            f"Hydrus; {add} {self.tags_added} tags to {self.files_updated} files, {remove} "
+            f"{self.tags_removed} no longer effective; "
             f"{self.kept_deleted} tags left out because they were deleted in Hydrus"
         )
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    add: list[str]
+    readd: list[str]
+    remove: list[str]
+    pushed: set[str]
+    retracted: set[str]
+    kept_deleted: int
+
+
+def plan_file(
+    desired: Sequence[str],
+    present: set[str],
+    deleted: set[str],
+    pushed: set[str],
+    retracted: set[str],
+    retract: bool,
+) -> FilePlan:
+    """What to send for one file. Pure, so the rules are testable on their own.
+
+    A human's deletion (a deletion record, or a tag tagd pushed that is gone) is final. A tag
+    tagd pushed that is no longer desired is removed, if `retract`; if it is desired again
+    later it is re-added past the deletion record tagd itself left.
+    """
+    removed_by_human = (pushed - present) | (deleted - retracted)
+    want = set(desired)
+    add = [t for t in desired if t not in present | pushed | deleted]
+    readd = [t for t in desired if t in retracted and t in deleted and t not in present]
+    remove = sorted((pushed & present) - want) if retract else []
+    kept = len([t for t in desired if t in removed_by_human and t not in retracted])
+    return FilePlan(
+        add=add,
+        readd=readd,
+        remove=remove,
+        pushed=(pushed - set(remove)) | set(add) | set(readd),
+        retracted=(retracted - set(add) - set(readd)) | set(remove),
+        kept_deleted=kept,
+    )
 
 
 @dataclass(frozen=True)
@@ -319,6 +382,7 @@ class _Prev:
     desired_hash: str
     pushed: frozenset[str]
     checked_at: float
+    retracted: frozenset[str]
 
 
 def sync(
@@ -335,10 +399,16 @@ def sync(
     client.api_version()
     service_key = client.tag_service_key(cfg.service)
     prev = {
-        int(r[0]): _Prev(bool(r[1]), str(r[2]), frozenset(json.loads(r[3])), float(r[4]))
+        int(r[0]): _Prev(
+            bool(r[1]),
+            str(r[2]),
+            frozenset(json.loads(r[3])),
+            float(r[4]),
+            frozenset(json.loads(r[5])),
+        )
         for r in conn.execute(
-            "SELECT file_id, known, desired_hash, pushed, checked_at FROM hydrus_pushed "
-            "WHERE service_key = ?",
+            "SELECT file_id, known, desired_hash, pushed, checked_at, retracted "
+            "FROM hydrus_pushed WHERE service_key = ?",
             (service_key,),
         )
     }
@@ -353,49 +423,60 @@ def sync(
         fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
         if p is not None and p.desired_hash == digest and fresh:
             continue
-        if desired:
+        if desired or (cfg.retract and p is not None and p.pushed):
             todo.append((fs, desired, digest))
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start : start + cfg.batch_size]
         remote = client.file_tags([fs.sha256 for fs, _, _ in batch], service_key)
-        rows: list[tuple[int, str, int, str, str, float]] = []
-        groups: dict[tuple[str, ...], list[str]] = {}
+        rows: list[tuple[int, str, int, str, str, float, str]] = []
+        # (action, tags) → hashes; "readd": tags tagd itself removed, past their deletion record
+        groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
         for fs, desired, digest in batch:
             report.checked += 1
             p = prev.get(fs.file_id)
             pushed = set(p.pushed) if p else set()
+            retracted = set(p.retracted) if p else set()
             state = remote.get(fs.sha256)
             if state is None:
                 report.unknown += 1
-                rows.append((fs.file_id, service_key, 0, digest, json.dumps(sorted(pushed)), now))
+                rows.append(
+                    (fs.file_id, service_key, 0, digest, json.dumps(sorted(pushed)), now,
+                     json.dumps(sorted(retracted)))
+                )  # fmt: skip
                 continue
             present, deleted = state
-            removed_by_human = pushed - present
-            add = [t for t in desired if t not in present and t not in deleted and t not in pushed]
-            report.kept_deleted += len([t for t in desired if t in deleted | removed_by_human])
-            if add:
-                groups.setdefault(tuple(add), []).append(fs.sha256)
+            plan = plan_file(desired, present, deleted, pushed, retracted, cfg.retract)
+            report.kept_deleted += plan.kept_deleted
+            for action, tags in (("add", plan.add), ("readd", plan.readd), ("remove", plan.remove)):
+                if tags:
+                    groups.setdefault((action, tuple(tags)), []).append(fs.sha256)
+            if plan.add or plan.readd:
                 report.files_updated += 1
-                report.tags_added += len(add)
+                report.tags_added += len(plan.add) + len(plan.readd)
                 if dry_run:
-                    report.planned[fs.sha256] = add
+                    report.planned[fs.sha256] = [*plan.add, *plan.readd]
+            report.tags_removed += len(plan.remove)
             rows.append(
-                (fs.file_id, service_key, 1, digest, json.dumps(sorted(pushed | set(add))), now)
-            )
+                (fs.file_id, service_key, 1, digest, json.dumps(sorted(plan.pushed)), now,
+                 json.dumps(sorted(plan.retracted)))
+            )  # fmt: skip
         if dry_run:
             if progress:
                 progress(min(start + cfg.batch_size, len(todo)), len(todo))
             continue
-        for tags, hashes in groups.items():
-            client.add_tags(hashes, service_key, tags)
+        for (action, tags), hashes in groups.items():
+            if action == "remove":
+                client.delete_tags(hashes, service_key, tags)
+            else:
+                client.add_tags(hashes, service_key, tags, override_deleted=action == "readd")
         with db.write(conn):
             conn.executemany(
                 """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
-                                             checked_at)
-                   VALUES (?, ?, ?, ?, ?, ?)
+                                             checked_at, retracted)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
                        desired_hash = excluded.desired_hash, pushed = excluded.pushed,
-                       checked_at = excluded.checked_at""",
+                       checked_at = excluded.checked_at, retracted = excluded.retracted""",
                 rows,
             )
         if progress:

@@ -47,6 +47,7 @@ class HydrusState:
         return self.files[sha256].setdefault(service, {"0": set(), "2": set()})[status]
 
     def human_delete(self, sha256: str, service: str, tag: str) -> None:
+        """Hydrus's deletion: gone from current, kept as a deletion record."""
         self.tags(sha256, service, "0").discard(tag)
         self.tags(sha256, service, "2").add(tag)
 
@@ -162,12 +163,15 @@ class _Handler(BaseHTTPRequestHandler):
             if sk not in st.services:
                 return 400, {"error": f"unknown service {sk}"}
             for action, tags in by_action.items():
-                if action != "0" or not isinstance(tags, list):
-                    return 400, {"error": "only action 0 with a list of tags is supported here"}
+                if action not in ("0", "1") or not isinstance(tags, list):
+                    return 400, {"error": "only actions 0 and 1 (local services) are supported"}
                 for h in body["hashes"]:
                     if h not in st.files:
                         continue
                     for t in tags:
+                        if action == "1":  # delete: leaves a deletion record, like Hydrus
+                            st.human_delete(h, sk, t)
+                            continue
                         if t in st.tags(h, sk, "2") and not override:
                             continue
                         st.tags(h, sk, "2").discard(t)

@@ -194,3 +194,69 @@ def test_cli_sync_dry_run_and_json(tmp_path: Path) -> None:
         missing = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": ""})
         assert missing.returncode == 3
         assert "no Hydrus access key" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_plan_file_rules() -> None:
+    plan = hydrus.plan_file(
+        desired=["a", "b", "c", "d", "e"],
+        present={"a", "x", "y"},  # x, y: pushed earlier; y no longer desired
+        deleted={"c", "d"},  # c: a human's deletion; d: tagd's own (retracted)
+        pushed={"a", "b", "y"},  # b: pushed, then removed by a human without a record
+        retracted={"d"},
+        retract=True,
+    )
+    assert (plan.add, plan.readd, plan.remove) == (["e"], ["d"], ["y"])
+    assert plan.pushed == {"a", "b", "d", "e"}
+    assert plan.retracted == {"y"}
+    assert plan.kept_deleted == 2  # b and c stay out
+    keep = hydrus.plan_file(["a"], {"a", "y"}, set(), {"a", "y"}, set(), retract=False)
+    assert (keep.add, keep.readd, keep.remove, keep.pushed) == ([], [], [], {"a", "y"})
+
+
+def test_tags_no_longer_effective_are_removed_and_may_return(tmp_path: Path) -> None:
+    conn = make_index(tmp_path / "t.db", FILES)
+    state = HydrusState(access_key=KEY)
+    a = sha_of("/g/a.png")
+    state.add_file(a)
+
+    def select(name: str, on: bool) -> None:
+        conn.execute(
+            "UPDATE scores SET selected = ? WHERE tag_id = (SELECT id FROM tags WHERE name = ?) "
+            "AND file_id = (SELECT id FROM files WHERE sha256 = ?)",
+            (int(on), name, a),
+        )
+
+    with HydrusServer(state) as server:
+        cfg = _config(tmp_path, server.url)
+        hydrus.sync(conn, cfg)
+        assert {"long hair", "character:hatsune miku"} <= state.tags(a, TAGD_KEY)
+        state.human_delete(a, TAGD_KEY, "creator:artist x")
+        # Stricter thresholds: long_hair and the character stop being effective.
+        select("long_hair", False)
+        select("hatsune_miku", False)
+        report = hydrus.sync(conn, cfg)
+        assert report.tags_removed == 2 and "removed 2 no longer effective" in report.line()
+        assert "long hair" not in state.tags(a, TAGD_KEY)
+        assert {"long hair", "character:hatsune miku"} <= state.tags(a, TAGD_KEY, "2")
+        (delete,) = [
+            c for c in state.calls("/add_tags/add_tags")
+            if "1" in c["body"]["service_keys_to_actions_to_tags"][TAGD_KEY]
+        ]  # fmt: skip
+        assert delete["body"]["service_keys_to_actions_to_tags"] == {
+            TAGD_KEY: {"1": ["character:hatsune miku", "long hair"]}
+        }
+        # long_hair returns: tagd re-adds what it removed, never what a human removed.
+        select("long_hair", True)
+        report = hydrus.sync(conn, cfg)
+        assert report.tags_added == 1 and report.tags_removed == 0
+        assert "long hair" in state.tags(a, TAGD_KEY)
+        assert "creator:artist x" not in state.tags(a, TAGD_KEY)
+        last = state.calls("/add_tags/add_tags")[-1]["body"]
+        assert last["override_previously_deleted_mappings"] is True
+        assert last["service_keys_to_actions_to_tags"] == {TAGD_KEY: {"0": ["long hair"]}}
+        # With retract off, nothing is ever removed.
+        select("long_hair", False)
+        before = len(state.calls("/add_tags/add_tags"))
+        quiet = hydrus.sync(conn, _config(tmp_path, server.url, retract=False))
+        assert quiet.tags_removed == 0 and len(state.calls("/add_tags/add_tags")) == before
+        assert "long hair" in state.tags(a, TAGD_KEY)
