@@ -10,6 +10,7 @@ the watcher are making progress.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tagd import db, queue, scanner
 from tagd.config import Config, ConfigError, WatchRoot
@@ -39,6 +41,34 @@ ERROR_PAUSE_S = 5.0
 REAP_EVERY_S = 60.0
 CHECKPOINT_EVERY_S = 300.0
 WAL_TRUNCATE_BYTES = 64 << 20
+
+
+def hold_daemon_lock(database: Path) -> int:
+    """An exclusive lock beside the database for this process's lifetime (the kernel drops it
+    when the process dies, even by SIGKILL); a second daemon on the same database is refused.
+
+    Leases already keep two daemons from tagging the same file, but both would watch, scan and
+    write caches twice over.
+    """
+    path = Path(f"{database}.daemon.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o660)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonRunning(
+            f"another tagd daemon (pid {holder}) is already running on {database}: stop it "
+            "first (systemctl stop tagd), or give this one another `database:`"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class DaemonRunning(Exception):
+    """`tagd run` while another daemon holds the database."""
 
 
 class Worker:

@@ -321,3 +321,26 @@ def test_sighup_reload_adds_a_root_and_a_model(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def test_a_second_daemon_on_the_same_database_is_refused(
+    daemon_config: Path, tmp_path: Path, notify_socket: socket.socket
+) -> None:
+    proc = start(daemon_config, notify_socket)
+    try:
+        wait_message(notify_socket, "READY=1")
+        second = run_tagd("-c", str(daemon_config), "run")
+        assert second.returncode == 1
+        assert f"another tagd daemon (pid {proc.pid}) is already running" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    # The kernel drops the lock with the process, even on SIGKILL: a new daemon starts.
+    again = start(daemon_config, notify_socket)
+    try:
+        wait_message(notify_socket, "READY=1")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=30) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 
 from tagd.commands import Context, UserError
@@ -30,6 +31,14 @@ def run(ctx: Context) -> int:
     config = ctx.config
     if not config.watch:
         raise UserError("nothing to watch: add a folder under `watch:` in the config", 2)
+    from tagd.daemon import DaemonRunning, hold_daemon_lock
+
+    try:
+        lock = hold_daemon_lock(config.database)
+    except DaemonRunning as exc:
+        raise UserError(str(exc), 1) from None
+    except OSError as exc:
+        raise UserError(f"cannot lock {config.database}.daemon.lock: {exc}", 1) from None
     stop = {"requested": False}
     # Until the daemon exists, a SIGTERM during model loading just ends the start cleanly.
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -53,4 +62,7 @@ def run(ctx: Context) -> int:
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        os.close(lock)
