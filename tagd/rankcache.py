@@ -193,8 +193,8 @@ def build(
     mode = os.stat(folder).st_mode & 0o664
     if tags:
         _atomic_write(folder / name, mode, lambda fh: np.save(fh, columns))
-    cache = RankCache(ident, seq, capacity, {t: i for i, t in enumerate(tags)}, columns, 0, name)
-    cache.built_at = time.time()
+    rows = {t: i for i, t in enumerate(tags)}
+    cache = RankCache(ident, seq, capacity, rows, columns, time.time(), name)
     old = RankCache.open(db_path)
     _write_meta(db_path, cache, mode)
     if old is not None and old.file != name:
