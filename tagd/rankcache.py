@@ -24,17 +24,16 @@ import fcntl
 import json
 import os
 import sqlite3
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 
 from tagd import changes
+from tagd.atomic import write_atomic
 
 SCALE = 65535
 MIN_FILES = 20_000
@@ -192,7 +191,7 @@ def build(
     name = f"{Path(db_path).name}.rank-{time.time_ns()}.npy"
     mode = os.stat(folder).st_mode & 0o664
     if tags:
-        _atomic_write(folder / name, mode, lambda fh: np.save(fh, columns))
+        write_atomic(folder / name, lambda fh: np.save(fh, columns), mode=mode)
     rows = {t: i for i, t in enumerate(tags)}
     cache = RankCache(ident, seq, capacity, rows, columns, time.time(), name)
     old = RankCache.open(db_path)
@@ -213,20 +212,7 @@ def _write_meta(db_path: str | Path, cache: RankCache, mode: int) -> None:
         "file": cache.file,
     }
     target = meta_path(db_path)
-    _atomic_write(target, mode, lambda fh: fh.write(json.dumps(meta).encode()))
-
-
-def _atomic_write(target: Path, mode: int, write: Callable[[IO[bytes]], object]) -> None:
-    """Write beside `target` and rename over it; a failed write (disk full) leaves nothing."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, lambda fh: fh.write(json.dumps(meta).encode()), mode=mode)
 
 
 def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> int | None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tagd.atomic import write_atomic
 from tagd.hydrus import DEFAULT_NAMESPACES, hydrus_tag
 from tagd.tagtext import escape_parentheses, with_spaces, with_underscores
 
@@ -106,17 +105,7 @@ def write_sidecar(
         ).fetchone()
         if not overwrite and (row is None or row[0] != _sha(existing)):
             return "kept"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tagd-tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(target, lambda fh: fh.write(data), mode=0o644, durable=True)
     conn.execute(
         "INSERT OR REPLACE INTO sidecars(path, content_sha, written_at) VALUES (?, ?, ?)",
         (str(target), _sha(data), time.time()),

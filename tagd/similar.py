@@ -13,13 +13,13 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tagd import changes
+from tagd.atomic import write_atomic
 
 CHUNK_ROWS = 65536
 DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
@@ -411,12 +411,8 @@ def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]) 
     try:
         mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder
         for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
-            fd, tmp = tempfile.mkstemp(dir=base.parent, prefix=base.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr)
-            os.chmod(tmp, mode)
-            os.replace(tmp, f"{base}{suffix}")
-        Path(f"{base}.json").write_text(json.dumps(sig))
+            write_atomic(Path(f"{base}{suffix}"), lambda fh, a=arr: np.save(fh, a), mode=mode)
+        write_atomic(Path(f"{base}.json"), lambda fh: fh.write(json.dumps(sig).encode()), mode=mode)
     except OSError:
         pass
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import tagd.rankcache
 import tagd.search
 from tagd import changes, rankcache
+from tagd.atomic import write_atomic
 from tagd.config import TagRules
 from tagd.db import connect
 from tagd.query import parse
@@ -316,7 +317,7 @@ def test_a_failed_write_leaves_the_old_cache_and_no_temporary_files(index: Index
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError):
-        rankcache._atomic_write(rankcache.meta_path(index.db), 0o644, disk_full)
+        write_atomic(rankcache.meta_path(index.db), disk_full, mode=0o644)
     assert sorted(p.name for p in index.db.parent.iterdir()) == before
     assert rankcache.meta_path(index.db).read_text() == meta
     conn.close()
