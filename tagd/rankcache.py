@@ -77,10 +77,16 @@ class RankCache:
     file: str
 
     @classmethod
-    def open(cls, db_path: str | Path, *, writable: bool = False) -> RankCache | None:
-        """The cache next to `db_path`, or None when absent, unreadable or of another format."""
+    def open(
+        cls, db_path: str | Path, *, writable: bool = False, meta: dict | None = None
+    ) -> RankCache | None:
+        """The cache next to `db_path`, or None when absent, unreadable or of another format.
+
+        `meta`: its `.rank.json`, when the caller has already read it.
+        """
         try:
-            meta = json.loads(meta_path(db_path).read_text())
+            if meta is None:
+                meta = json.loads(meta_path(db_path).read_text())
             if meta.get("format") != FORMAT:
                 return None
             rows = {int(t): i for i, t in enumerate(meta["tags"])}

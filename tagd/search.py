@@ -582,7 +582,8 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
         return None
     db = _db_file(conn)
     try:
-        cached = set(json.loads(Path(f"{db}.rank.json").read_text())["tags"])
+        meta = json.loads(Path(f"{db}.rank.json").read_text())
+        cached = set(meta["tags"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
     groups, listed = _cache_groups(conn, node, cached)
@@ -594,11 +595,11 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
     if began:
         conn.execute("BEGIN")  # one snapshot: the bounds and the checks see the same scores
     try:
-        cache = rankcache.RankCache.open(db)
+        cache = rankcache.RankCache.open(db, meta=meta)
         if cache is None or not cache.usable(conn):
             return None
         dirty = changes.changed_since(conn, cache.seq, rankcache.DIRTY_MAX)
-        if dirty is None or any(t not in cache.rows for group in groups for t in group):
+        if dirty is None:
             return None
         driver = None
         if listed:
