@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -20,6 +21,27 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 from onnx_models import build_wd_folder  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> object:
+    """A test must stop every decode worker it started: a live child at exit kept the
+    interpreter waiting in multiprocessing's exit handler and stalled CI (#8 item 21)."""
+    yield
+    left = multiprocessing.active_children()
+    for proc in left:
+        proc.kill()
+        proc.join(5)
+    assert not left, f"the test left processes running: {left}"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop the forkserver the decode pools used, so the interpreter exits at once."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 @pytest.fixture(scope="session")

@@ -174,7 +174,8 @@ def test_cli_works_while_the_daemon_writes(
         results = []
         wait_for(lambda: db_counts(db_path).get("done", 0) > 0)
         results.append(run_tagd("-c", cfg, "pause"))
-        time.sleep(1.0)
+        # The pause has landed once the batch in flight is stored and nothing is leased.
+        wait_for(lambda: db_counts(db_path).get("running", 0) == 0)
         paused_at = db_counts(db_path).get("done", 0)
         # files arriving while paused are queued, not tagged (whether or not the first
         # batch of the gallery was already finished when the pause landed)
@@ -189,7 +190,11 @@ def test_cli_works_while_the_daemon_writes(
         for _ in range(3):
             results.append(run_tagd("-c", cfg, "status"))
             results.append(run_tagd("-c", cfg, "jobs"))
-        time.sleep(1.0)
+        # The daemon's status line counts the late files as queued while still paused:
+        # its main loop has run since they arrived, and nothing was tagged meanwhile.
+        messages(notify_socket)
+        status_lines = wait_message(notify_socket, "STATUS=queue=", timeout=15)
+        assert any(m.rstrip().endswith("paused") for m in status_lines), status_lines
         assert db_counts(db_path).get("done", 0) == paused_at, "tagging went on while paused"
         status = run_tagd("-c", cfg, "status")
         assert "daemon:    running" in status.stdout and "paused" in status.stdout

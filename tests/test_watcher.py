@@ -69,7 +69,8 @@ def present(conn: sqlite3.Connection) -> set[str]:
 def tag_queue(conf: cfg.Config) -> None:
     c = db.connect(conf.database)
     try:
-        Pipeline(c, conf, tagger.load_all(conf)).run()
+        with Pipeline(c, conf, tagger.load_all(conf)) as pipeline:
+            pipeline.run()
     finally:
         c.close()
 
@@ -86,9 +87,16 @@ def test_copy_in_is_queued_and_own_reads_make_no_events(
     # tagd reading the file (open + close without writing) must not queue anything again
     before = conn.execute("SELECT updated_at FROM jobs").fetchall()
     (gallery / "a.png").read_bytes()
-    time.sleep(SETTLE + 0.5)
-    assert conn.execute("SELECT updated_at FROM jobs").fetchall() == before
-    assert [r[0] for r in conn.execute("SELECT path FROM jobs")] == [str(gallery / "a.png")]
+    # A file written after the read settles after any event the read could have caused.
+    save(gallery / "marker.png", (3, 3, 3))
+    wait_for(lambda: job(conn, gallery / "marker.png"))
+    assert conn.execute(
+        "SELECT updated_at FROM jobs WHERE path = ?", (str(gallery / "a.png"),)
+    ).fetchall() == before
+    assert sorted(r[0] for r in conn.execute("SELECT path FROM jobs")) == [
+        str(gallery / "a.png"),
+        str(gallery / "marker.png"),
+    ]
 
 
 def test_slow_chunked_write_is_queued_only_when_complete(
@@ -97,12 +105,19 @@ def test_slow_chunked_write_is_queued_only_when_complete(
     data = save(tmp_path / "big.png", (10, 200, 10), size=(300, 300)).read_bytes()
     target = gallery / "slow.png"
     chunks = [data[i : i + len(data) // 8 + 1] for i in range(0, len(data), len(data) // 8 + 1)]
+    checked = 0
     with open(target, "wb") as fh:
         for chunk in chunks:
             fh.write(chunk)
             fh.flush()
+            written = time.monotonic()
             time.sleep(SETTLE / 3)
-            assert job(conn, target) is None, "queued while half written"
+            # Only a pause shorter than the settle time proves anything: on a loaded machine
+            # this thread may stall past it, and then the watcher may rightly queue the file.
+            if time.monotonic() - written < SETTLE * 0.8:
+                assert job(conn, target) is None, "queued while half written"
+                checked += 1
+    assert checked > 0, "the machine was too loaded to write any chunk within the settle time"
     row = wait_for(lambda: job(conn, target))
     assert row["size"] == len(data)
 
