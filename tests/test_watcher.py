@@ -90,9 +90,12 @@ def test_copy_in_is_queued_and_own_reads_make_no_events(
     # A file written after the read settles after any event the read could have caused.
     save(gallery / "marker.png", (3, 3, 3))
     wait_for(lambda: job(conn, gallery / "marker.png"))
-    assert conn.execute(
-        "SELECT updated_at FROM jobs WHERE path = ?", (str(gallery / "a.png"),)
-    ).fetchall() == before
+    assert (
+        conn.execute(
+            "SELECT updated_at FROM jobs WHERE path = ?", (str(gallery / "a.png"),)
+        ).fetchall()
+        == before
+    )
     assert sorted(r[0] for r in conn.execute("SELECT path FROM jobs")) == [
         str(gallery / "a.png"),
         str(gallery / "marker.png"),
