@@ -107,11 +107,11 @@ def test_transient_failure_backs_off_then_fails(conn: sqlite3.Connection) -> Non
 def test_release_hands_jobs_back_without_counting(conn: sqlite3.Connection) -> None:
     _enqueue(conn, "/g/a")
     _enqueue(conn, "/g/b")
-    jobs = queue.claim(conn, "w", 2)
+    claimed = queue.claim(conn, "w", 2)
     assert queue.release(conn, "w") == 2
     again = queue.claim(conn, "w2", 2)
     assert [j.attempts for j in again] == [1, 1]
-    assert {j.id for j in again} == {j.id for j in jobs}
+    assert {j.id for j in again} == {j.id for j in claimed}
 
 
 def test_lower_numbered_migration_landing_late_is_applied(tmp_path: Path) -> None:
