@@ -402,3 +402,22 @@ def test_item20_retag_all_twice_names_the_model_once(indexed: dict) -> None:
 def test_item01_to_db_keeps_valid_names_as_text() -> None:
     assert to_db("/g/ü.png") == "/g/ü.png"
     assert to_db(fs(b"/g/\xff.png")) == b"/g/\xff.png"
+
+
+def test_item01_errors_and_state_quoting_a_raw_name_are_stored(tmp_path: Path) -> None:
+    """The daemon records `path: reason` as its last error and a failure reason per job; a
+    raw name in either used to raise in the worker thread."""
+    conn = db.connect(tmp_path / "t.db")
+    name = fs(b"/g/\xff.png")
+    try:
+        with db.write(conn):
+            queue.enqueue(conn, name, 1, 1)
+            db.set_state(conn, "last_error", f"{name}: cannot identify image")
+        (job,) = queue.claim(conn, "me", 1)
+        with db.write(conn):
+            queue.fail(conn, job, "me", f"cannot open {name}", transient=False)
+        assert db.get_state(conn, "last_error") == "/g/\\xff.png: cannot identify image"
+        (row,) = queue.listing(conn, "failed")
+        assert row["error"] == "cannot open /g/\\xff.png" and row["path"] == name
+    finally:
+        conn.close()

@@ -75,6 +75,7 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 
 
 def run(ctx: Context) -> int:
+    from tagd.names import for_humans
     from tagd.query import QueryError, parse
     from tagd.search import (
         SearchError,
@@ -105,7 +106,7 @@ def run(ctx: Context) -> int:
     )
     if args.explain:
         conn = ctx.db(readonly=True) if _db_exists(ctx) else None
-        print(explain(node, conn))
+        print(for_humans(explain(node, conn), keep_newlines=True))
         return 0
     conn = ctx.db(readonly=True)
     try:
