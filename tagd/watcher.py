@@ -453,9 +453,9 @@ class Watcher:
                 bounds,
             )
             return
-        p = to_db(path)
-        conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (p,))
-        conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (p,))
+        key = to_db(path)
+        conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (key,))
+        conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (key,))
 
     def _check_roots(self) -> None:
         """Unwatch roots that vanished or were replaced; rewatch and reconcile returning ones.

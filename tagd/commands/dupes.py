@@ -62,8 +62,8 @@ def run(ctx: Context) -> int:
             e["paths"] = [json_text(p) for p in raw]
             if not all(is_utf8(p) for p in raw):
                 e["paths_b64"] = [path_b64(p) for p in raw]
-        for g in near:
-            for m in g:
+        for members in near:
+            for m in members:
                 m.update(json_path(str(m.pop("path"))))
         json.dump({"exact": exact, "near": near}, sys.stdout, indent=2)
         sys.stdout.write("\n")
