@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tagd import __version__
 from tagd.commands import COMMAND_MODULES, Context, UserError
+from tagd.names import for_humans
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
@@ -61,6 +62,7 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    handler.addFilter(_HumanLines())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -68,7 +70,30 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
+class _HumanLines(logging.Filter):
+    """A file name in a log message cannot forge a log line or drive the terminal: control
+    characters and undecodable bytes in the message are escaped (tracebacks are left as they
+    are)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = for_humans(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
+
+
+def _exact_stdout() -> None:
+    """Paths that are not UTF-8 go to stdout as the bytes they are (for `-0`, tsv, csv),
+    whatever the locale; without this a UTF-8 locale makes printing one raise."""
+    for stream in (sys.stdout, sys.stdin):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _exact_stdout()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -83,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(ctx) or 0)
     except UserError as exc:
-        print(f"tagd: {exc}", file=sys.stderr)
+        print(f"tagd: {for_humans(str(exc), keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("tagd: interrupted", file=sys.stderr)

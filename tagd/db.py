@@ -7,6 +7,7 @@ never fails with "database is locked" despite the busy timeout.
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import time
@@ -15,8 +16,13 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
+from tagd.names import text_for_db
+
 BUSY_TIMEOUT_S = 30.0
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# tagd.names.from_db as a C-level callable: paths stored as raw bytes (names that are not
+# UTF-8) read back as the surrogateescape strings the filesystem gave, at C speed.
+TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
 
 
 class DatabaseError(Exception):
@@ -42,6 +48,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     conn.row_factory = sqlite3.Row
+    conn.text_factory = TEXT_FACTORY
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
     conn.execute("PRAGMA foreign_keys = ON")
     if not readonly:
@@ -168,4 +175,7 @@ def get_state(conn: sqlite3.Connection, key: str, default: str | None = None) ->
 
 
 def set_state(conn: sqlite3.Connection, key: str, value: str | None) -> None:
+    """Values may quote file names (the last error), so raw bytes are escaped first."""
+    if value is not None:
+        value = text_for_db(value)
     conn.execute("INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)", (key, value))

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import TextIO
 
 from tagd.effective import FileTagSet
+from tagd.names import is_utf8, json_text, path_b64
 
 FORMATS = ("csv", "jsonl")
 CSV_COLUMNS = ("path", "sha256", "model", "namespace", "tag", "score")
@@ -30,9 +31,9 @@ def write_jsonl(files: Iterable[FileTagSet], out: TextIO) -> int:
     n = 0
     for fs in files:
         n += 1
-        record = {
+        record: dict[str, object] = {
             "sha256": fs.sha256,
-            "paths": list(fs.paths),
+            "paths": [json_text(p) for p in fs.paths],
             "tags": [
                 {
                     "model": t.model,
@@ -43,5 +44,7 @@ def write_jsonl(files: Iterable[FileTagSet], out: TextIO) -> int:
                 for t in fs.tags
             ],
         }
+        if not all(is_utf8(p) for p in fs.paths):
+            record["paths_b64"] = [path_b64(p) for p in fs.paths]
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return n

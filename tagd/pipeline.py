@@ -25,6 +25,7 @@ import numpy as np
 from tagd import db, queue, results, sizing, store, workers
 from tagd.config import Config
 from tagd.decode import FileBytes
+from tagd.names import AS_TEXT, to_db
 from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
 from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
@@ -430,7 +431,7 @@ class Pipeline:
         """The file was deleted or moved away before we got to it: nothing left to do."""
         with db.write(conn):
             queue.drop(conn, job, self.owner)
-            conn.execute("UPDATE paths SET missing = 1 WHERE path = ?", (job.path,))
+            conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (to_db(job.path),))
         log.info("gone before tagging: %s", job.path)
 
     def _fail(

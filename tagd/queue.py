@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from tagd import db
+from tagd.names import AS_TEXT, text_for_db, to_db
 
 DEFAULT_LEASE_S = 300.0
 DEFAULT_MAX_ATTEMPTS = 5
@@ -41,7 +42,7 @@ def _job(row: sqlite3.Row) -> Job:
         mtime_ns=row["mtime_ns"],
         attempts=row["attempts"],
         priority=row["priority"],
-        force_models=tuple(force.split(",")) if force else (),
+        force_models=tuple(dict.fromkeys(force.split(","))) if force else (),
     )
 
 
@@ -58,31 +59,42 @@ def enqueue(
     """Queue `path` unless an identical job (same size and mtime) is already known.
 
     A finished or failed job comes back when the file changed, or always with `requeue`.
-    Returns whether the path is now queued by this call.
+    Models forced on a job still queued add to those it already has, each named once, so
+    repeated `retag --all` runs cannot grow the list. Returns whether the path is now queued
+    by this call.
     """
     now = time.time()
-    force = ",".join(sorted(set(force_models))) or None
+    force = _merge_force(conn, path, force_models)
     cur = conn.execute(
-        """INSERT INTO jobs(path, state, priority, size, mtime_ns, force_models,
+        f"""INSERT INTO jobs(path, state, priority, size, mtime_ns, force_models,
                             created_at, updated_at)
-           VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)
+           VALUES ({AS_TEXT}, 'queued', ?, ?, ?, ?, ?, ?)
            ON CONFLICT(path) DO UPDATE SET
                state = 'queued', attempts = 0, error = NULL, not_before = 0,
                size = excluded.size, mtime_ns = excluded.mtime_ns,
                priority = max(jobs.priority, excluded.priority),
-               force_models = CASE
-                   WHEN jobs.state = 'queued' AND jobs.force_models IS NOT NULL
-                        AND excluded.force_models IS NOT NULL
-                   THEN jobs.force_models || ',' || excluded.force_models
-                   ELSE coalesce(excluded.force_models, jobs.force_models) END,
+               force_models = coalesce(excluded.force_models, jobs.force_models),
                updated_at = excluded.updated_at
            WHERE jobs.state != 'running' AND (
                ? OR jobs.size IS NOT excluded.size OR jobs.mtime_ns IS NOT excluded.mtime_ns
                OR (jobs.state = 'queued' AND excluded.priority > jobs.priority)
                OR excluded.force_models IS NOT NULL)""",
-        (path, priority, size, mtime_ns, force, now, now, int(requeue)),
+        (to_db(path), priority, size, mtime_ns, force, now, now, int(requeue)),
     )
     return cur.rowcount > 0
+
+
+def _merge_force(conn: sqlite3.Connection, path: str, force_models: tuple[str, ...]) -> str | None:
+    """The job's force list after this enqueue: a queued job keeps the models already forced."""
+    if not force_models:
+        return None
+    names = set(force_models)
+    row = conn.execute(
+        f"SELECT state, force_models FROM jobs WHERE path = {AS_TEXT}", (to_db(path),)
+    ).fetchone()
+    if row is not None and row[0] == "queued" and row[1]:
+        names.update(row[1].split(","))
+    return ",".join(sorted(names))
 
 
 def claim(
@@ -160,7 +172,7 @@ def fail(
         """UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_owner = NULL,
                lease_expires = NULL, updated_at = ?
            WHERE id = ? AND lease_owner = ? AND state = 'running'""",
-        (state, reason, not_before, now, job.id, owner),
+        (state, text_for_db(reason), not_before, now, job.id, owner),
     )
     return state
 
@@ -190,7 +202,10 @@ def retry_failed(conn: sqlite3.Connection, paths: list[str] | None = None) -> in
     with db.write(conn):
         if paths is None:
             return conn.execute(sql, (time.time(),)).rowcount
-        return sum(conn.execute(sql + " AND path = ?", (time.time(), p)).rowcount for p in paths)
+        return sum(
+            conn.execute(sql + f" AND path = {AS_TEXT}", (time.time(), to_db(p))).rowcount
+            for p in paths
+        )
 
 
 def heartbeat(conn: sqlite3.Connection, owner: str, lease_s: float) -> int:

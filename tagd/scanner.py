@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tagd import db, queue
 from tagd.config import Config, WatchRoot
 from tagd.filters import excluded, wanted
+from tagd.names import AS_TEXT, to_db
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,11 @@ class Found:
     mtime_ns: int
 
 
-def walk(root: WatchRoot, extensions: tuple[str, ...]) -> Iterator[Found]:
-    """Regular files under `root` that tagd wants; symlinked folders are not followed."""
+def walk(root: WatchRoot, extensions: tuple[str, ...], start: str | None = None) -> Iterator[Found]:
+    """Regular files under `root` (or only under its folder `start`) that tagd wants;
+    symlinked folders are not followed."""
     base = os.fspath(root.path)
-    stack = [base]
+    stack = [start or base]
     while stack:
         folder = stack.pop()
         try:
@@ -115,8 +117,8 @@ def _enqueue(conn: sqlite3.Connection, batch: list[Found], priority: int, seen_a
         return 0
     with db.write(conn):
         conn.executemany(
-            "UPDATE paths SET last_seen = ?, missing = 0 WHERE path = ?",
-            [(seen_at, f.path) for f in batch],
+            f"UPDATE paths SET last_seen = ?, missing = 0 WHERE path = {AS_TEXT}",
+            [(seen_at, to_db(f.path)) for f in batch],
         )
         return sum(
             queue.enqueue(conn, f.path, f.size, f.mtime_ns, priority=priority) for f in batch
@@ -134,11 +136,33 @@ def mark_missing(conn: sqlite3.Connection, root: str, before: float) -> int:
     low, high = under(root)
     with db.write(conn):
         return conn.execute(
-            """UPDATE paths SET missing = 1
-               WHERE path >= ? AND path < ? AND missing = 0
+            f"""UPDATE paths SET missing = 1
+               WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND missing = 0
                  AND (last_seen IS NULL OR last_seen < ?)""",
-            (low, high, before),
+            (to_db(low), to_db(high), before),
         ).rowcount
+
+
+def scan_folder(
+    conn: sqlite3.Connection, config: Config, root: WatchRoot, folder: str, *, priority: int = 0
+) -> ScanResult:
+    """Reconcile one folder under `root` (a disk mounted on it or unmounted from it): queue
+    what is there now, mark what is not seen any more missing."""
+    result = ScanResult()
+    rel = os.path.relpath(folder, os.fspath(root.path)).replace(os.sep, "/")
+    if rel.startswith("..") or excluded(rel, root.exclude):
+        return result
+    started = time.time()
+    batch: list[Found] = []
+    for found in walk(root, config.extensions, start=folder):
+        result.seen += 1
+        batch.append(found)
+        if len(batch) >= CHUNK:
+            result.queued += _enqueue(conn, batch, priority, started)
+            batch.clear()
+    result.queued += _enqueue(conn, batch, priority, started)
+    result.missing = mark_missing(conn, os.path.abspath(folder), started)
+    return result
 
 
 def queue_untagged(conn: sqlite3.Connection, model_ids: list[int]) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tagd.names import AS_TEXT, bind, to_db
 from tagd.query import (
     And,
     FileFilter,
@@ -274,14 +275,17 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
         pattern = os.path.expanduser(node.text)
         if not pattern.startswith(("/", "*")):
             pattern = "*/" + pattern
-        return _on_path(ctx, "{p} GLOB ?", [pattern])
+        mark, value = bind(pattern)
+        return _on_path(ctx, f"{{p}} GLOB {mark}", [value])
     if key == "dir":
         d = os.path.abspath(os.path.expanduser(node.text)).rstrip("/") + "/"
-        return _on_path(ctx, "({p} >= ? AND {p} < ?)", [d, d[:-1] + "0"])
+        (low, lv), (high, hv) = bind(d), bind(d[:-1] + "0")
+        return _on_path(ctx, f"({{p}} >= {low} AND {{p}} < {high})", [lv, hv])
     if key == "ext":
         exts = node.text.split(",")
-        cond = " OR ".join("{p} LIKE ?" for _ in exts)
-        return _on_path(ctx, f"({cond})", [f"%.{e}" for e in exts])
+        marks = [bind(f"%.{e}") for e in exts]
+        cond = " OR ".join(f"{{p}} LIKE {mark}" for mark, _ in marks)
+        return _on_path(ctx, f"({cond})", [value for _, value in marks])
     if key == "mtime":
         assert node.times is not None
         now = ctx.now
@@ -865,8 +869,8 @@ def file_tags(conn: sqlite3.Connection, path: str) -> FileTags | None:
     """Everything stored about the file at `path`: per model, (namespace, tag, score, selected)."""
     row = conn.execute(
         "SELECT f.id, f.sha256, f.width, f.height FROM paths p JOIN files f ON f.id = p.file_id "
-        "WHERE p.path = ? AND p.missing = 0",
-        (path,),
+        f"WHERE p.path = {AS_TEXT} AND p.missing = 0",
+        (to_db(path),),
     ).fetchone()
     if row is None:
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Collection, Mapping
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tagd.atomic import write_atomic
 from tagd.hydrus import DEFAULT_NAMESPACES, hydrus_tag
+from tagd.names import AS_TEXT, json_path, to_db
 from tagd.tagtext import escape_parentheses, with_spaces, with_underscores
 
 STYLES = ("hydrus", "kohya", "json")
@@ -63,10 +65,12 @@ def kohya_text(tags: Tags, options: KohyaOptions = KohyaOptions()) -> str:
 
 
 def json_text(path: str, sha256: str, tags: Tags) -> str:
+    """`path_b64` (the exact bytes) is added for a name that is not UTF-8."""
     by_ns: dict[str, dict[str, float]] = {}
     for ns, name, score in _ordered(tags):
         by_ns.setdefault(ns, {})[name] = round(score, 4)
-    return json.dumps({"path": path, "sha256": sha256, "tags": by_ns}, ensure_ascii=False) + "\n"
+    record = {**json_path(path), "sha256": sha256, "tags": by_ns}
+    return json.dumps(record, ensure_ascii=False) + "\n"
 
 
 def sidecar_path(image: str, style: str) -> Path:
@@ -88,10 +92,27 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sidecar_mode(image: Path | None) -> int:
+    """Read/write bits no more open than the image's (a private image keeps a private
+    sidecar), never executable; write_atomic applies the umask on top."""
+    if image is None:
+        return 0o666
+    try:
+        return 0o666 & os.stat(image).st_mode
+    except OSError:
+        return 0o600
+
+
 def write_sidecar(
-    conn: sqlite3.Connection, target: Path, text: str, *, overwrite: bool = False
+    conn: sqlite3.Connection,
+    target: Path,
+    text: str,
+    *,
+    overwrite: bool = False,
+    image: Path | None = None,
 ) -> str:
-    """'written', 'unchanged', or 'kept' (an existing sidecar tagd did not write)."""
+    """'written', 'unchanged', or 'kept' (an existing sidecar tagd did not write). The
+    sidecar's mode follows the umask and is never more open than `image`'s."""
     data = text.encode("utf-8")
     try:
         existing = target.read_bytes()
@@ -101,13 +122,13 @@ def write_sidecar(
         if existing == data:
             return "unchanged"
         row = conn.execute(
-            "SELECT content_sha FROM sidecars WHERE path = ?", (str(target),)
+            f"SELECT content_sha FROM sidecars WHERE path = {AS_TEXT}", (to_db(str(target)),)
         ).fetchone()
         if not overwrite and (row is None or row[0] != _sha(existing)):
             return "kept"
-    write_atomic(target, lambda fh: fh.write(data), mode=0o644, durable=True)
+    write_atomic(target, lambda fh: fh.write(data), mode=sidecar_mode(image), durable=True)
     conn.execute(
-        "INSERT OR REPLACE INTO sidecars(path, content_sha, written_at) VALUES (?, ?, ?)",
-        (str(target), _sha(data), time.time()),
+        f"INSERT OR REPLACE INTO sidecars(path, content_sha, written_at) VALUES ({AS_TEXT}, ?, ?)",
+        (to_db(str(target)), _sha(data), time.time()),
     )
     return "written"

@@ -20,6 +20,7 @@ import numpy as np
 
 from tagd import changes
 from tagd.atomic import write_atomic
+from tagd.names import AS_TEXT, for_humans, to_db
 
 CHUNK_ROWS = 65536
 DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
@@ -42,11 +43,13 @@ def resolve_ref(conn: sqlite3.Connection, ref: str) -> int:
             raise SimilarError(f"sha256 prefix {ref} matches several files: give more digits")
     path = os.path.abspath(os.path.expanduser(ref))
     row = conn.execute(
-        "SELECT file_id FROM paths WHERE path = ? AND missing = 0 AND file_id IS NOT NULL",
-        (path,),
+        f"SELECT file_id FROM paths WHERE path = {AS_TEXT} AND missing = 0 AND file_id IS NOT NULL",
+        (to_db(path),),
     ).fetchone()
     if row is None:
-        raise SimilarError(f"{path} is not in the index (not scanned yet, or not a known sha256)")
+        raise SimilarError(
+            f"{for_humans(path)} is not in the index (not scanned yet, or not a known sha256)"
+        )
     return int(row[0])
 
 

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from tagd import db, queue
+from tagd.names import for_humans
 
 STATE_KEY = "daemon"
 LAST_ERROR_KEY = "last_error"
@@ -83,7 +84,7 @@ def format_report(r: dict[str, Any]) -> str:
     for m in r["models"]:
         lines.append(f"model:     {m['name']} ({m['revision']}): {m['files']} files tagged")
     for path, mode in sorted(r["watchers"].items()):
-        lines.append(f"watching:  {path} [{mode}]")
+        lines.append(f"watching:  {for_humans(path)} [{mode}]")
     if r["last_error"]:
-        lines.append(f"last error: {r['last_error']}")
+        lines.append(f"last error: {for_humans(r['last_error'])}")
     return "\n".join(lines)

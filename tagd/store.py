@@ -15,6 +15,7 @@ from itertools import repeat
 import numpy as np
 
 from tagd.labels import Labels
+from tagd.names import AS_TEXT, to_db
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,12 @@ def upsert_path(
     conn: sqlite3.Connection, path: str, file_id: int | None, size: int, mtime_ns: int
 ) -> None:
     conn.execute(
-        """INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen)
-           VALUES (?, ?, ?, ?, 0, ?)
+        f"""INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen)
+           VALUES ({AS_TEXT}, ?, ?, ?, 0, ?)
            ON CONFLICT(path) DO UPDATE SET
                file_id = excluded.file_id, size = excluded.size,
                mtime_ns = excluded.mtime_ns, missing = 0, last_seen = excluded.last_seen""",
-        (path, file_id, size, mtime_ns, time.time()),
+        (to_db(path), file_id, size, mtime_ns, time.time()),
     )
 
 

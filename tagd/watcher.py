@@ -4,7 +4,9 @@ Observer threads only append `(event type, src, dest)` to an in-memory queue, so
 block on the database and cannot die from a handler error. One writer thread applies the
 events in short transactions, waits until new files stop changing (settle time), and checks
 every root: a root that disappears or is replaced (an unmounted disk) is unwatched and left as
-it is in the index, then watched and reconciled when it comes back.
+it is in the index, then watched and reconciled when it comes back. A disk mounted on a folder
+below a root, or unmounted from one, is seen in /proc/self/mountinfo: the root's observer
+restarts (inotify watches do not cross onto a new mount) and that folder is rescanned.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import errno
 import logging
 import os
 import queue as stdqueue
+import re
 import sqlite3
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -39,7 +42,8 @@ from watchdog.observers.polling import PollingObserver
 from tagd import db, queue
 from tagd.config import Config, WatchRoot
 from tagd.filters import excluded, wanted
-from tagd.scanner import under
+from tagd.names import AS_TEXT, for_humans, to_db
+from tagd.scanner import scan_folder, under
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ ROOT_CHECK_S = 2.0
 TICK_S = 0.2
 MAX_EVENTS_PER_TRANSACTION = 500
 LIMIT_ERRNOS = (errno.ENOSPC, errno.EMFILE)
+MOUNTINFO = "/proc/self/mountinfo"
+_OCTAL = re.compile(rb"\\([0-7]{3})")
 
 Event = tuple[type[FileSystemEvent], str, str]
 
@@ -82,6 +88,43 @@ def root_identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
 
 
+def read_mounts(mountinfo: str = MOUNTINFO) -> dict[str, str] | None:
+    """Mount point → identity (mount id, device, source root) from a mountinfo file; None
+    where there is none to read (not Linux), which turns mount tracking off."""
+    try:
+        with open(mountinfo, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    mounts: dict[str, str] = {}
+    for line in data.splitlines():
+        fields = line.split(b" ")
+        if len(fields) < 5:
+            continue
+        point = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        mounts[os.fsdecode(point)] = b" ".join(fields[0:1] + fields[2:4]).decode("ascii", "replace")
+    return mounts
+
+
+def mounts_under(mounts: dict[str, str] | None, root: str) -> dict[str, str]:
+    """The mounts strictly below `root` (the root's own mount is the identity check's)."""
+    if not mounts:
+        return {}
+    prefix = root.rstrip("/") + "/"
+    return {p: ident for p, ident in mounts.items() if p.startswith(prefix)}
+
+
+def changed_mounts(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Mount points that appeared, went or changed, outermost only (a rescan covers the
+    folders below it)."""
+    changed = sorted(p for p in old.keys() | new.keys() if old.get(p) != new.get(p))
+    top: list[str] = []
+    for p in changed:
+        if not any(p.startswith(t.rstrip("/") + "/") for t in top):
+            top.append(p)
+    return top
+
+
 @dataclass
 class RootWatch:
     root: WatchRoot
@@ -89,6 +132,7 @@ class RootWatch:
     observer: BaseObserver | None = None
     identity: tuple[int, int] | None = None
     mode: str = "starting"
+    mounts: dict[str, str] = field(default_factory=dict)
 
     def rel(self, path: str) -> str | None:
         if path == self.path or not path.startswith(self.path.rstrip("/") + "/"):
@@ -124,6 +168,7 @@ class Watcher:
         self.on_queued = on_queued
         self.on_root_back = on_root_back
         self.roots = [RootWatch(r, os.path.abspath(r.path)) for r in config.watch]
+        self.mountinfo = MOUNTINFO
         self.beat = time.monotonic()
         self.last_error: str | None = None
         self._events: stdqueue.SimpleQueue[tuple[int, Event]] = stdqueue.SimpleQueue()
@@ -160,6 +205,7 @@ class Watcher:
             rw.mode = "unavailable"
             log.warning("watch root %s is missing (unmounted?); waiting for it", rw.path)
             return
+        rw.mounts = mounts_under(read_mounts(self.mountinfo), rw.path)
         handler = _Forward(self._events.put, index)
         if not rw.root.polling:
             observer: BaseObserver | None = None
@@ -341,7 +387,8 @@ class Watcher:
         conn = self._conn
         assert conn is not None
         conn.execute(
-            "UPDATE paths SET missing = 0, last_seen = ? WHERE path = ?", (time.time(), path)
+            f"UPDATE paths SET missing = 0, last_seen = ? WHERE path = {AS_TEXT}",
+            (time.time(), to_db(path)),
         )
         return int(queue.enqueue(conn, path, sig[0], sig[1]))
 
@@ -352,31 +399,35 @@ class Watcher:
         now = time.time()
         if folder:
             low, high = under(src)
-            new = dest.rstrip("/") + "/"
-            cut = len(low) + 1
+            new = to_db(dest.rstrip("/") + "/")
+            cut = len(os.fsencode(low)) + 1  # in bytes: raw names are not UTF-8 characters
+            tail = "CAST(substr(CAST(path AS BLOB), ?) AS TEXT)"
+            bounds = (to_db(low), to_db(high))
             conn.execute(
-                """UPDATE OR REPLACE paths SET path = ? || substr(path, ?), missing = 0,
-                       last_seen = ? WHERE path >= ? AND path < ?""",
-                (new, cut, now, low, high),
+                f"""UPDATE OR REPLACE paths SET path = {AS_TEXT} || {tail}, missing = 0,
+                       last_seen = ? WHERE path >= {AS_TEXT} AND path < {AS_TEXT}""",
+                (new, cut, now, *bounds),
             )
             conn.execute(
-                """UPDATE OR IGNORE jobs SET path = ? || substr(path, ?), updated_at = ?
-                   WHERE path >= ? AND path < ? AND state != 'running'""",
-                (new, cut, now, low, high),
+                f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT} || {tail}, updated_at = ?
+                   WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
+                (new, cut, now, *bounds),
             )
             return
+        s, d = to_db(src), to_db(dest)
         if conn.execute(
-            "SELECT 1 FROM jobs WHERE path = ? AND state != 'running'", (src,)
+            f"SELECT 1 FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (s,)
         ).fetchall():
-            conn.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (dest,))
+            conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (d,))
             conn.execute(
-                "UPDATE OR IGNORE jobs SET path = ?, updated_at = ? WHERE path = ?",
-                (dest, now, src),
+                f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT}, updated_at = ?
+                    WHERE path = {AS_TEXT}""",
+                (d, now, s),
             )
         conn.execute(
-            """UPDATE OR REPLACE paths SET path = ?, missing = 0, last_seen = ?
-               WHERE path = ?""",
-            (dest, now, src),
+            f"""UPDATE OR REPLACE paths SET path = {AS_TEXT}, missing = 0, last_seen = ?
+               WHERE path = {AS_TEXT}""",
+            (d, now, s),
         )
 
     def _gone(self, rw: RootWatch, path: str, *, folder: bool = False) -> None:
@@ -390,17 +441,21 @@ class Watcher:
             low, high = under(path)
             for p in [p for p in self._pending if low <= p < high]:
                 del self._pending[p]
+            bounds = (to_db(low), to_db(high))
             conn.execute(
-                "UPDATE paths SET missing = 1 WHERE path >= ? AND path < ? AND missing = 0",
-                (low, high),
+                f"""UPDATE paths SET missing = 1
+                    WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND missing = 0""",
+                bounds,
             )
             conn.execute(
-                "DELETE FROM jobs WHERE path >= ? AND path < ? AND state != 'running'",
-                (low, high),
+                f"""DELETE FROM jobs
+                    WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
+                bounds,
             )
             return
-        conn.execute("UPDATE paths SET missing = 1 WHERE path = ?", (path,))
-        conn.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (path,))
+        key = to_db(path)
+        conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (key,))
+        conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (key,))
 
     def _check_roots(self) -> None:
         """Unwatch roots that vanished or were replaced; rewatch and reconcile returning ones.
@@ -408,6 +463,7 @@ class Watcher:
         for i, rw in enumerate(self.roots):
             identity = root_identity(rw.path)
             if rw.observer is not None and identity == rw.identity and rw.observer.is_alive():
+                self._check_mounts(i)
                 continue
             if rw.observer is not None:
                 if identity != rw.identity:
@@ -434,6 +490,42 @@ class Watcher:
             if rw.observer is not None:
                 log.info("watch root %s is back (%s); reconciling it", rw.path, rw.mode)
                 self.on_root_back(rw.root)
+
+    def _check_mounts(self, index: int) -> None:
+        """A disk mounted below a root hides the files under it and brings its own; one
+        unmounted does the reverse. Rewatch the root and reconcile those folders now rather
+        than at the next scheduled scan."""
+        rw = self.roots[index]
+        current = mounts_under(read_mounts(self.mountinfo), rw.path)
+        changed = changed_mounts(rw.mounts, current)
+        if not changed:
+            return
+        for point in changed:
+            what = "mounted on" if point in current else "unmounted from"
+            log.info(
+                "a file system was %s %s (under watch root %s); rescanning it",
+                what,
+                for_humans(point),
+                rw.path,
+            )
+        self._unwatch(rw)
+        try:
+            self._watch_root(index)
+        except OSError as exc:
+            self.last_error = f"watch root {rw.path}: {exc}"
+            log.error("%s", self.last_error)
+            return
+        rw.mounts = current
+        assert self._conn is not None
+        queued = 0
+        for point in changed:
+            try:
+                queued += scan_folder(self._conn, self.config, rw.root, point).queued
+            except sqlite3.Error as exc:
+                self.last_error = f"watcher: database error, {point} left to the next scan: {exc}"
+                log.error("%s", for_humans(self.last_error))
+        if queued:
+            self.on_queued()
 
 
 def _signature(path: str) -> tuple[int, int] | None:

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from tagd.decode import DecodeError, open_image, read_file
+from tagd.names import for_humans
 from tagd.preprocess import PreprocessSpec, prepare
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Decoder:
         try:
             done = self.done_models(file.sha256)
         except sqlite3.Error as exc:
-            log.warning("cannot check earlier results for %s: %s", task.path, exc)
+            log.warning("cannot check earlier results for %s: %s", for_humans(task.path), exc)
             done = set()
         todo = [m for m in task.models if m not in done or m in task.force]
         result = Decoded(task.id, file.sha256, file.size, file.mtime_ns)
@@ -166,7 +167,7 @@ class Decoder:
             return Failed(task.id, exc.reason, exc.transient)
         except (MemoryError, Exception) as exc:
             # A decoder bug on one hostile file must not take the batch down with it.
-            log.exception("unexpected error decoding %s", task.path)
+            log.exception("unexpected error decoding %s", for_humans(task.path))
             return Failed(task.id, f"decoder error: {type(exc).__name__}: {exc}")
         result.width, result.height, result.format, result.tensors = w, h, fmt, tensors
         return result

@@ -31,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
+    from tagd.names import for_humans, is_utf8, json_path, json_text, path_b64
     from tagd.similar import EmbeddingIndex, SimilarError, exact_duplicates, paths_of
 
     args = ctx.args
@@ -56,16 +57,25 @@ def run(ctx: Context) -> int:
                 if len(members) > 1:
                     near.append(members)
     if args.format == "json":
+        for e in exact:
+            raw: list[str] = e["paths"]  # type: ignore[assignment]
+            e["paths"] = [json_text(p) for p in raw]
+            if not all(is_utf8(p) for p in raw):
+                e["paths_b64"] = [path_b64(p) for p in raw]
+        for members in near:
+            for m in members:
+                m.update(json_path(str(m.pop("path"))))
         json.dump({"exact": exact, "near": near}, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         blocks = [
-            "\n".join([f"# exact {e['sha256']}", *e["paths"]])
+            "\n".join([f"# exact {e['sha256']}", *map(for_humans, e["paths"])])
             for e in exact  # type: ignore[list-item]
         ]
         blocks += [
             "\n".join(
-                [f"# similar >= {args.min_sim}"] + [f"{m['path']}\t{m['similarity']}" for m in g]
+                [f"# similar >= {args.min_sim}"]
+                + [f"{for_humans(str(m['path']))}\t{m['similarity']}" for m in g]
             )
             for g in near
         ]

@@ -93,7 +93,10 @@ def run(ctx: Context) -> int:
 
 
 def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet]) -> int:
+    from pathlib import Path
+
     from tagd import db
+    from tagd.names import for_humans, is_utf8, json_text, path_b64
     from tagd.progress import Progress
     from tagd.sidecars import KohyaOptions, render, sidecar_path, write_sidecar
 
@@ -111,16 +114,22 @@ def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet
                 text = render(a.style, path, fs.sha256, tags, options)
                 try:
                     with db.write(conn):
-                        result = write_sidecar(conn, target, text, overwrite=a.overwrite)
+                        result = write_sidecar(
+                            conn, target, text, overwrite=a.overwrite, image=Path(path)
+                        )
                 except OSError as exc:
-                    print(f"tagd: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+                    where = for_humans(str(target))
+                    print(f"tagd: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
                     result = "failed"
                 counts[result] += 1
                 if result == "kept":
                     kept.append(str(target))
             bar.update(done)
     if a.json:
-        json.dump({**counts, "kept_paths": kept}, sys.stdout, indent=2)
+        report: dict[str, object] = {**counts, "kept_paths": [json_text(p) for p in kept]}
+        if not all(is_utf8(p) for p in kept):
+            report["kept_paths_b64"] = [path_b64(p) for p in kept]
+        json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
     print(
         f"tagd: sidecars: {counts['written']} written, {counts['unchanged']} unchanged, "

@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     from tagd import queue
+    from tagd.names import for_humans, json_path
 
     action = ctx.args.action
     if action == "list":
@@ -42,18 +43,22 @@ def run(ctx: Context) -> int:
             ctx.db(readonly=True), "failed" if ctx.args.failed else None, ctx.args.limit
         )
         if ctx.args.format == "json":
-            keys = ("path", "state", "attempts", "priority", "error", "not_before")
-            json.dump([{k: r[k] for k in keys} for r in rows], sys.stdout, indent=2)
+            keys = ("state", "attempts", "priority", "error", "not_before")
+            json.dump(
+                [{**json_path(r["path"]), **{k: r[k] for k in keys}} for r in rows],
+                sys.stdout,
+                indent=2,
+            )
             sys.stdout.write("\n")
             return 0
         now = time.time()
         for r in rows:
             extra = ""
             if r["state"] == "queued" and r["not_before"] > now:
-                extra = f"  (retry in {r['not_before'] - now:.0f} s: {r['error']})"
+                extra = f"  (retry in {r['not_before'] - now:.0f} s: {for_humans(r['error'])})"
             elif r["state"] == "failed":
-                extra = f"  {r['error']}"
-            print(f"{r['state']:<8} {r['attempts']}  {r['path']}{extra}")
+                extra = f"  {for_humans(r['error'] or '')}"
+            print(f"{r['state']:<8} {r['attempts']}  {for_humans(r['path'])}{extra}")
         return 0
     conn = ctx.db()
     if action == "retry":
@@ -72,7 +77,7 @@ def run(ctx: Context) -> int:
             try:
                 st = os.stat(path)
             except OSError as exc:
-                raise UserError(f"{raw}: {exc.strerror or exc}", 1) from None
+                raise UserError(f"{for_humans(raw)}: {exc.strerror or exc}", 1) from None
             added += queue.enqueue(
                 conn, path, st.st_size, st.st_mtime_ns, priority=USER_PRIORITY, requeue=True
             )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, TextIO
 
@@ -74,6 +75,7 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 
 
 def run(ctx: Context) -> int:
+    from tagd.names import for_humans
     from tagd.query import QueryError, parse
     from tagd.search import (
         SearchError,
@@ -104,7 +106,7 @@ def run(ctx: Context) -> int:
     )
     if args.explain:
         conn = ctx.db(readonly=True) if _db_exists(ctx) else None
-        print(explain(node, conn))
+        print(for_humans(explain(node, conn), keep_newlines=True))
         return 0
     conn = ctx.db(readonly=True)
     try:
@@ -112,7 +114,7 @@ def run(ctx: Context) -> int:
         if args.sql:
             q = build_sql(node, opts, count=args.count)
             print(q.sql)
-            print(json.dumps(q.params))
+            print(json.dumps(q.params, default=os.fsdecode))
             return 0
         if args.count:
             n = count(conn, node, opts)
@@ -131,8 +133,11 @@ def _db_exists(ctx: Context) -> bool:
 
 
 def hit_record(h: Hit) -> dict[str, object]:
+    """`path_b64` (the exact bytes) is added for a name that is not UTF-8."""
+    from tagd.names import json_path
+
     return {
-        "path": h.path,
+        **json_path(h.path),
         "sha256": h.sha256,
         "score": None if h.rank is None else round(h.rank, 6),
         "tags": {k: round(v, 4) for k, v in h.tags.items()},
@@ -140,7 +145,11 @@ def hit_record(h: Hit) -> dict[str, object]:
 
 
 def write_hits(hits, fmt: str, nul: bool, out: TextIO) -> int:  # type: ignore[no-untyped-def]
-    """Stream hits in `fmt`; returns how many."""
+    """Stream hits in `fmt`; returns how many. Paths go out as their exact bytes, except
+    on a terminal (escaped for humans) and in tsv (tab, newline, CR and backslash escaped)."""
+    from tagd.names import for_humans, tsv_field
+
+    human = fmt == "paths" and not nul and out.isatty()
     n = 0
     if fmt == "json":
         records = [hit_record(h) for h in hits]
@@ -155,7 +164,7 @@ def write_hits(hits, fmt: str, nul: bool, out: TextIO) -> int:  # type: ignore[n
         elif fmt == "tsv":
             tags = ",".join(f"{k}={v:.4f}" for k, v in h.tags.items())
             score = "" if h.rank is None else f"{h.rank:.6f}"
-            out.write(f"{h.path}\t{score}\t{h.sha256 or ''}\t{tags}\n")
+            out.write(f"{tsv_field(h.path)}\t{score}\t{h.sha256 or ''}\t{tags}\n")
         else:
-            out.write(h.path + end)
+            out.write((for_humans(h.path) if human else h.path) + end)
     return n

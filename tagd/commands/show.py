@@ -31,20 +31,21 @@ def _order(ns: str) -> tuple[int, str]:
 
 
 def run(ctx: Context) -> int:
+    from tagd.names import for_humans, json_path
     from tagd.search import file_tags
 
     path = os.path.abspath(ctx.args.path)
     info = file_tags(ctx.db(readonly=True), path)
     if info is None:
         raise UserError(
-            f"{path} is not in the index (not scanned yet, not under a watch root, "
+            f"{for_humans(path)} is not in the index (not scanned yet, not under a watch root, "
             "or moved or deleted since the last scan)",
             1,
         )
     if ctx.args.format == "json":
         json.dump(
             {
-                "path": info.path,
+                **json_path(info.path),
                 "sha256": info.sha256,
                 "width": info.width,
                 "height": info.height,
@@ -62,7 +63,7 @@ def run(ctx: Context) -> int:
         )
         sys.stdout.write("\n")
         return 0
-    out = [info.path, f"  sha256 {info.sha256}  {info.width}x{info.height}"]
+    out = [for_humans(info.path), f"  sha256 {info.sha256}  {info.width}x{info.height}"]
     if not info.models:
         out.append("  not tagged yet")
     for model, rows in info.models.items():

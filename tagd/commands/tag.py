@@ -87,6 +87,7 @@ def run(ctx: Context) -> int:
     import dataclasses
 
     from tagd.hub import ModelError
+    from tagd.names import for_humans, json_path, tsv_field
     from tagd.oneshot import parse_provider_options, rules_with, tag_paths
     from tagd.tagger import load
 
@@ -130,16 +131,17 @@ def run(ctx: Context) -> int:
     ):
         if r.error is not None:
             failed += 1
-            print(f"tagd: {r.path}: {r.error}", file=sys.stderr)
+            print(f"tagd: {for_humans(r.path)}: {for_humans(r.error)}", file=sys.stderr)
             continue
         if a.format == "json":
             record = {
-                "path": r.path,
+                **json_path(r.path),
                 "sha256": r.sha256,
                 "tags": {_label(ns, n): round(s, 4) for ns, n, s in r.tags},
             }
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
         else:
-            out.writelines(f"{r.path}\t{_label(ns, n)}\t{s:.4f}\n" for ns, n, s in r.tags)
+            path = tsv_field(r.path)
+            out.writelines(f"{path}\t{_label(ns, n)}\t{s:.4f}\n" for ns, n, s in r.tags)
         out.flush()
     return 1 if failed else 0
