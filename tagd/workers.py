@@ -216,6 +216,21 @@ def _die_with_parent() -> None:
         return
 
 
+def _let_forkserver_go() -> None:
+    """A forkserver child inherits the write end of the pipe on which the forkserver waits
+    for tagd's death. A worker stuck in a codec would hold it open, so after a SIGKILL of
+    tagd the forkserver (and with it the worker: PDEATHSIG) would live on. Workers start no
+    processes of their own, so they close it."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None  # type: ignore[union-attr]
+
+
 def _data_in_use() -> int:
     """This process's data segment (VmData: heap and private anonymous mappings) in bytes."""
     try:
@@ -257,6 +272,7 @@ def _worker_main(
     _die_with_parent()
     if os.getppid() != parent:
         return
+    _let_forkserver_go()
     handle = factory()
     if memory_limit is not None:
         limit_memory(memory_limit)

@@ -54,6 +54,10 @@ def _rows(database: Path) -> dict[str, sqlite3.Row]:
     conn.row_factory = sqlite3.Row
     try:
         return {os.path.basename(r["path"]): r for r in conn.execute("SELECT * FROM jobs")}
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # tagd is still creating the database
+            return {}
+        raise
     finally:
         conn.close()
 
@@ -176,7 +180,7 @@ def test_item03_hung_decode_is_killed_and_the_pool_moves_on(tmp_path: Path) -> N
 def test_item03_decode_timeout_from_the_config_in_a_real_scan(
     tmp_path: Path, gallery: Path, probe_model: Path, processes: list
 ) -> None:
-    """A real `tagd scan` whose decoder hangs on one file: with `decode_timeout: 2` the scan
+    """A real `tagd scan` whose decoder hangs on one file: with `decode_timeout: 1` the scan
     ends, that file failed with the reason, every other file tagged."""
     for i in range(3):
         save(gallery / f"a{i}.png", (60 * i, 40, 200))
@@ -191,7 +195,7 @@ def test_item03_decode_timeout_from_the_config_in_a_real_scan(
                 "device": "cpu",
                 "decode_workers": 1,
                 "batch_size": 2,
-                "decode_timeout": 2,
+                "decode_timeout": 1,
             },
         },
     )
@@ -211,8 +215,8 @@ def test_item03_decode_timeout_from_the_config_in_a_real_scan(
 def test_item04_killed_daemon_charges_only_the_file_being_decoded(
     tmp_path: Path, gallery: Path, probe_model: Path, processes: list
 ) -> None:
-    """A daemon SIGKILLed three times while its decoder hangs on one file (max_attempts 3):
-    that file ends failed after its third charged attempt; the healthy files leased beside
+    """A daemon SIGKILLed twice while its decoder hangs on one file (max_attempts 2): that
+    file ends failed after its second charged attempt; the healthy files leased beside
     it every time are never charged and end tagged."""
     save(gallery / "a.png", (200, 10, 10))
     save(gallery / "b-hang.png", (5, 5, 5))
@@ -226,11 +230,11 @@ def test_item04_killed_daemon_charges_only_the_file_being_decoded(
             "watch": [{"path": str(gallery)}],
             "models": [{"name": "probe", "path": str(probe_model)}],
             "inference": {"device": "cpu", "decode_workers": 1, "batch_size": 2},
-            "daemon": {"max_attempts": 3},
+            "daemon": {"max_attempts": 2},
         },
     )
     log = tmp_path / "run.log"
-    for kill in range(1, 4):
+    for kill in range(1, 3):
         proc = stuck_decoder.start("-c", str(config), "run", log=log)
         processes.append(proc)
 
@@ -262,7 +266,7 @@ def test_item04_killed_daemon_charges_only_the_file_being_decoded(
 
     jobs = wait_for(settled, timeout=60)
     assert isinstance(jobs, dict)
-    assert "tagd stopped 3 times while decoding this file" in jobs["b-hang.png"]["error"]
+    assert "tagd stopped 2 times while decoding this file" in jobs["b-hang.png"]["error"]
     assert {n: r["attempts"] for n, r in jobs.items() if n != "b-hang.png"} == {
         "a.png": 1,
         "c0.png": 1,
