@@ -488,9 +488,10 @@ def test_item15_cpu_fallback_is_sized_for_the_cpu(
     config = cfgmod.parse(data, base=tmp_path)
     assert tagger.expects_gpu(config.inference)  # what the first session was sized for
     (loaded,) = load_all(config)
-    assert loaded.provider == CPU and loaded.cpu_fallback
     cpu_plan = sizing.plan(config.inference, gpu=False, cores=4)
+    assert loaded.provider == CPU
     assert loaded.threads == cpu_plan.ort_threads == 4
+    assert loaded.cpu_fallback
     assert loaded.session.get_session_options().intra_op_num_threads == 4
     conn = db.connect(config.database)
     with Pipeline(conn, config, [loaded]) as pipeline:
