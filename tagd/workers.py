@@ -200,6 +200,9 @@ def out_of_memory(budget: int | None) -> str:
 
 
 PR_SET_PDEATHSIG = 1
+# First message of a worker: started and set up, so decode time is counted from here on
+# (a slow process start on a busy machine is no file's fault).
+READY = "ready"
 
 
 def _die_with_parent() -> None:
@@ -276,6 +279,7 @@ def _worker_main(
     handle = factory()
     if memory_limit is not None:
         limit_memory(memory_limit)
+    results.send(READY)
     while True:
         try:
             if not tasks.poll(1.0):
@@ -308,6 +312,7 @@ class _Worker:
     started: float = 0.0
     # why the parent killed it (a timeout), for the failure of the file it was on
     killed_for: str | None = None
+    ready: bool = False
 
 
 class DecodePool:
@@ -458,7 +463,7 @@ class DecodePool:
         suspects: list[int] = []
         with self._lock:
             for w in self._workers:
-                if not w.outstanding or w.killed_for is not None:
+                if not w.ready or not w.outstanding or w.killed_for is not None:
                     continue
                 age = now - w.started
                 head = w.outstanding[0]
@@ -489,6 +494,11 @@ class DecodePool:
             result = worker.results.recv()
         except (EOFError, OSError):
             return False  # the sentinel reports the death
+        if isinstance(result, str) and result == READY:
+            with self._lock:
+                worker.ready = True
+                worker.started = time.monotonic()
+            return True
         cleared = False
         with self._lock:
             for i, task in enumerate(worker.outstanding):

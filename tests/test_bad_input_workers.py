@@ -180,7 +180,7 @@ def test_item03_hung_decode_is_killed_and_the_pool_moves_on(tmp_path: Path) -> N
 def test_item03_decode_timeout_from_the_config_in_a_real_scan(
     tmp_path: Path, gallery: Path, probe_model: Path, processes: list
 ) -> None:
-    """A real `tagd scan` whose decoder hangs on one file: with `decode_timeout: 1` the scan
+    """A real `tagd scan` whose decoder hangs on one file: with `decode_timeout: 2` the scan
     ends, that file failed with the reason, every other file tagged."""
     for i in range(3):
         save(gallery / f"a{i}.png", (60 * i, 40, 200))
@@ -195,7 +195,7 @@ def test_item03_decode_timeout_from_the_config_in_a_real_scan(
                 "device": "cpu",
                 "decode_workers": 1,
                 "batch_size": 2,
-                "decode_timeout": 1,
+                "decode_timeout": 2,
             },
         },
     )
