@@ -67,6 +67,12 @@ class InferenceConfig:
     threads: int | None = None
     decode_workers: int | None = None
     tensorrt: bool = False
+    # Seconds one file may spend in a decode worker before the worker is killed.
+    decode_timeout: float = 60.0
+    # Memory one decode worker may use (MiB); None: a share of the machine's RAM.
+    worker_memory_mb: int | None = None
+    # Larger files are refused without being read.
+    max_file_mb: int = 512
     # Extra CUDA provider options (`tagd tag --provider-options k=v,...`); not a config key.
     provider_options: tuple[tuple[str, str], ...] = ()
 
@@ -439,7 +445,17 @@ def _inference(value: Any, key: str) -> InferenceConfig:
     d = _mapping(
         value,
         key,
-        ("device", "device_id", "batch_size", "threads", "decode_workers", "tensorrt"),
+        (
+            "device",
+            "device_id",
+            "batch_size",
+            "threads",
+            "decode_workers",
+            "tensorrt",
+            "decode_timeout",
+            "worker_memory_mb",
+            "max_file_mb",
+        ),
     )
     device = d.get("device", "auto")
     if device not in DEVICES:
@@ -447,6 +463,7 @@ def _inference(value: Any, key: str) -> InferenceConfig:
     batch = d.get("batch_size")
     threads = d.get("threads")
     workers = d.get("decode_workers")
+    memory = d.get("worker_memory_mb")
     return InferenceConfig(
         device=device,
         device_id=_int(d.get("device_id", 0), f"{key}.device_id", 0),
@@ -454,6 +471,9 @@ def _inference(value: Any, key: str) -> InferenceConfig:
         threads=None if threads is None else _int(threads, f"{key}.threads", 1),
         decode_workers=None if workers is None else _int(workers, f"{key}.decode_workers", 0),
         tensorrt=_bool(d.get("tensorrt", False), f"{key}.tensorrt"),
+        decode_timeout=_number(d.get("decode_timeout", 60.0), f"{key}.decode_timeout", 1.0),
+        worker_memory_mb=None if memory is None else _int(memory, f"{key}.worker_memory_mb", 64),
+        max_file_mb=_int(d.get("max_file_mb", 512), f"{key}.max_file_mb", 1),
     )
 
 

@@ -159,7 +159,9 @@ class Daemon:
     def _start_parts(self) -> None:
         config = self.config
         self._scan_stop.clear()
-        reaped = queue.reap_orphans(self.conn, self.owner, self.host)
+        reaped = queue.reap_orphans(
+            self.conn, self.owner, self.host, max_attempts=config.daemon.max_attempts
+        )
         if reaped:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
         worker_conn = db.connect(config.database)
@@ -277,7 +279,9 @@ class Daemon:
     def _reap(self) -> None:
         conn = db.connect(self.config.database)
         try:
-            queue.reap_orphans(conn, self.owner, self.host)
+            queue.reap_orphans(
+                conn, self.owner, self.host, max_attempts=self.config.daemon.max_attempts
+            )
         finally:
             conn.close()
 

@@ -67,8 +67,13 @@ def tag_paths(
     max_pixels: int,
     conn: sqlite3.Connection | None = None,
     floor: float = 0.05,
+    memory_budget: int | None = None,
+    max_file_bytes: int | None = None,
 ) -> Iterator[Result]:
-    """Results in input order, batch by batch; with `conn`, also stored like the pipeline does."""
+    """Results in input order, batch by batch; with `conn`, also stored like the pipeline does.
+
+    Files are read here, in this process: FIFOs and devices are refused by read_file, and
+    `memory_budget` (header estimate) and `max_file_bytes` bound what one file may cost."""
     record = None
     if conn is not None:
         with db.write(conn):
@@ -80,9 +85,9 @@ def tag_paths(
         results: dict[str, Result] = {}
         for path in batch:
             try:
-                file = read_file(path)
+                file = read_file(path, max_bytes=max_file_bytes)
                 w, h, fmt, tensors = decode_and_prepare(
-                    file, {tagger.name: tagger.spec}, max_pixels
+                    file, {tagger.name: tagger.spec}, max_pixels, budget=memory_budget
                 )
             except DecodeError as exc:
                 results[path] = Result(path, None, [], exc.reason)

@@ -75,15 +75,22 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.Mo
 
 
 def owner_id() -> str:
-    """Lease owner: unique per process start, readable in `tagd jobs`."""
-    return f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+    """Lease owner: host, pid and the process's start time (clock ticks since boot), so any
+    tagd on this host can tell whether the owner still runs (queue.owner_alive)."""
+    pid = os.getpid()
+    start = queue.process_start(pid) or f"{time.time():.0f}"
+    return f"{socket.gethostname()}:{pid}:{start}"
 
 
 def decode_and_prepare(
-    file: FileBytes, specs: dict[str, PreprocessSpec], max_pixels: int
+    file: FileBytes,
+    specs: dict[str, PreprocessSpec],
+    max_pixels: int,
+    *,
+    budget: int | None = None,
 ) -> tuple[int, int, str | None, dict[str, np.ndarray]]:
     """Decode once, preprocess for every model that needs this file. Raises DecodeError."""
-    return workers.decode_and_prepare(file.data, specs, max_pixels)
+    return workers.decode_and_prepare(file.data, specs, max_pixels, budget=budget)
 
 
 def database_file(conn: sqlite3.Connection) -> str | None:
@@ -167,6 +174,8 @@ class Pipeline:
         }
         self.database = database_file(conn)
         self._pool: DecodePool | None = None
+        self._marks: sqlite3.Connection | None = None
+        self._marks_lock = threading.Lock()
         # Called with the running totals after each stored batch or failure (progress bars).
         self.on_progress: Callable[[Outcome], None] | None = None
         with db.write(conn):
@@ -188,27 +197,61 @@ class Pipeline:
             model_ids={name: r.id for name, r in self.records.items()},
             max_pixels=self.config.max_image_pixels,
             database=self.database,
+            memory_budget=self.memory_budget,
+            max_file_bytes=self.config.inference.max_file_mb << 20,
         )
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes one decode may use: the workers' share of RAM (the tagd process's own share
+        when it decodes in-process)."""
+        return sizing.worker_memory(self.config.inference, max(1, self.plan.decode_workers))
 
     def decoder_factory(self) -> Callable[[], Callable[[Task], Decoded | Failed]]:
         return functools.partial(Decoder, self.setup())
 
     def pool(self, *, small: bool = False) -> DecodePool:
-        """Worker processes, started once and kept; a queue shorter than a batch and
-        `decode_workers: 0` decode in this process (starting workers would cost more)."""
-        if self._pool is not None:
-            return self._pool
-        workers = 0 if small else self.plan.decode_workers
-        pool = DecodePool(self.decoder_factory(), workers)
-        if workers:
-            self._pool = pool
+        """Worker processes, started once and kept: one for a queue shorter than a batch (the
+        daemon's trickle), all of them once a full batch shows a backlog. Untrusted files are
+        decoded in a worker even then, so a hang is timed out and memory capped; only
+        `decode_workers: 0` decodes in this process, without either."""
+        if self.plan.decode_workers == 0:
+            return DecodePool(self.decoder_factory(), 0, on_suspect=self._suspect_hook())
+        workers = 1 if small else self.plan.decode_workers
+        if self._pool is None:
+            self._pool = DecodePool(
+                self.decoder_factory(),
+                workers,
+                timeout=self.config.inference.decode_timeout,
+                memory_limit=self.memory_budget,
+                on_suspect=self._suspect_hook(),
+            )
             log.info("%d decode workers, batch %d", workers, self.batch_size)
-        return pool
+        elif self._pool.size < workers:
+            self._pool.grow(workers)
+            log.info("%d decode workers, batch %d", workers, self.batch_size)
+        return self._pool
+
+    def _suspect_hook(self) -> Callable[[int, bool], None] | None:
+        return self._mark if self.database is not None else None
+
+    def _mark(self, job_id: int, decoding: bool) -> None:
+        """Written from the decode thread (or before each in-process decode) on a connection
+        of its own: if tagd dies now, the lease reaper charges this job and no other."""
+        assert self.database is not None
+        with self._marks_lock:
+            if self._marks is None:
+                self._marks = db.connect(self.database)
+            queue.mark_decoding(self._marks, job_id, self.owner, decoding)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        with self._marks_lock:
+            if self._marks is not None:
+                self._marks.close()
+                self._marks = None
 
     def __enter__(self) -> Pipeline:
         return self
@@ -218,6 +261,13 @@ class Pipeline:
 
     def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
         """Claim and process jobs until the queue has nothing runnable (or `stop()`)."""
+
+        queue.reap_orphans(
+            self.conn,
+            self.owner,
+            socket.gethostname(),
+            max_attempts=self.config.daemon.max_attempts,
+        )
 
         def take(room: int) -> list[queue.Job]:
             if stop():
@@ -272,15 +322,10 @@ class Pipeline:
                 ready.append(_prepared(job, result))
 
         def decoder_for(jobs: list[queue.Job]) -> DecodePool:
-            """In-process decoding until a full batch shows there is a backlog to overlap."""
-            backlog = len(jobs) == self.batch_size and self.plan.decode_workers > 0
-            if pool is not None and (pool is self._pool or not backlog):
-                return pool
-            if pool is not None:
-                while (result := pool.get()) is not None:
-                    accept(result)
-                pool.close()
-            return self.pool(small=not backlog)
+            """One worker until a full batch shows there is a backlog to overlap."""
+            if pool is not None and pool is not self._pool:
+                return pool  # in-process decoding (decode_workers: 0)
+            return self.pool(small=len(jobs) < self.batch_size)
 
         try:
             while True:
@@ -384,7 +429,10 @@ class Pipeline:
             if failure.gone:
                 self._forget(job, conn)
             else:
-                self._fail(job, failure.reason, failure.transient, outcome, conn)
+                transient = failure.transient
+                if failure.incomplete and self._settled(job.path):
+                    transient = False
+                self._fail(job, failure.reason, transient, outcome, conn)
         if self.on_progress is not None:
             self.on_progress(outcome)
 
@@ -459,6 +507,15 @@ class Pipeline:
         else:
             outcome.retrying += 1
             log.info("will retry: %s: %s", job.path, reason)
+
+    def _settled(self, path: str) -> bool:
+        """A file not modified for longer than the settle time is not being copied: a
+        truncated or empty one stays that way, so waiting for it would only delay the verdict."""
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            return False
+        return time.time() - mtime > self.config.daemon.settle_seconds
 
 
 def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileBytes]:

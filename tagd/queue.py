@@ -3,6 +3,10 @@
 A job is claimed by one owner for a limited lease; a worker that dies leaves an expired lease
 that the next claim returns to the queue. Completion is written in the same transaction as
 the results, so a crash can neither lose a job nor record it twice.
+
+Attempts: a claim counts one, and every way a job goes back without a verdict takes it back
+again, except when the job was being decoded (`decoding_since`) as its owner died: then the
+file itself is the likely cause and the attempt stays charged, up to `max_attempts`.
 """
 
 from __future__ import annotations
@@ -124,27 +128,61 @@ def claim(
 
 
 def _reap(conn: sqlite3.Connection, now: float, max_attempts: int) -> None:
-    """Expired leases (their worker died) go back to the queue, or fail if they keep dying."""
-    conn.execute(
-        """UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_expires = NULL,
-               error = 'the worker stopped ' || attempts || ' times while processing this file',
-               updated_at = ?
-           WHERE state = 'running' AND lease_expires < ? AND attempts >= ?""",
-        (now, now, max_attempts),
-    )
-    conn.execute(
-        """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
-               updated_at = ?
-           WHERE state = 'running' AND lease_expires < ?""",
-        (now, now),
-    )
+    """Expired leases (their owner died or stalled) go back to the queue."""
+    _take_back(conn, "lease_expires < ?", (now,), now, max_attempts)
+
+
+def _take_back(
+    conn: sqlite3.Connection,
+    where: str,
+    params: tuple[object, ...],
+    now: float,
+    max_attempts: int,
+) -> int:
+    """Return running jobs matching `where` to the queue (call inside a write transaction).
+
+    A job that was being decoded when its owner went keeps the attempt, and fails once it
+    has used `max_attempts`; every other job was only waiting its turn and is not charged.
+    """
+    failed = conn.execute(
+        f"""UPDATE jobs SET state = 'failed', lease_owner = NULL, lease_expires = NULL,
+               decoding_since = NULL, updated_at = ?,
+               error = 'tagd stopped ' || attempts || ' times while decoding this file (a '
+                       || 'crash, a hang or a kill); `tagd jobs retry` queues it again'
+           WHERE state = 'running' AND decoding_since IS NOT NULL AND attempts >= ?
+             AND {where}""",
+        (now, max_attempts, *params),
+    ).rowcount
+    charged = conn.execute(
+        f"""UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
+               decoding_since = NULL, updated_at = ?
+           WHERE state = 'running' AND decoding_since IS NOT NULL AND {where}""",
+        (now, *params),
+    ).rowcount
+    free = conn.execute(
+        f"""UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
+               attempts = max(0, attempts - 1), updated_at = ?
+           WHERE state = 'running' AND {where}""",
+        (now, *params),
+    ).rowcount
+    return failed + charged + free
+
+
+def mark_decoding(conn: sqlite3.Connection, job_id: int, owner: str, decoding: bool) -> None:
+    """Record that a worker is (still) decoding this job's file, or no longer is."""
+    with db.write(conn):
+        conn.execute(
+            """UPDATE jobs SET decoding_since = ?
+               WHERE id = ? AND lease_owner = ? AND state = 'running'""",
+            (time.time() if decoding else None, job_id, owner),
+        )
 
 
 def complete(conn: sqlite3.Connection, job: Job, owner: str) -> bool:
     """Mark done; call inside the transaction that stored the job's results."""
     cur = conn.execute(
         """UPDATE jobs SET state = 'done', error = NULL, lease_owner = NULL,
-               lease_expires = NULL, force_models = NULL, updated_at = ?
+               lease_expires = NULL, force_models = NULL, decoding_since = NULL, updated_at = ?
            WHERE id = ? AND lease_owner = ? AND state = 'running'""",
         (time.time(), job.id, owner),
     )
@@ -170,7 +208,7 @@ def fail(
         state, not_before = "failed", 0.0
     conn.execute(
         """UPDATE jobs SET state = ?, error = ?, not_before = ?, lease_owner = NULL,
-               lease_expires = NULL, updated_at = ?
+               lease_expires = NULL, decoding_since = NULL, updated_at = ?
            WHERE id = ? AND lease_owner = ? AND state = 'running'""",
         (state, text_for_db(reason), not_before, now, job.id, owner),
     )
@@ -186,7 +224,7 @@ def release(conn: sqlite3.Connection, owner: str, job_ids: list[int] | None = No
     """Hand unfinished jobs back (a clean shutdown); the attempt does not count."""
     with db.write(conn):
         sql = """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
-                     attempts = max(0, attempts - 1), updated_at = ?
+                     attempts = max(0, attempts - 1), decoding_since = NULL, updated_at = ?
                  WHERE state = 'running' AND lease_owner = ?"""
         params: list[object] = [time.time(), owner]
         if job_ids is not None:
@@ -228,20 +266,43 @@ def owner_pid(owner: str, host: str) -> int | None:
         return None
 
 
-def _process_alive(pid: int) -> bool:
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): with
+    the pid it names one process for the machine's uptime, so a reused pid is not taken for
+    the lease's owner. None where the process does not exist or /proc is not there."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def owner_alive(owner: str, host: str) -> bool:
+    """Whether the process named by a lease owner taken on `host` still runs (owners from
+    other hosts cannot be checked and count as alive: their lease expiry covers them)."""
+    pid = owner_pid(owner, host)
+    if pid is None:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    start = process_start(pid)
+    if start is None:
+        return not os.path.isdir("/proc/self")
+    return start == owner.rsplit(":", 1)[1]
 
 
-def reap_orphans(conn: sqlite3.Connection, me: str, host: str) -> int:
-    """Return jobs leased by dead processes on this host to the queue without waiting out
-    their lease (a daemon killed with SIGKILL and restarted). The attempt still counts, so a
-    file that crashes the worker every time ends up failed rather than looping."""
+def reap_orphans(
+    conn: sqlite3.Connection, me: str, host: str, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS
+) -> int:
+    """Return jobs leased by dead processes on this host to the queue at once, without
+    waiting out their lease (a daemon or `tagd scan` killed with SIGKILL). Only a job that
+    was being decoded is charged the attempt (see `_take_back`)."""
     owners = [
         r[0]
         for r in conn.execute(
@@ -249,23 +310,12 @@ def reap_orphans(conn: sqlite3.Connection, me: str, host: str) -> int:
             (me,),
         )
     ]
-    mine = owner_pid(me, host)
-    dead = []
-    for owner in owners:
-        pid = owner_pid(owner, host)
-        if pid is not None and (pid == mine or not _process_alive(pid)):
-            dead.append(owner)
+    dead = [o for o in owners if o is not None and not owner_alive(o, host)]
     if not dead:
         return 0
+    now = time.time()
     with db.write(conn):
-        return sum(
-            conn.execute(
-                """UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires = NULL,
-                       updated_at = ? WHERE state = 'running' AND lease_owner = ?""",
-                (time.time(), owner),
-            ).rowcount
-            for owner in dead
-        )
+        return sum(_take_back(conn, "lease_owner = ?", (o,), now, max_attempts) for o in dead)
 
 
 def listing(

@@ -59,3 +59,31 @@ def plan(inference: InferenceConfig, *, gpu: bool, cores: int) -> Plan:
         threads = cores
     batch = inference.batch_size or (DEFAULT_BATCH_GPU if gpu else DEFAULT_BATCH_CPU)
     return Plan(decode_workers=workers, ort_threads=threads, batch_size=batch)
+
+
+# Decode workers together may use this share of the machine's memory (the rest is the
+# model, the page cache and everything else on the box).
+WORKER_MEMORY_SHARE = 0.5
+MIN_WORKER_MEMORY = 256 << 20
+
+
+def machine_memory() -> int:
+    """Bytes of RAM this process may use: the host's, or a smaller cgroup v2 limit."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            text = fh.read().strip()
+        if text.isdigit():
+            total = min(total, int(text))
+    except OSError:
+        pass
+    return total
+
+
+def worker_memory(inference: InferenceConfig, workers: int, *, memory: int | None = None) -> int:
+    """Bytes one decode worker may use: `worker_memory_mb`, or an equal share of half the
+    machine's memory, so every worker at its budget together still leaves the box room."""
+    if inference.worker_memory_mb is not None:
+        return inference.worker_memory_mb << 20
+    total = machine_memory() if memory is None else memory
+    return max(MIN_WORKER_MEMORY, int(total * WORKER_MEMORY_SHARE) // max(1, workers))

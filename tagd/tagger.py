@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,11 @@ class Tagger:
         inference: InferenceConfig,
         *,
         threads: int | None = None,
+        sizer: Callable[[bool], int] | None = None,
     ) -> None:
+        """`threads`: ONNX Runtime threads for the provider expected; `sizer(on_gpu)` gives
+        them for the provider actually started, and the session is rebuilt when they differ
+        (CUDA asked for, CPU fallback), so threads are decided once, from what runs."""
         self.config = config
         self.name = config.name
         self.family = family
@@ -115,9 +120,22 @@ class Tagger:
         from tagd import graph
 
         self.threads = inference.threads or threads
+        self.cpu_fallback = False
         self.graph = graph.load(os.fspath(files.model_path))
         self.head: graph.Head | None = self.graph.head
         self.session = self._create_session(inference, self.graph.serialized())
+        if sizer is not None and inference.threads is None:
+            wanted = sizer(self.session.get_providers()[0] in GPU_PROVIDERS)
+            if wanted != self.threads:
+                log.info(
+                    "model %s: sized for %s, running on %s: rebuilding with %d threads",
+                    self.name,
+                    "a GPU" if self.cpu_fallback else "the CPU",
+                    self.session.get_providers()[0],
+                    wanted,
+                )
+                self.threads = wanted
+                self.session = self._create_session(inference, self.graph.serialized())
         self.info = self._inspect(inference)
         graph.finish(self, lambda data: self._create_session(inference, data))
         self.graph = graph.Loaded(None, self.head, self.graph.why_no_head)
@@ -136,7 +154,9 @@ class Tagger:
 
         available = ort.get_available_providers()
         providers = providers_for(inference, available, gpu_present=nvidia_present())
-        if inference.device == "auto" and providers == [CPU]:
+        if self.cpu_fallback:
+            providers = [CPU]  # the GPU failed once already: do not try (and warn) again
+        elif inference.device == "auto" and providers == [CPU]:
             log.info("model %s: no NVIDIA GPU found, running on the CPU", self.name)
         wants_cuda = providers[0] != CPU
         if wants_cuda and hasattr(ort, "preload_dlls"):
@@ -164,6 +184,7 @@ class Tagger:
                 "driver and the onnxruntime-gpu CUDA/cuDNN libraries, or set inference.device: auto"
             )
         if wants_cuda and active not in GPU_PROVIDERS:
+            self.cpu_fallback = True
             log.warning(
                 "model %s: CUDA is not usable here, falling back to the CPU (much slower); "
                 "set inference.device: cpu to silence this",
@@ -277,13 +298,21 @@ def load(config: Config, model: ModelConfig) -> Tagger:
     from tagd import families, hub, sizing
 
     gpu = expects_gpu(config.inference)
-    plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
+    cores = sizing.available_cores()
+    plan = sizing.plan(config.inference, gpu=gpu, cores=cores)
     try:
         family = families.get(model.family, config.families)
     except KeyError as exc:
         raise ModelError(f"model {model.name!r}: family: {exc.args[0]}") from None
     files = hub.resolve(model, family, cache_dir=config.hf_cache, offline=config.offline)
-    return Tagger(model, family, files, config.inference, threads=plan.ort_threads)
+    return Tagger(
+        model,
+        family,
+        files,
+        config.inference,
+        threads=plan.ort_threads,
+        sizer=lambda on_gpu: sizing.plan(config.inference, gpu=on_gpu, cores=cores).ort_threads,
+    )
 
 
 def load_all(config: Config, names: list[str] | None = None) -> list[Tagger]:

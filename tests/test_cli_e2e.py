@@ -108,6 +108,8 @@ def test_bad_files_fail_alone(tmp_path: Path, gallery: Path, probe_model: Path) 
             "models": [{"name": "probe", "path": str(probe_model)}],
             "max_image_pixels": 4_000_000,
             "inference": {"device": "cpu"},
+            # modified within the settle time: maybe still being copied (older ones fail)
+            "daemon": {"settle_seconds": 600},
         },
     )
     r = run_tagd("-c", str(cfg), "scan")

@@ -179,18 +179,23 @@ def test_session_threads_are_what_the_plan_leaves() -> None:
     assert sizing.available_cores() >= 1
 
 
-def test_trickle_decodes_in_process_until_a_backlog_appears(
+def test_trickle_decodes_in_one_worker_until_a_backlog_appears(
     tmp_path: Path, gallery: Path, probe_model: Path
 ) -> None:
+    """Never in the tagd process (a hang could not be timed out there): one worker for the
+    trickle, grown to decode_workers once a full batch shows a backlog."""
     paths = [save(gallery / f"{i:02d}.png", (i * 20, 90, 255 - i * 20)) for i in range(9)]
-    config = _config(tmp_path, gallery, probe_model, batch_size=4, decode_workers=1)
+    config = _config(tmp_path, gallery, probe_model, batch_size=4, decode_workers=2)
     conn = db.connect(config.database)
     queue.enqueue(conn, str(paths[0]), None, None)
     calls = 0
+    sizes: list[int] = []
 
     def stop() -> bool:
         nonlocal calls
         calls += 1
+        if pipeline._pool is not None:
+            sizes.append(pipeline._pool.size)
         if calls == 3:  # after the first, one-file claim: a burst arrives
             for p in paths[1:]:
                 queue.enqueue(conn, str(p), None, None)
@@ -198,8 +203,9 @@ def test_trickle_decodes_in_process_until_a_backlog_appears(
 
     with Pipeline(conn, config, load_all(config)) as pipeline:
         outcome = pipeline.run(stop=stop)
-        assert pipeline._pool is not None and pipeline._pool.size == 1
+        assert pipeline._pool is not None and pipeline._pool.size == 2
+    assert sizes[0] == 1 and sizes[-1] == 2
     assert outcome.done == 9 and queue.counts(conn)["done"] == 9
     with Pipeline(conn, config, load_all(config)) as small:
         queue.enqueue(conn, str(paths[0]), None, None, requeue=True)
-        assert small.run().done == 1 and small._pool is None
+        assert small.run().done == 1 and small._pool is not None and small._pool.size == 1

@@ -67,14 +67,40 @@ def test_claim_order_priority_then_oldest(conn: sqlite3.Connection) -> None:
     assert queue.claim(conn, "third", 10) == []
 
 
-def test_expired_lease_returns_to_queue_then_fails(conn: sqlite3.Connection) -> None:
+def test_item04_expired_lease_charges_only_the_job_being_decoded(
+    conn: sqlite3.Connection,
+) -> None:
+    """Its owner died three times while decoding /g/a: /g/a fails, /g/b (leased beside it,
+    waiting its turn) goes back every time without a charge."""
     _enqueue(conn, "/g/a")
+    _enqueue(conn, "/g/b")
     for attempt in range(1, 4):
-        (job,) = queue.claim(conn, f"dead{attempt}", 1, lease_s=-1, max_attempts=3)
-        assert job.attempts == attempt
-    assert queue.claim(conn, "w", 1, max_attempts=3) == []
-    state, error = conn.execute("SELECT state, error FROM jobs").fetchone()
-    assert state == "failed" and "worker stopped 3 times" in error
+        jobs = {
+            j.path: j for j in queue.claim(conn, f"dead{attempt}", 2, lease_s=-1, max_attempts=3)
+        }
+        assert jobs["/g/a"].attempts == attempt and jobs["/g/b"].attempts == 1
+        queue.mark_decoding(conn, jobs["/g/a"].id, f"dead{attempt}", True)
+    (job,) = queue.claim(conn, "w", 2, max_attempts=3)
+    assert job.path == "/g/b" and job.attempts == 1
+    state, error = conn.execute("SELECT state, error FROM jobs WHERE path = '/g/a'").fetchone()
+    assert state == "failed" and "tagd stopped 3 times while decoding this file" in error
+
+
+def test_item04_decoding_mark_is_cleared_by_every_verdict(conn: sqlite3.Connection) -> None:
+    for name in ("a", "b", "c"):
+        _enqueue(conn, f"/g/{name}")
+    jobs = queue.claim(conn, "w", 3)
+    for job in jobs:
+        queue.mark_decoding(conn, job.id, "w", True)
+    queue.mark_decoding(conn, jobs[0].id, "other", False)  # not its lease: no effect
+    with db.write(conn):
+        queue.complete(conn, jobs[0], "w")
+        queue.fail(conn, jobs[1], "w", "bad", transient=False)
+    queue.release(conn, "w")
+    assert (
+        conn.execute("SELECT count(*) FROM jobs WHERE decoding_since IS NOT NULL").fetchone()[0]
+        == 0
+    )
 
 
 def test_completion_needs_the_lease(conn: sqlite3.Connection) -> None:

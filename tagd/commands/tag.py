@@ -89,6 +89,7 @@ def run(ctx: Context) -> int:
     from tagd.hub import ModelError
     from tagd.names import for_humans, json_path, tsv_field
     from tagd.oneshot import parse_provider_options, rules_with, tag_paths
+    from tagd.sizing import worker_memory
     from tagd.tagger import load
 
     a = ctx.args
@@ -128,6 +129,8 @@ def run(ctx: Context) -> int:
         max_pixels=config.max_image_pixels,
         conn=conn,
         floor=config.floor_for(model),
+        memory_budget=worker_memory(config.inference, 1),
+        max_file_bytes=config.inference.max_file_mb << 20,
     ):
         if r.error is not None:
             failed += 1
