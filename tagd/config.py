@@ -15,6 +15,11 @@ from typing import Any
 import yaml
 
 DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+# Formats added by #13 (tagd.media): Pillow-native ones, then the optional plugins' HEIF/JXL.
+DEFAULT_EXTENSIONS += (
+    ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".jp2", ".j2k", ".jpf", ".jpx", ".dds",
+    ".psd", ".heic", ".heif", ".hif", ".jxl",
+)  # fmt: skip
 DEFAULT_EXCLUDES = (
     "@eaDir",
     ".thumbnails",

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tagd import media
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-# Decoders tagd will run on gallery files; exotic plugins (EPS runs Ghostscript) are excluded.
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Decoders tagd will run on gallery files (tagd.media lists them and the optional plugins).
+FORMATS = media.CORE_FORMATS
 
 
 class DecodeError(Exception):
@@ -70,14 +72,14 @@ def open_image(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image = Image.open(io.BytesIO(data), formats=media.still_formats())
             width, height = image.size
             if width * height > max_pixels:
                 raise DecodeError(
                     f"image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
                     f"max_image_pixels limit of {max_pixels / 1e6:.0f} MP"
                 )
-            if getattr(image, "is_animated", False):
+            if getattr(image, "is_animated", False) and image.format != "PSD":
                 image.seek(0)
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", draft)
@@ -97,7 +99,7 @@ def open_image(
                 f"of {max_pixels / 1e6:.0f} MP ({exc})"
             ) from None
         except UnidentifiedImageError:
-            raise DecodeError("not a recognised image format") from None
+            raise DecodeError(media.missing_plugin(data) or "not a recognised image format") from None
         except OSError as exc:
             text = str(exc)
             transient = "truncated" in text
