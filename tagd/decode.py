@@ -99,7 +99,8 @@ def open_image(
                 f"of {max_pixels / 1e6:.0f} MP ({exc})"
             ) from None
         except UnidentifiedImageError:
-            raise DecodeError(media.missing_plugin(data) or "not a recognised image format") from None
+            reason = media.missing_plugin(data) or "not a recognised image format"
+            raise DecodeError(reason) from None
         except OSError as exc:
             text = str(exc)
             transient = "truncated" in text
