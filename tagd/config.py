@@ -30,7 +30,9 @@ DEFAULT_EXCLUDES = (
 )
 THRESHOLD_MODES = ("top", "mcut")
 BUILTIN_FAMILIES = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
+BUILTIN_FAMILIES += ("pixai", "cl-tagger", "animetimm", "camie-v2")
 LABEL_FORMATS = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
+LABEL_FORMATS += ("tag_mapping.json", "camie-metadata.json")
 DEVICES = ("auto", "cpu", "cuda")
 
 
