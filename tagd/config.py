@@ -96,6 +96,9 @@ class TagRules:
 
     blacklist: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
+    # #13: {cat_ears: animal_ears} (transitive) and {"blush": 0.6, "character:*": 0.9}.
+    implications: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,7 @@ def _model(item: Any, key: str, base: Path) -> ModelConfig:
         assert entry is not None
         d["repo"] = entry.repo
         d.setdefault("family", entry.family)
+        d.setdefault("revision", entry.revision)
         d.setdefault("name", repo_word)
         name = d["name"]
     elif isinstance(name, str) and "repo" not in d and "path" not in d and catalog.lookup(name):
@@ -296,6 +300,7 @@ def _model(item: Any, key: str, base: Path) -> ModelConfig:
         assert entry is not None
         d["repo"] = entry.repo
         d.setdefault("family", entry.family)
+        d.setdefault("revision", entry.revision)
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{key}.name: missing; give the model a short name, e.g. `name: wd-vit`")
     if ("repo" in d) == ("path" in d):
@@ -432,14 +437,38 @@ def _families(value: Any, key: str) -> dict[str, dict[str, Any]]:
 
 
 def _tag_rules(value: Any, key: str) -> TagRules:
-    d = _mapping(value, key, ("blacklist", "aliases"))
+    d = _mapping(value, key, ("blacklist", "aliases", "implications", "thresholds"))
     blacklist = _globs(d.get("blacklist", []), f"{key}.blacklist")
     aliases = d.get("aliases", {})
     if not isinstance(aliases, dict) or not all(
         isinstance(a, str) and isinstance(b, str) and a and b for a, b in aliases.items()
     ):
         raise ConfigError(f"{key}.aliases: expected a mapping such as {{cat_ears: animal_ears}}")
-    return TagRules(blacklist=blacklist, aliases=dict(aliases))
+    implications: dict[str, str | tuple[str, ...]] = {}
+    raw = d.get("implications") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{key}.implications: expected a mapping such as {{cat_ears: animal_ears}}"
+        )
+    for a, b in raw.items():
+        targets = b if isinstance(b, list) else [b]
+        if not (isinstance(a, str) and a and targets) or not all(
+            isinstance(t, str) and t for t in targets
+        ):
+            raise ConfigError(
+                f"{key}.implications.{a}: expected a tag or a list of tags it implies"
+            )
+        implications[a] = tuple(targets) if isinstance(b, list) else b
+    per_tag = d.get("thresholds") or {}
+    if not isinstance(per_tag, dict):
+        raise ConfigError(f'{key}.thresholds: expected a mapping such as {{"blush": 0.6}}')
+    thresholds = {str(t): _fraction(v, f"{key}.thresholds.{t}") for t, v in per_tag.items() if t}
+    return TagRules(
+        blacklist=blacklist,
+        aliases=dict(aliases),
+        implications=implications,
+        thresholds=thresholds,
+    )
 
 
 def _inference(value: Any, key: str) -> InferenceConfig:

@@ -66,11 +66,22 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.Mo
         source=tagger.config.source,
         revision=tagger.files.revision,
         labels=tagger.labels,
-        settings={"thresholds": tagger.thresholds, "floor": floor},
+        settings={
+            "thresholds": tagger.thresholds,
+            "floor": floor,
+            **tag_thresholds_setting(tagger.labels.thresholds),
+        },
     )
     if tagger.head is not None:
         results.save_head(conn, record, tagger.head)
     return record
+
+
+def tag_thresholds_setting(values: tuple[float, ...] | None) -> dict[str, object]:
+    """A model's own per-tag thresholds as JSON (NaN → null), for `tagd reindex`."""
+    if values is None:
+        return {}
+    return {"tag_thresholds": [None if v != v else v for v in values]}
 
 
 def owner_id() -> str:
@@ -161,7 +172,9 @@ class Pipeline:
         self.batch_size = batch_size or self.plan.batch_size
         self.records: dict[str, store.ModelRecord] = {}
         self.rules = {
-            t.name: results.resolve_rules(t.labels.names, t.labels.namespaces, config.tags)
+            t.name: results.resolve_rules(
+                t.labels.names, t.labels.namespaces, config.tags, t.labels.thresholds
+            )
             for t in self.taggers
         }
         self.database = database_file(conn)

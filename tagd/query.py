@@ -32,6 +32,7 @@ NAMESPACES = frozenset(
         "species",
         "lore",
         "invalid",
+        "quality",
     }
 )
 RATINGS = ("general", "sensitive", "questionable", "explicit")
