@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tagd import db, queue, results, sizing, store, workers
+from tagd import db, queue, results, sizing, store, tagrules, workers
 from tagd.config import Config
 from tagd.decode import FileBytes
 from tagd.preprocess import PreprocessSpec
@@ -171,9 +171,10 @@ class Pipeline:
         self.plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
         self.batch_size = batch_size or self.plan.batch_size
         self.records: dict[str, store.ModelRecord] = {}
+        tag_rules = tagrules.effective(conn, config.tags)
         self.rules = {
             t.name: results.resolve_rules(
-                t.labels.names, t.labels.namespaces, config.tags, t.labels.thresholds
+                t.labels.names, t.labels.namespaces, tag_rules, t.labels.thresholds
             )
             for t in self.taggers
         }

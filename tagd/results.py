@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,6 +47,7 @@ def implication_closure(
     implications: Mapping[str, str | tuple[str, ...]],
     names: Sequence[str],
     namespaces: Sequence[str],
+    extra: Iterable[tuple[str, str]] = (),
 ) -> dict[tuple[str, str], tuple[tuple[str, str], ...]]:
     """For each tag that implies something: all it implies, following chains (cycles end).
 
@@ -71,7 +72,7 @@ def implication_closure(
                         stack.append(target)
         return tuple(seen)
 
-    starts = {(ns, name) for name, ns in zip(names, namespaces, strict=True)}
+    starts = {(ns, name) for name, ns in zip(names, namespaces, strict=True)} | set(extra)
     starts |= {_split(k, "general") for k in direct if ":" in k}
     out = {}
     for tag in starts:
@@ -143,7 +144,7 @@ def resolve_rules(
         _per_tag(names, namespaces, getattr(rules, "thresholds", {}) or {}, model_thresholds),
         tuple(names),
         tuple(namespaces),
-        implication_closure(implications, names, namespaces) or None,
+        implication_closure(implications, names, namespaces, alias_of.values()) or None,
     )
 
 
