@@ -19,6 +19,7 @@ DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", 
 DEFAULT_EXTENSIONS += (
     ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".jp2", ".j2k", ".jpf", ".jpx", ".dds",
     ".psd", ".heic", ".heif", ".hif", ".jxl",
+    ".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v",
 )  # fmt: skip
 DEFAULT_EXCLUDES = (
     "@eaDir",
@@ -102,6 +103,16 @@ class TagRules:
 
 
 @dataclass(frozen=True)
+class VideoSettings:
+    """`video:`: frames sampled per video or animation, the fraction skipped at each end
+    (intros, credits), and how frame scores become the file's score."""
+
+    frames: int = 5
+    skip: float = 0.05
+    aggregate: str = "max"
+
+
+@dataclass(frozen=True)
 class Config:
     database: Path
     watch: tuple[WatchRoot, ...] = ()
@@ -117,6 +128,7 @@ class Config:
     tags: TagRules = TagRules()
     source: Path | None = None
     hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
+    video: VideoSettings = VideoSettings()
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -194,6 +206,7 @@ _TOP_KEYS = (
     "daemon",
     "families",
     "tags",
+    "video",
 )
 
 
@@ -243,6 +256,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         tags=_tag_rules(d.get("tags") or {}, "tags"),
         source=source,
         hydrus=_hydrus(d.get("hydrus", {}), base),
+        video=_video(d.get("video") or {}, "video"),
     )
 
 
@@ -434,6 +448,20 @@ def _families(value: Any, key: str) -> dict[str, dict[str, Any]]:
             d["thresholds"] = _thresholds(d["thresholds"], f"{k}.thresholds")
         out[str(fname)] = d
     return out
+
+
+def _video(value: Any, key: str) -> VideoSettings:
+    d = _mapping(value, key, ("frames", "skip", "aggregate"))
+    frames = _int(d.get("frames", 5), f"{key}.frames", 1)
+    if frames > 64:
+        raise ConfigError(f"{key}.frames: {frames} is too many; use 1 to 64")
+    skip = _fraction(d.get("skip", 0.05), f"{key}.skip")
+    if skip >= 0.5:
+        raise ConfigError(f"{key}.skip: {skip} leaves nothing; use a fraction below 0.5")
+    how = d.get("aggregate", "max")
+    if how not in ("max", "mean"):
+        raise ConfigError(f"{key}.aggregate: {how!r} is not one of max, mean")
+    return VideoSettings(frames=frames, skip=skip, aggregate=how)
 
 
 def _tag_rules(value: Any, key: str) -> TagRules:

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tagd import db, queue, results, sizing, store, tagrules, workers
+from tagd import db, media, queue, results, sizing, store, tagrules, workers
 from tagd.config import Config
 from tagd.decode import FileBytes
+from tagd.media import MediaInfo, frames_of
 from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
 from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
@@ -47,6 +48,7 @@ class Prepared:
     height: int | None
     format: str | None
     tensors: dict[str, np.ndarray]
+    media: MediaInfo | None = None
 
 
 @dataclass
@@ -201,6 +203,7 @@ class Pipeline:
             model_ids={name: r.id for name, r in self.records.items()},
             max_pixels=self.config.max_image_pixels,
             database=self.database,
+            video=self.config.video,
         )
 
     def decoder_factory(self) -> Callable[[], Callable[[Task], Decoded | Failed]]:
@@ -380,13 +383,29 @@ class Pipeline:
         for tagger in self.taggers:
             items = [p for p in prepared if tagger.name in p.tensors]
             size = tagger.config.batch_size or self.batch_size
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
-                batch = np.stack([p.tensors[tagger.name] for p in chunk])
+            # Videos and animations carry several frames: batches are of frames, and each
+            # file's frames are aggregated afterwards (tagd.media.aggregate).
+            rows = [(i, f) for i, p in enumerate(items) for f in frames_of(p.tensors[tagger.name])]
+            owner = np.asarray([i for i, _ in rows], dtype=np.int64)
+            probs_parts: list[np.ndarray] = []
+            emb_parts: list[np.ndarray | None] = []
+            for start in range(0, len(rows), size):
+                batch = np.stack([f for _, f in rows[start : start + size]])
                 pad = size if tagger.on_gpu else None
                 probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
-                for i, p in enumerate(chunk):
-                    out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
+                probs_parts.append(probs)
+                emb_parts.append(emb)
+            if not rows:
+                continue
+            all_probs = np.concatenate(probs_parts)
+            all_emb = None if emb_parts[0] is None else np.concatenate(emb_parts)  # type: ignore[arg-type]
+            for i, p in enumerate(items):
+                sel = owner == i
+                out[(p.job.id, tagger.name)] = media.aggregate(
+                    all_probs[sel],
+                    None if all_emb is None else all_emb[sel],
+                    self.config.video.aggregate,
+                )
         return out
 
     def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
@@ -419,6 +438,8 @@ class Pipeline:
                     conn, p.file.sha256, p.file.size, p.width, p.height, p.format
                 )
                 store.upsert_path(conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
+                if p.media is not None:
+                    media.save_info(conn, file_id, p.media)
                 for name in p.tensors:
                     tagger = by_name[name]
                     probs, emb = scores[(p.job.id, name)]
@@ -478,7 +499,7 @@ def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileByt
     file = FileBytes(b"", d.sha256, d.size, d.mtime_ns)
     if not d.tensors:
         return (job, file)
-    return Prepared(job, file, d.width, d.height, d.format, d.tensors)
+    return Prepared(job, file, d.width, d.height, d.format, d.tensors, d.media)
 
 
 def _job_of(item: Prepared | tuple[queue.Job, FileBytes]) -> queue.Job:

@@ -28,7 +28,10 @@ from multiprocessing.connection import Connection, wait
 import numpy as np
 from PIL import Image
 
-from tagd.decode import DecodeError, open_image, read_file
+from tagd import media
+from tagd.config import VideoSettings
+from tagd.decode import DecodeError, FileBytes, open_image, read_file
+from tagd.media import MediaInfo
 from tagd.preprocess import PreprocessSpec, prepare
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,8 @@ class Decoded:
     height: int | None = None
     format: str | None = None
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    # Videos and animations (tagd.media): duration, frames, fps; tensors then hold N frames.
+    media: MediaInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Setup:
     model_ids: dict[str, int]
     max_pixels: int
     database: str | None = None
+    video: VideoSettings = field(default_factory=VideoSettings)
 
 
 def draft_size(specs: list[PreprocessSpec]) -> tuple[int, int]:
@@ -146,8 +152,10 @@ class Decoder:
         return {name for name, mid in self.setup.model_ids.items() if mid in ids}
 
     def __call__(self, task: Task) -> Result:
+        by_path = media.is_video_path(task.path)
         try:
-            file = read_file(task.path)
+            # Videos are hashed in chunks and decoded from the path, never read whole.
+            file = FileBytes(b"", *media.hash_file(task.path)) if by_path else read_file(task.path)
         except DecodeError as exc:
             return Failed(task.id, exc.reason, exc.transient, exc.gone)
         try:
@@ -161,7 +169,15 @@ class Decoder:
             return result
         specs = {m: self.setup.specs[m] for m in todo}
         try:
-            w, h, fmt, tensors = decode_and_prepare(file.data, specs, self.setup.max_pixels)
+            target = draft_size(list(specs.values()))
+            source = task.path if by_path else file.data
+            found = media.decode(source, specs, self.setup.max_pixels, self.setup.video, target)
+            if found is not None:
+                w, h, fmt, tensors, result.media = found
+                if by_path and media.changed(task.path, file.size, file.mtime_ns):
+                    raise DecodeError("the file changed while it was read", transient=True)
+            else:
+                w, h, fmt, tensors = decode_and_prepare(file.data, specs, self.setup.max_pixels)
         except DecodeError as exc:
             return Failed(task.id, exc.reason, exc.transient)
         except (MemoryError, Exception) as exc:
