@@ -14,7 +14,17 @@ from typing import Any
 
 import yaml
 
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+DEFAULT_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".avif",
+)
 # Formats added by #13 (tagd.media): Pillow-native ones, then the optional plugins' HEIF/JXL.
 DEFAULT_EXTENSIONS += (
     ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".jp2", ".j2k", ".jpf", ".jpx", ".dds",
@@ -30,9 +40,9 @@ DEFAULT_EXCLUDES = (
     ".*",
 )
 THRESHOLD_MODES = ("top", "mcut")
-BUILTIN_FAMILIES = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
+BUILTIN_FAMILIES: tuple[str, ...] = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
 BUILTIN_FAMILIES += ("pixai", "cl-tagger", "animetimm", "camie-v2")
-LABEL_FORMATS = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
+LABEL_FORMATS: tuple[str, ...] = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
 LABEL_FORMATS += ("tag_mapping.json", "camie-metadata.json")
 DEVICES = ("auto", "cpu", "cuda")
 

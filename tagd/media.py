@@ -165,7 +165,7 @@ def animation(
         width, height = image.size
         if width * height > max_pixels:
             return None  # open_image refuses it with the usual reason
-        count = int(image.n_frames)
+        count = int(getattr(image, "n_frames", 1))
         durations = []
         for i in range(count):
             image.seek(i)
@@ -214,7 +214,7 @@ def video(
     except ImportError:
         raise DecodeError("video needs the av package: pip install 'tagd[video]'") from None
     try:
-        container = av.open(source, metadata_errors="ignore")
+        container: Any = av.open(source, metadata_errors="ignore")
     except av.FFmpegError as exc:
         raise DecodeError(f"not a readable video ({_video_error(exc)})") from None
     with container:

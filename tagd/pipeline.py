@@ -398,7 +398,8 @@ class Pipeline:
             if not rows:
                 continue
             all_probs = np.concatenate(probs_parts)
-            all_emb = None if emb_parts[0] is None else np.concatenate(emb_parts)  # type: ignore[arg-type]
+            embs = [e for e in emb_parts if e is not None]
+            all_emb = np.concatenate(embs) if len(embs) == len(emb_parts) else None
             for i, p in enumerate(items):
                 sel = owner == i
                 out[(p.job.id, tagger.name)] = media.aggregate(

@@ -169,6 +169,7 @@ class Decoder:
             return result
         specs = {m: self.setup.specs[m] for m in todo}
         try:
+            fmt: str | None
             target = draft_size(list(specs.values()))
             source = task.path if by_path else file.data
             found = media.decode(source, specs, self.setup.max_pixels, self.setup.video, target)
