@@ -110,6 +110,7 @@ def test_scan_counts_files_skipped_by_extension_and_unlistable_folders(
     assert "locked: Permission denied" in stored["unlistable_examples"][0]
 
 
+@pytest.mark.slow
 def test_stats_shows_what_the_scan_skipped(tmp_path: Path) -> None:
     gallery = tmp_path / "g"
     save(gallery / "a.png", (1, 2, 3))
