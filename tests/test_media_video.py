@@ -193,3 +193,19 @@ def test_scan_tags_videos_and_animations_and_search_finds_them(
     assert emb[2] == pytest.approx((4 * 63.75 + 255) / 5, abs=1)
     assert emb[0] == pytest.approx((4 * 255 + 63.75) / 5, abs=1)
     assert webp.exists() and gif.exists()
+
+
+@pytest.mark.slow
+def test_tag_command_reads_videos_and_animations(
+    tmp_path: Path, config_file: Path, probe_model: Path
+) -> None:
+    clip = write_video(tmp_path / "clip.mp4")
+    gif = write_animation(tmp_path / "anim.gif", "GIF")
+    r = run_tagd("-c", str(config_file), "tag", "--model", "probe", str(clip), str(gif))
+    assert r.returncode == 0, r.stderr
+    tags: dict[str, set[str]] = {}
+    for line in r.stdout.splitlines():
+        path, tag, _ = line.split("\t")
+        tags.setdefault(Path(path).name, set()).add(tag)
+    for name in ("clip.mp4", "anim.gif"):  # the red middle frame counts (max per tag)
+        assert {"red", "blue"} <= tags[name], tags
