@@ -100,6 +100,16 @@ def test_bad_streams_fail_with_a_reason(tmp_path: Path) -> None:
     junk.write_bytes(b"\0\0\0\x18ftypisom" + b"garbage" * 100)
     with pytest.raises(DecodeError, match=r"not a readable video \(Invalid data"):
         media.video(str(junk), 10**8, VideoSettings(), None)
+    # Stream headers that claim huge frames are refused before any frame is decoded;
+    # FFmpeg itself refuses 100k x 100k.
+    for side, reason in ((16000, r"16000x16000 \(256 MP\), over the max_image_pixels"),
+                         (100_000, "not a readable video")):  # fmt: skip
+        claim = tmp_path / f"claim{side}.y4m"
+        claim.write_bytes(
+            f"YUV4MPEG2 W{side} H{side} F25:1 Ip A1:1 C420jpeg\nFRAME\n".encode() + bytes(1000)
+        )
+        with pytest.raises(DecodeError, match=reason):
+            media.video(str(claim), 150_000_000, VideoSettings(), None)
     big = write_video(tmp_path / "big.mp4", size=(640, 480))
     with pytest.raises(DecodeError, match="over the max_image_pixels limit"):
         media.video(str(big), 100_000, VideoSettings(), None)
