@@ -12,7 +12,9 @@ run on the same machine:
 - tagd: `Pipeline.run()` end to end (queue → decode workers → model → SQLite), img/s;
 - reference: decode one image (full decode), preprocess, run batch 1, next: the loop of the
   common Python taggers;
-- peak RSS (tagd process + decode workers) while draining a large job backlog.
+- peak RSS (tagd process + decode workers) while draining a large job backlog;
+- videos (#13): `Pipeline.run()` over H.264 clips with the tiny model, files/s and sampled
+  frames/s (each clip is seeked to `video.frames` times, never decoded whole).
 
 Run ``python -m bench.throughput`` (``--quick`` for a smaller run). Models and corpora are
 cached under ``--workdir``.
@@ -159,6 +161,57 @@ def measure_tagd(
     return queued / elapsed, pipeline
 
 
+def video_corpus(workdir: Path, n: int, seconds: int = 20) -> Path:
+    """n H.264 clips, 640x360 at 24 fps, each frame a different colour field."""
+    import av
+
+    folder = workdir / f"videos-{n}-{seconds}s"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    log(f"building {n} video clips of {seconds} s in {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        with av.open(str(folder / f"clip{i:03d}.mp4"), "w") as out:
+            stream = out.add_stream("libx264", rate=24, options={"preset": "ultrafast"})
+            stream.width, stream.height, stream.pix_fmt = 640, 360, "yuv420p"
+            base = rng.integers(0, 256, (9, 16, 3)).astype(np.float32)
+            for f in range(24 * seconds):
+                arr = np.clip(base + 40 * math.sin(f / 12), 0, 255).astype(np.uint8)
+                arr = np.repeat(np.repeat(arr, 40, axis=0), 40, axis=1)
+                frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode():
+                out.mux(packet)
+    done.touch()
+    return folder
+
+
+def measure_videos(
+    workdir: Path, n: int, model: Path, inference: InferenceConfig, tagger: Tagger
+) -> tuple[float, float]:
+    """(files/s, sampled frames/s) of Pipeline.run() over n clips."""
+    gallery = video_corpus(workdir, n)
+    config = pipeline_config(workdir, gallery, model, inference)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{config.database}{suffix}").unlink(missing_ok=True)
+    conn = db.connect(config.database)
+    queued = scanner.scan(conn, config).queued
+    pipeline = Pipeline(conn, config, [tagger])
+    pipeline.pool()
+    start = time.perf_counter()
+    outcome = pipeline.run()
+    elapsed = time.perf_counter() - start
+    pipeline.close()
+    conn.close()
+    if outcome.done != queued:
+        raise RuntimeError(f"tagd tagged {outcome.done} of {queued}: {outcome.errors[:3]}")
+    files = queued / elapsed
+    return files, files * config.video.frames
+
+
 def rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -254,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-vit", action="store_true")
     ap.add_argument("--backlog-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--videos", type=int, default=None, help="video clips (default 8/24)")
+    ap.add_argument("--videos-only", action="store_true", help="only the video case")
     args = ap.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     quick = args.quick
@@ -273,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = plan.batch_size
     if args.backlog_only:
         return backlog_only(args, inference, plan)
+    n_videos = args.videos if args.videos is not None else (8 if quick else 24)
+    if args.videos_only:
+        return videos_only(args.workdir, n_videos, inference, plan)
     workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     small, large = corpus(workdir, n_vit), corpus(workdir, n_tiny)
@@ -310,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
             f"  reference loop        {ref:8.2f} img/s  = {ref / limit:.2f} x limit; "
             f"tagd / reference = {tagd / ref:.2f}"
         )
+    if n_videos:
+        videos_only(workdir, n_videos, inference, plan)
     if backlog:
         # A fresh process: the ViT sessions above would otherwise stay in this one's RSS.
         sys.stdout.flush()
@@ -332,6 +392,16 @@ def main(argv: list[str] | None = None) -> int:
             check=True,
         )
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
+
+
+def videos_only(workdir: Path, n: int, inference: InferenceConfig, plan: sizing.Plan) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    folder = model_dir(workdir, "tiny")
+    tagger = open_tagger(folder, inference, plan.ort_threads)
+    files, frames = measure_videos(workdir, n, folder, inference, tagger)
+    print(f"\nvideos: {n} H.264 clips, 640x360, 20 s at 24 fps (tiny model, 5 frames each)")
+    print(f"  tagd end to end       {files:8.2f} files/s, {frames:.1f} sampled frames/s")
     return 0
 
 

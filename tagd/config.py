@@ -14,7 +14,23 @@ from typing import Any
 
 import yaml
 
-DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+DEFAULT_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".avif",
+)
+# Formats added by #13 (tagd.media): Pillow-native ones, then the optional plugins' HEIF/JXL.
+DEFAULT_EXTENSIONS += (
+    ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".jp2", ".j2k", ".jpf", ".jpx", ".dds",
+    ".psd", ".heic", ".heif", ".hif", ".jxl",
+    ".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v",
+)  # fmt: skip
 DEFAULT_EXCLUDES = (
     "@eaDir",
     ".thumbnails",
@@ -24,8 +40,10 @@ DEFAULT_EXCLUDES = (
     ".*",
 )
 THRESHOLD_MODES = ("top", "mcut")
-BUILTIN_FAMILIES = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
-LABEL_FORMATS = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
+BUILTIN_FAMILIES: tuple[str, ...] = ("wd14", "deepdanbooru", "ml-danbooru", "jtp")
+BUILTIN_FAMILIES += ("pixai", "cl-tagger", "animetimm", "camie-v2")
+LABEL_FORMATS: tuple[str, ...] = ("selected_tags.csv", "tags.txt", "class.json", "tags.json")
+LABEL_FORMATS += ("tag_mapping.json", "camie-metadata.json")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -95,6 +113,19 @@ class TagRules:
 
     blacklist: tuple[str, ...] = ()
     aliases: dict[str, str] = field(default_factory=dict)
+    # #13: {cat_ears: animal_ears} (transitive) and {"blush": 0.6, "character:*": 0.9}.
+    implications: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """`video:`: frames sampled per video or animation, the fraction skipped at each end
+    (intros, credits), and how frame scores become the file's score."""
+
+    frames: int = 5
+    skip: float = 0.05
+    aggregate: str = "max"
 
 
 @dataclass(frozen=True)
@@ -113,6 +144,7 @@ class Config:
     tags: TagRules = TagRules()
     source: Path | None = None
     hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
+    video: VideoSettings = VideoSettings()
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -190,6 +222,7 @@ _TOP_KEYS = (
     "daemon",
     "families",
     "tags",
+    "video",
 )
 
 
@@ -239,6 +272,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         tags=_tag_rules(d.get("tags") or {}, "tags"),
         source=source,
         hydrus=_hydrus(d.get("hydrus", {}), base),
+        video=_video(d.get("video") or {}, "video"),
     )
 
 
@@ -288,6 +322,7 @@ def _model(item: Any, key: str, base: Path) -> ModelConfig:
         assert entry is not None
         d["repo"] = entry.repo
         d.setdefault("family", entry.family)
+        d.setdefault("revision", entry.revision)
         d.setdefault("name", repo_word)
         name = d["name"]
     elif isinstance(name, str) and "repo" not in d and "path" not in d and catalog.lookup(name):
@@ -295,6 +330,7 @@ def _model(item: Any, key: str, base: Path) -> ModelConfig:
         assert entry is not None
         d["repo"] = entry.repo
         d.setdefault("family", entry.family)
+        d.setdefault("revision", entry.revision)
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{key}.name: missing; give the model a short name, e.g. `name: wd-vit`")
     if ("repo" in d) == ("path" in d):
@@ -430,15 +466,53 @@ def _families(value: Any, key: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _video(value: Any, key: str) -> VideoSettings:
+    d = _mapping(value, key, ("frames", "skip", "aggregate"))
+    frames = _int(d.get("frames", 5), f"{key}.frames", 1)
+    if frames > 64:
+        raise ConfigError(f"{key}.frames: {frames} is too many; use 1 to 64")
+    skip = _fraction(d.get("skip", 0.05), f"{key}.skip")
+    if skip >= 0.5:
+        raise ConfigError(f"{key}.skip: {skip} leaves nothing; use a fraction below 0.5")
+    how = d.get("aggregate", "max")
+    if how not in ("max", "mean"):
+        raise ConfigError(f"{key}.aggregate: {how!r} is not one of max, mean")
+    return VideoSettings(frames=frames, skip=skip, aggregate=how)
+
+
 def _tag_rules(value: Any, key: str) -> TagRules:
-    d = _mapping(value, key, ("blacklist", "aliases"))
+    d = _mapping(value, key, ("blacklist", "aliases", "implications", "thresholds"))
     blacklist = _globs(d.get("blacklist", []), f"{key}.blacklist")
     aliases = d.get("aliases", {})
     if not isinstance(aliases, dict) or not all(
         isinstance(a, str) and isinstance(b, str) and a and b for a, b in aliases.items()
     ):
         raise ConfigError(f"{key}.aliases: expected a mapping such as {{cat_ears: animal_ears}}")
-    return TagRules(blacklist=blacklist, aliases=dict(aliases))
+    implications: dict[str, str | tuple[str, ...]] = {}
+    raw = d.get("implications") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{key}.implications: expected a mapping such as {{cat_ears: animal_ears}}"
+        )
+    for a, b in raw.items():
+        targets = b if isinstance(b, list) else [b]
+        if not (isinstance(a, str) and a and targets) or not all(
+            isinstance(t, str) and t for t in targets
+        ):
+            raise ConfigError(
+                f"{key}.implications.{a}: expected a tag or a list of tags it implies"
+            )
+        implications[a] = tuple(targets) if isinstance(b, list) else b
+    per_tag = d.get("thresholds") or {}
+    if not isinstance(per_tag, dict):
+        raise ConfigError(f'{key}.thresholds: expected a mapping such as {{"blush": 0.6}}')
+    thresholds = {str(t): _fraction(v, f"{key}.thresholds.{t}") for t, v in per_tag.items() if t}
+    return TagRules(
+        blacklist=blacklist,
+        aliases=dict(aliases),
+        implications=implications,
+        thresholds=thresholds,
+    )
 
 
 def _inference(value: Any, key: str) -> InferenceConfig:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from tagd import media
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-# Decoders tagd will run on gallery files; exotic plugins (EPS runs Ghostscript) are excluded.
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# Decoders tagd will run on gallery files (tagd.media lists them and the optional plugins).
+FORMATS = media.CORE_FORMATS
 
 
 class DecodeError(Exception):
@@ -66,12 +68,11 @@ def _refuse(mode: int) -> DecodeError:
     return DecodeError(f"not a regular file ({_kind(mode)}); only regular files are read")
 
 
-def read_file(path: str, *, max_bytes: int | None = None) -> FileBytes:
-    """Read and hash a regular file; the stat comes from the same open descriptor.
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A blocking descriptor and its stat, for a regular file only.
 
     Opening a FIFO blocks until a writer appears and reading a device may never end, so the
     open is non-blocking and anything but a regular file is refused before a byte is read.
-    Files over `max_bytes` are refused from their size, never read.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
@@ -80,15 +81,30 @@ def read_file(path: str, *, max_bytes: int | None = None) -> FileBytes:
     except OSError as exc:
         if exc.errno == errno.ENXIO:  # a UNIX socket cannot be opened
             raise _refuse(stat.S_IFSOCK) from None
+        if exc.errno == errno.EISDIR:
+            raise _refuse(stat.S_IFDIR) from None
         raise DecodeError(f"cannot read file: {exc.strerror or exc}", transient=True) from exc
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(st.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_file(path: str, *, max_bytes: int | None = None) -> FileBytes:
+    """Read and hash a regular file; the stat comes from the same open descriptor.
+
+    Files over `max_bytes` are refused from their size, never read.
+    """
+    fd, st = open_regular(path)
+    try:
         with open(fd, "rb", closefd=True) as fh:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _refuse(st.st_mode)
             if max_bytes is not None and st.st_size > max_bytes:
                 raise _too_big(st.st_size, max_bytes)
-            os.set_blocking(fd, True)
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
     except OSError as exc:
         if exc.errno == errno.EISDIR:
@@ -150,14 +166,14 @@ def open_image(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            image = Image.open(io.BytesIO(data), formats=media.still_formats())
             width, height = image.size
             if width * height > max_pixels:
                 raise DecodeError(
                     f"image is {width}x{height} ({width * height / 1e6:.0f} MP), over the "
                     f"max_image_pixels limit of {max_pixels / 1e6:.0f} MP"
                 )
-            if getattr(image, "is_animated", False):
+            if getattr(image, "is_animated", False) and image.format != "PSD":
                 image.seek(0)
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", draft)
@@ -185,7 +201,8 @@ def open_image(
                 f"of {max_pixels / 1e6:.0f} MP ({exc})"
             ) from None
         except UnidentifiedImageError:
-            raise DecodeError("not a recognised image format") from None
+            reason = media.missing_plugin(data) or "not a recognised image format"
+            raise DecodeError(reason) from None
         except OSError as exc:
             text = str(exc)
             transient = "truncated" in text

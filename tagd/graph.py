@@ -184,14 +184,23 @@ class Loaded:
         return None if self.model is None else self.model.SerializeToString()
 
 
-def load(path: str) -> Loaded:
-    """Read a model and expose its pooled embedding; never fails, says why when it cannot."""
+def load(path: str, output: str | int = 0) -> Loaded:
+    """Read a model and expose its pooled embedding; never fails, says why when it cannot.
+
+    `output` is the scores output (a name, or an index into the graph's outputs)."""
     try:
         model = onnx.load(path)
     except Exception as exc:
         return Loaded(None, None, f"the graph cannot be read by onnx ({type(exc).__name__})")
     try:
-        head = find_head(model)
+        names = [o.name for o in model.graph.output]
+        if isinstance(output, int):
+            name = names[output] if -len(names) <= output < len(names) else None
+        else:
+            name = output if output in names else None
+        if name is None:
+            return Loaded(model, None, f"the graph has no output {output!r}")
+        head = find_head(model, name)
     except GraphError as exc:
         return Loaded(model, None, str(exc))
     if model.ByteSize() > 1_900_000_000:

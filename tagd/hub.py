@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tagd.config import ModelConfig
@@ -26,6 +26,8 @@ class ModelFiles:
     model_path: Path
     label_path: Path
     revision: str
+    # Optional files found beside the model (the family's config_file), by name.
+    extras: dict[str, Path] = field(default_factory=dict)
 
 
 def resolve(
@@ -56,7 +58,10 @@ def _local(model: ModelConfig, family: Family) -> ModelFiles:
                 f"model {model.name!r}: {p} is missing; the folder needs {family.model_file} "
                 f"and {family.label_file} (the {family.name} layout)"
             )
-    return ModelFiles(onnx_path, labels, "sha256:" + _file_digest(onnx_path)[:16])
+    extras = {}
+    if family.config_file and (folder / family.config_file).is_file():
+        extras[family.config_file] = folder / family.config_file
+    return ModelFiles(onnx_path, labels, "sha256:" + _file_digest(onnx_path)[:16], extras)
 
 
 def _file_digest(path: Path) -> str:
@@ -73,6 +78,7 @@ def _from_hub(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -82,7 +88,11 @@ def _from_hub(
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     where = f"model {model.name!r} ({model.repo}@{model.revision})"
     paths: list[Path] = []
-    for filename in (family.model_file, family.label_file):
+    extras: dict[str, Path] = {}
+    # Optional: weights stored outside the graph (`model.onnx.data`, which ONNX Runtime finds
+    # beside the graph) and the family's preprocessing file.
+    optional = [f"{family.model_file}.data", *([family.config_file] if family.config_file else [])]
+    for filename in (family.model_file, family.label_file, *optional):
         try:
             local = hf_hub_download(
                 model.repo,
@@ -91,6 +101,8 @@ def _from_hub(
                 cache_dir=str(cache_dir) if cache_dir else None,
                 local_files_only=offline,
             )
+        except GatedRepoError:
+            raise ModelError(gated_message(where, model.repo)) from None
         except RepositoryNotFoundError:
             raise ModelError(
                 f"{where}: repository not found on Hugging Face; check `repo:` "
@@ -101,6 +113,8 @@ def _from_hub(
                 f"{where}: revision not found; check `revision:` (a branch, tag or commit sha)"
             ) from None
         except LocalEntryNotFoundError:
+            if filename in optional:
+                continue
             if offline:
                 hint = "tagd is offline: run `tagd models pull` once with network access"
             else:
@@ -109,16 +123,35 @@ def _from_hub(
                 f"{where}: {filename} not available: {hint}, or use `path:` with a local folder"
             ) from None
         except EntryNotFoundError:
+            if filename in optional:
+                continue
             raise ModelError(
                 f"{where}: the repo has no {filename}; is `family: {family.name}` right?"
             ) from None
         except Exception as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise ModelError(gated_message(where, model.repo)) from None
             raise ModelError(
                 f"{where}: download of {filename} failed ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network "
                 "or use `path:` with a local folder"
             ) from None
-        paths.append(Path(local))
-    snapshot = paths[0].parent.name
+        if filename in optional:
+            extras[filename] = Path(local)
+        else:
+            paths.append(Path(local))
+    snapshot = next(
+        (p.name for p in paths[0].parents if p.parent.name == "snapshots"), paths[0].parent.name
+    )
     revision = snapshot if len(snapshot) == 40 and set(snapshot) <= _SHA1 else model.revision
-    return ModelFiles(paths[0], paths[1], revision)
+    return ModelFiles(paths[0], paths[1], revision, extras)
+
+
+def gated_message(where: str, repo: str) -> str:
+    """401/403 from the Hub: the repo is gated (or private) and this user has no access yet."""
+    return (
+        f"{where}: Hugging Face refused access (gated repository): accept its licence on "
+        f"https://huggingface.co/{repo} while logged in, then give tagd your token "
+        "(HF_TOKEN=hf_... in the environment, or `hf auth login` as the user tagd runs as)"
+    )

@@ -26,6 +26,8 @@ class LabelError(Exception):
 class Labels:
     names: tuple[str, ...]
     namespaces: tuple[str, ...]
+    # Per-tag thresholds a model ships (animetimm's best_threshold); NaN where none.
+    thresholds: tuple[float, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -47,6 +49,8 @@ def read_selected_tags_csv(path: Path) -> Labels:
                 )
             names: list[str] = []
             namespaces: list[str] = []
+            per_tag: list[float] = []
+            has_best = "best_threshold" in header
             for line, row in enumerate(reader, start=2):
                 name = (row.get("name") or "").strip()
                 try:
@@ -57,13 +61,28 @@ def read_selected_tags_csv(path: Path) -> Labels:
                     raise LabelError(f"{path.name} line {line}: empty tag name")
                 names.append(name)
                 namespaces.append(DANBOORU_CATEGORIES.get(category, f"category{category}"))
+                if has_best:
+                    per_tag.append(_best_threshold(row.get("best_threshold"), path, line))
     except OSError as exc:
         raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except (UnicodeDecodeError, csv.Error) as exc:
         raise LabelError(f"{path.name}: not a readable CSV file ({exc})") from exc
     if not names:
         raise LabelError(f"{path.name}: no tags listed")
-    return Labels(tuple(names), tuple(namespaces))
+    return Labels(tuple(names), tuple(namespaces), tuple(per_tag) if has_best else None)
+
+
+def _best_threshold(raw: str | None, path: Path, line: int) -> float:
+    """An empty cell means no per-tag threshold (NaN); anything else must be a fraction."""
+    if raw is None or not raw.strip():
+        return float("nan")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LabelError(f"{path.name} line {line}: best_threshold is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise LabelError(f"{path.name} line {line}: best_threshold {value} is not in 0..1")
+    return value
 
 
 def _read_text(path: Path) -> str:
@@ -160,9 +179,99 @@ def read_tags_json(path: Path) -> Labels:
     return Labels(names, ("general",) * len(names))
 
 
+# cl_tagger's and Camie's category words → tagd namespaces. cl_tagger's "model" (which
+# generator made the image) would collide with the `model:NAME` search term, and Camie's
+# "year" has no namespace of its own; both go to meta.
+CATEGORY_WORDS = {
+    "general": "general",
+    "character": "character",
+    "rating": "rating",
+    "artist": "artist",
+    "copyright": "copyright",
+    "meta": "meta",
+    "quality": "quality",
+    "model": "meta",
+    "year": "meta",
+}
+
+
+def _indexed(mapping: object, path: Path, what: str) -> dict[int, object]:
+    if not isinstance(mapping, dict) or not mapping:
+        raise LabelError(f"{path.name}: {what} must be a non-empty object keyed by index")
+    try:
+        index = {int(k): v for k, v in mapping.items()}
+    except ValueError:
+        raise LabelError(f"{path.name}: {what} keys must be output indices (0, 1, ...)") from None
+    if sorted(index) != list(range(len(index))):
+        raise LabelError(f"{path.name}: {what} indices are not 0..{len(index) - 1} without gaps")
+    return index
+
+
+def _categorised(
+    pairs: list[tuple[str, str]], path: Path, strip_rating_prefix: bool = False
+) -> Labels:
+    names, namespaces = [], []
+    for i, (tag, category) in enumerate(pairs):
+        if not isinstance(tag, str) or not tag.strip():
+            raise LabelError(f"{path.name}: tag {i} has no name")
+        word = str(category).strip().lower()
+        ns = CATEGORY_WORDS.get(word, word or "general")
+        name = tag.strip()
+        if ns == "rating" and strip_rating_prefix:
+            name = name.removeprefix("rating_").removeprefix("rating:")
+        names.append(name)
+        namespaces.append(ns)
+    return Labels(tuple(names), tuple(namespaces))
+
+
+def _idx_to_tag(data: dict, path: Path, strip_rating_prefix: bool) -> Labels:
+    index = _indexed(data.get("idx_to_tag"), path, "idx_to_tag")
+    categories = data.get("tag_to_category") or {}
+    if not isinstance(categories, dict):
+        raise LabelError(f"{path.name}: tag_to_category must be an object {{tag: category}}")
+    pairs = [(str(index[i]), str(categories.get(index[i], "general"))) for i in range(len(index))]
+    return _categorised(pairs, path, strip_rating_prefix)
+
+
+def read_tag_mapping_json(path: Path) -> Labels:
+    """cl_tagger's tag_mapping.json: {"<idx>": {"tag", "category"}} (the author's CLI) or
+    {"idx_to_tag": {...}, "tag_to_category": {...}} (the author's Space); both are read."""
+    data = _read_json(path)
+    if isinstance(data, dict) and "idx_to_tag" in data:
+        return _idx_to_tag(data, path, strip_rating_prefix=False)
+    index = _indexed(data, path, "the mapping")
+    pairs = []
+    for i in range(len(index)):
+        entry = index[i]
+        if not isinstance(entry, dict) or "tag" not in entry:
+            raise LabelError(f'{path.name} entry {i}: expected {{"tag": ..., "category": ...}}')
+        pairs.append((entry["tag"], str(entry.get("category", "general"))))
+    return _categorised(pairs, path)
+
+
+def read_camie_metadata(path: Path) -> Labels:
+    """Camie v2's metadata JSON: dataset_info.tag_mapping.{idx_to_tag, tag_to_category}
+    (older files: the same two keys at the top level). Rating tags lose a `rating_` prefix
+    so `rating:<=sensitive` works on them as on the other families."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise LabelError(f"{path.name}: expected a JSON object")
+    info = data.get("dataset_info")
+    mapping = info.get("tag_mapping") if isinstance(info, dict) else None
+    if isinstance(mapping, dict) and "idx_to_tag" in mapping:
+        return _idx_to_tag(mapping, path, strip_rating_prefix=True)
+    if "idx_to_tag" in data:
+        return _idx_to_tag(data, path, strip_rating_prefix=True)
+    raise LabelError(
+        f"{path.name}: no dataset_info.tag_mapping.idx_to_tag; is this Camie's metadata file?"
+    )
+
+
 READERS = {
     "selected_tags.csv": read_selected_tags_csv,
     "tags.txt": read_tags_txt,
     "class.json": read_class_json,
     "tags.json": read_tags_json,
+    "tag_mapping.json": read_tag_mapping_json,
+    "camie-metadata.json": read_camie_metadata,
 }

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagd import db, store
+from tagd import db, media, store
+from tagd.config import VideoSettings
 from tagd.decode import DecodeError, FileBytes, read_file
+from tagd.media import frames_of
 from tagd.pipeline import decode_and_prepare, register
 from tagd.tagger import Tagger
 from tagd.thresholds import groups, select_grouped
+from tagd.workers import draft_size
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,8 @@ def tag_paths(
         results: dict[str, Result] = {}
         for path in batch:
             try:
-                file = read_file(path, max_bytes=max_file_bytes)
-                w, h, fmt, tensors = decode_and_prepare(
-                    file, {tagger.name: tagger.spec}, max_pixels, budget=memory_budget
+                file, w, h, fmt, tensors = _decode(
+                    path, tagger, max_pixels, max_file_bytes=max_file_bytes, budget=memory_budget
                 )
             except DecodeError as exc:
                 results[path] = Result(path, None, [], exc.reason)
@@ -97,7 +99,12 @@ def tag_paths(
                 continue
             ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name]))
         if ok:
-            probs = tagger.predict(np.stack([d.tensor for d in ok]))
+            # Videos and animations carry several frames: aggregated per file (tagd.media).
+            owner = np.concatenate([[i] * len(frames_of(d.tensor)) for i, d in enumerate(ok)])
+            frame_probs = tagger.predict(np.concatenate([frames_of(d.tensor) for d in ok]))
+            probs = np.stack(
+                [media.aggregate(frame_probs[owner == i], None, "max")[0] for i in range(len(ok))]
+            )
             masks = [select_grouped(row, by_ns, rules) for row in probs]
             for d, row, mask in zip(ok, probs, masks, strict=True):
                 idx = np.flatnonzero(mask)
@@ -115,6 +122,31 @@ def tag_paths(
                         )
         for path in batch:
             yield results[path]
+
+
+def _decode(
+    path: str,
+    tagger: Tagger,
+    max_pixels: int,
+    *,
+    max_file_bytes: int | None,
+    budget: int | None,
+) -> tuple[FileBytes, int, int, str | None, dict[str, np.ndarray]]:
+    """Still images as the daemon reads them; videos hashed in chunks and sampled by path,
+    animations sampled from their bytes (default `video:` settings, max per tag)."""
+    specs = {tagger.name: tagger.spec}
+    target = draft_size([tagger.spec])
+    if media.is_video_path(path):
+        file = FileBytes(b"", *media.hash_file(path))
+        found = media.decode(path, specs, max_pixels, VideoSettings(), target)
+    else:
+        file = read_file(path, max_bytes=max_file_bytes)
+        found = media.decode(file.data, specs, max_pixels, VideoSettings(), target)
+    if found is not None:
+        w, h, fmt, tensors, _ = found
+        return file, w, h, fmt, tensors
+    w, h, fmt, tensors = decode_and_prepare(file, specs, max_pixels, budget=budget)
+    return file, w, h, fmt, tensors
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tagd import db, queue, results, sizing, store, workers
+from tagd import db, media, queue, results, sizing, store, tagrules, workers
 from tagd.config import Config
 from tagd.decode import FileBytes
+from tagd.media import MediaInfo, frames_of
 from tagd.names import AS_TEXT, to_db
 from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
@@ -48,6 +49,7 @@ class Prepared:
     height: int | None
     format: str | None
     tensors: dict[str, np.ndarray]
+    media: MediaInfo | None = None
 
 
 @dataclass
@@ -67,11 +69,22 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.Mo
         source=tagger.config.source,
         revision=tagger.files.revision,
         labels=tagger.labels,
-        settings={"thresholds": tagger.thresholds, "floor": floor},
+        settings={
+            "thresholds": tagger.thresholds,
+            "floor": floor,
+            **tag_thresholds_setting(tagger.labels.thresholds),
+        },
     )
     if tagger.head is not None:
         results.save_head(conn, record, tagger.head)
     return record
+
+
+def tag_thresholds_setting(values: tuple[float, ...] | None) -> dict[str, object]:
+    """A model's own per-tag thresholds as JSON (NaN → null), for `tagd reindex`."""
+    if values is None:
+        return {}
+    return {"tag_thresholds": [None if v != v else v for v in values]}
 
 
 def owner_id() -> str:
@@ -168,8 +181,11 @@ class Pipeline:
         self.plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
         self.batch_size = batch_size or self.plan.batch_size
         self.records: dict[str, store.ModelRecord] = {}
+        tag_rules = tagrules.effective(conn, config.tags)
         self.rules = {
-            t.name: results.resolve_rules(t.labels.names, t.labels.namespaces, config.tags)
+            t.name: results.resolve_rules(
+                t.labels.names, t.labels.namespaces, tag_rules, t.labels.thresholds
+            )
             for t in self.taggers
         }
         self.database = database_file(conn)
@@ -199,6 +215,7 @@ class Pipeline:
             database=self.database,
             memory_budget=self.memory_budget,
             max_file_bytes=self.config.inference.max_file_mb << 20,
+            video=self.config.video,
         )
 
     @property
@@ -412,13 +429,30 @@ class Pipeline:
         for tagger in self.taggers:
             items = [p for p in prepared if tagger.name in p.tensors]
             size = tagger.config.batch_size or self.batch_size
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
-                batch = np.stack([p.tensors[tagger.name] for p in chunk])
+            # Videos and animations carry several frames: batches are of frames, and each
+            # file's frames are aggregated afterwards (tagd.media.aggregate).
+            rows = [(i, f) for i, p in enumerate(items) for f in frames_of(p.tensors[tagger.name])]
+            owner = np.asarray([i for i, _ in rows], dtype=np.int64)
+            probs_parts: list[np.ndarray] = []
+            emb_parts: list[np.ndarray | None] = []
+            for start in range(0, len(rows), size):
+                batch = np.stack([f for _, f in rows[start : start + size]])
                 pad = size if tagger.on_gpu else None
                 probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
-                for i, p in enumerate(chunk):
-                    out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
+                probs_parts.append(probs)
+                emb_parts.append(emb)
+            if not rows:
+                continue
+            all_probs = np.concatenate(probs_parts)
+            embs = [e for e in emb_parts if e is not None]
+            all_emb = np.concatenate(embs) if len(embs) == len(emb_parts) else None
+            for i, p in enumerate(items):
+                sel = owner == i
+                out[(p.job.id, tagger.name)] = media.aggregate(
+                    all_probs[sel],
+                    None if all_emb is None else all_emb[sel],
+                    self.config.video.aggregate,
+                )
         return out
 
     def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
@@ -454,6 +488,8 @@ class Pipeline:
                     conn, p.file.sha256, p.file.size, p.width, p.height, p.format
                 )
                 store.upsert_path(conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
+                if p.media is not None:
+                    media.save_info(conn, file_id, p.media)
                 for name in p.tensors:
                     tagger = by_name[name]
                     probs, emb = scores[(p.job.id, name)]
@@ -522,7 +558,7 @@ def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileByt
     file = FileBytes(b"", d.sha256, d.size, d.mtime_ns)
     if not d.tensors:
         return (job, file)
-    return Prepared(job, file, d.width, d.height, d.format, d.tensors)
+    return Prepared(job, file, d.width, d.height, d.format, d.tensors, d.media)
 
 
 def _job_of(item: Prepared | tuple[queue.Job, FileBytes]) -> queue.Job:

@@ -24,6 +24,21 @@ RESAMPLE = {
 
 
 @dataclass(frozen=True)
+class Stage:
+    """One geometry step of a deepghs `preprocess.json` (imgutils stage names).
+
+    pad_to_size: fit inside `size` (upscaling too) and centre on `background`; resize: exact
+    `size`, or the short side to `short`; center_crop: `size`, black where the image is short.
+    Sizes are (height, width)."""
+
+    kind: Literal["pad_to_size", "resize", "center_crop"]
+    size: tuple[int, int] | None = None
+    short: int | None = None
+    resample: str = "bilinear"
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
 class PreprocessSpec:
     """How one model family wants its input. Picklable, so decode workers can use it."""
 
@@ -34,7 +49,8 @@ class PreprocessSpec:
     # fit-pad / fit-edge: resize the longest side to fit, then pad with pad_color / edge pixels.
     # fit-tensor: resize the longest side to fit, normalise, then pad with tensor_pad (JTP pads
     # with 0 after mean/std 0.5, i.e. mid-grey).
-    fit: Literal["pad", "stretch", "fit-pad", "fit-edge", "fit-tensor"] = "pad"
+    # stages: the `stages` below, in order (read from a model's preprocess.json).
+    fit: Literal["pad", "stretch", "fit-pad", "fit-edge", "fit-tensor", "stages"] = "pad"
     pad_color: tuple[int, int, int] = (255, 255, 255)
     alpha_background: tuple[int, int, int] = (255, 255, 255)
     resample: str = "bicubic"
@@ -43,6 +59,10 @@ class PreprocessSpec:
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     tensor_pad: float = 0.0
+    # composite: alpha over alpha_background. drop: keep the colour stored under transparent
+    # pixels (Camie's reference does convert("RGB")).
+    alpha: Literal["composite", "drop"] = "composite"
+    stages: tuple[Stage, ...] = ()
 
     def with_size(self, height: int, width: int) -> PreprocessSpec:
         return replace(self, size=(height, width))
@@ -70,11 +90,54 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def run_stages(image: Image.Image, stages: tuple[Stage, ...]) -> Image.Image:
+    """imgutils' PadToSize / Resize / CenterCrop on a PIL RGB image, in order."""
+    for st in stages:
+        w, h = image.size
+        resample = RESAMPLE[st.resample]
+        if st.kind == "pad_to_size":
+            assert st.size is not None
+            th, tw = st.size
+            ratio = min(tw / w, th / h)
+            new = (max(1, round(w * ratio)), max(1, round(h * ratio)))
+            if new != (w, h):
+                image = image.resize(new, resample)
+            canvas = Image.new("RGB", (tw, th), st.background)
+            canvas.paste(image, ((tw - new[0]) // 2, (th - new[1]) // 2))
+            image = canvas
+        elif st.kind == "resize":
+            if st.size is not None:
+                th, tw = st.size
+            else:
+                assert st.short is not None
+                if w <= h:
+                    tw, th = st.short, int(st.short * h / w)
+                else:
+                    th, tw = st.short, int(st.short * w / h)
+            if (tw, th) != (w, h):
+                image = image.resize((tw, th), resample)
+        else:
+            assert st.size is not None
+            th, tw = st.size
+            if w < tw or h < th:
+                canvas = Image.new("RGB", (max(w, tw), max(h, th)), (0, 0, 0))
+                canvas.paste(image, ((max(w, tw) - w) // 2, (max(h, th) - h) // 2))
+                image, (w, h) = canvas, canvas.size
+            left, top = (w - tw) // 2, (h - th) // 2
+            image = image.crop((left, top, left + tw, top + th))
+    return image
+
+
 def fit(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
     """Geometry: RGB image of any size → RGB image of exactly spec.size."""
     height, width = spec.size
     resample = RESAMPLE[spec.resample]
     w, h = image.size
+    if spec.fit == "stages":
+        image = run_stages(image, spec.stages)
+        if image.size != (width, height):
+            raise ValueError(f"preprocess stages gave {image.size}, expected {(width, height)}")
+        return image
     if spec.fit == "stretch":
         return image if (w, h) == (width, height) else image.resize((width, height), resample)
     if spec.fit == "pad":
@@ -138,6 +201,14 @@ def pad_tensor(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return np.pad(arr, pads, mode="constant", constant_values=np.float32(spec.tensor_pad))
 
 
+def drop_alpha(image: Image.Image) -> Image.Image:
+    """RGB from the stored colour channels, transparency ignored (PIL convert("RGB"))."""
+    if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La"):
+        return image.convert("RGB")
+    return to_rgb(image, (255, 255, 255))
+
+
 def prepare(image: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    arr = to_tensor(fit(to_rgb(image, spec.alpha_background), spec), spec)
+    rgb = drop_alpha(image) if spec.alpha == "drop" else to_rgb(image, spec.alpha_background)
+    arr = to_tensor(fit(rgb, spec), spec)
     return pad_tensor(arr, spec) if spec.fit == "fit-tensor" else arr

@@ -32,11 +32,13 @@ NAMESPACES = frozenset(
         "species",
         "lore",
         "invalid",
+        "quality",
     }
 )
 RATINGS = ("general", "sensitive", "questionable", "explicit")
 FILE_KEYS = frozenset({"path", "dir", "ext", "width", "height", "size", "mtime", "tags"})
-FLAGS = frozenset({"untagged", "failed"})
+FILE_KEYS |= {"duration"}
+FLAGS = frozenset({"untagged", "failed", "video", "animated"})
 DEFAULT_MIN_SIM = 0.9
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2}
 SIZE_UNITS |= {"mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
@@ -470,6 +472,11 @@ def _file_filter(key: str, value: str, column: int, query: str) -> FileFilter:
         return FileFilter(key, ",".join(exts), None, column)
     if key == "mtime":
         return FileFilter(key, value, None, column, _time_range(value, column, query))
+    if key == "duration":
+        rng = _bounds(value, _seconds_value, Range)
+        if rng is None:
+            raise QueryError("duration: takes e.g. >30s, <2m or 10s..1h", column, query)
+        return FileFilter(key, value, rng, column)
     if key == "size":
         rng = _size_range(value)
         if rng is None:
@@ -491,6 +498,17 @@ def _size_value(text: str) -> float | None:
     if m is None or m.group(2) not in SIZE_UNITS:
         return None
     return float(m.group(1)) * SIZE_UNITS[m.group(2)]
+
+
+_SECONDS = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(s|m|h|)$")
+
+
+def _seconds_value(text: str) -> float | None:
+    """A video length: 30s, 1.5m, 2h, or a bare number of seconds."""
+    m = _SECONDS.match(text.strip().lower())
+    if m is None:
+        return None
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def _size_range(text: str) -> Range | None:

@@ -7,6 +7,7 @@ embedding × the model's head (sigmoid(e·W + b)). Files with neither are report
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,21 @@ def stored_labels(conn: sqlite3.Connection, model_id: int) -> tuple[Labels, np.n
     return labels, np.asarray([r[2] for r in rows], dtype=np.int64)
 
 
+def model_tag_thresholds(
+    conn: sqlite3.Connection, model_id: int, labels: Labels
+) -> list[float] | None:
+    """The per-tag thresholds the model shipped (recorded in its settings when it last ran),
+    so reindex decides as tagging did."""
+    row = conn.execute("SELECT settings FROM models WHERE id = ?", (model_id,)).fetchone()
+    try:
+        values = json.loads(row[0] or "{}").get("tag_thresholds") if row else None
+    except ValueError:
+        return None
+    if not isinstance(values, list) or len(values) != len(labels):
+        return None
+    return [float("nan") if v is None else float(v) for v in values]
+
+
 def lowest_threshold(namespaces: tuple[str, ...], thresholds: Mapping[str, float | str]) -> float:
     """The smallest numeric threshold any namespace of this model uses (1.0 if none)."""
     out = 1.0
@@ -74,7 +90,9 @@ def reindex_model(
     labels, tag_ids = stored_labels(conn, model_id)
     col = {int(t): i for i, t in enumerate(tag_ids)}
     by_ns = results.groups(labels.namespaces)
-    rules = results.resolve_rules(labels.names, labels.namespaces, tag_rules)
+    rules = results.resolve_rules(
+        labels.names, labels.namespaces, tag_rules, model_tag_thresholds(conn, model_id, labels)
+    )
     wants_mcut = any(v == "mcut" for v in thresholds.values())
     lowest = lowest_threshold(labels.namespaces, thresholds)
     head_row = results.load_head(conn, model_id)
@@ -172,12 +190,13 @@ def _chunk(
         else:
             report.approximate_mcut += 1
         new_floor[i] = floors[i]
-    selected = results.select_many(dense, by_ns, thresholds) & ~rules.blocked
+    selected = results.select_many(dense, by_ns, thresholds)
+    selected = results.apply_per_tag(selected, dense, rules, thresholds) & ~rules.blocked
     updates: list[tuple[float, int, int, int, int]] = []
     deletes: list[tuple[int, int, int]] = []
     floor_updates: list[tuple[float, int, int]] = []
     for i, fid in enumerate(file_ids):
-        targets = results.alias_targets(dense[i], selected[i], rules)
+        targets = results.targets_of(dense[i], selected[i], rules)
         want: dict[int, tuple[float, int]] = {}
         keep = np.flatnonzero(stored[i] | selected[i] | (dense[i] >= new_floor[i]))
         for c in keep:

@@ -6,12 +6,13 @@ flat on a gallery of millions and the daemon can read the queue while a scan run
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tagd import db, queue
 from tagd.config import Config, WatchRoot
@@ -23,12 +24,41 @@ log = logging.getLogger(__name__)
 CHUNK = 500
 
 
+SKIPPED_KEY = "scan.skipped"
+
+
+@dataclass
+class Skipped:
+    """What a walk passed over without a word before #13: files by extension, unlistable
+    folders. Kept so `tagd stats` can say how much of a gallery tagd does not read."""
+
+    by_extension: dict[str, int] = field(default_factory=dict)
+    unlistable: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add_file(self, name: str) -> None:
+        ext = os.path.splitext(name)[1].lower() or "(none)"
+        self.by_extension[ext] = self.by_extension.get(ext, 0) + 1
+
+    def as_json(self, at: float) -> str:
+        return json.dumps(
+            {
+                "at": at,
+                "files": sum(self.by_extension.values()),
+                "by_extension": dict(sorted(self.by_extension.items(), key=lambda kv: -kv[1])),
+                "unlistable": self.unlistable,
+                "unlistable_examples": self.examples,
+            }
+        )
+
+
 @dataclass
 class ScanResult:
     seen: int = 0
     queued: int = 0
     missing: int = 0
     skipped_roots: tuple[str, ...] = ()
+    skipped: Skipped = field(default_factory=Skipped)
 
 
 @dataclass(frozen=True)
@@ -38,9 +68,17 @@ class Found:
     mtime_ns: int
 
 
-def walk(root: WatchRoot, extensions: tuple[str, ...], start: str | None = None) -> Iterator[Found]:
+def walk(
+    root: WatchRoot,
+    extensions: tuple[str, ...],
+    start: str | None = None,
+    skipped: Skipped | None = None,
+) -> Iterator[Found]:
     """Regular files under `root` (or only under its folder `start`) that tagd wants;
-    symlinked folders are not followed."""
+    symlinked folders are not followed.
+
+    `skipped` counts regular files left out only for their extension (not those a user
+    excluded) and folders that cannot be listed."""
     base = os.fspath(root.path)
     stack = [start or base]
     while stack:
@@ -49,6 +87,10 @@ def walk(root: WatchRoot, extensions: tuple[str, ...], start: str | None = None)
             entries = list(os.scandir(folder))
         except OSError as exc:
             log.warning("cannot list %s: %s", folder, exc.strerror or exc)
+            if skipped is not None:
+                skipped.unlistable += 1
+                if len(skipped.examples) < 20:
+                    skipped.examples.append(f"{folder}: {exc.strerror or exc}")
             continue
         for entry in sorted(entries, key=lambda e: e.name):
             rel = os.path.relpath(entry.path, base).replace(os.sep, "/")
@@ -62,6 +104,10 @@ def walk(root: WatchRoot, extensions: tuple[str, ...], start: str | None = None)
                 if not wanted(
                     rel, extensions=extensions, include=root.include, exclude=root.exclude
                 ):
+                    if skipped is not None and wanted(
+                        rel, extensions=("",), include=root.include, exclude=root.exclude
+                    ):
+                        skipped.add_file(entry.name)
                     continue
                 st = entry.stat(follow_symlinks=True)
             except OSError:
@@ -97,7 +143,7 @@ def scan(
             continue
         started = time.time()
         batch: list[Found] = []
-        for found in walk(root, config.extensions):
+        for found in walk(root, config.extensions, skipped=result.skipped):
             result.seen += 1
             batch.append(found)
             if len(batch) >= CHUNK:
@@ -109,7 +155,22 @@ def scan(
         if not stop() and root_available(root):
             result.missing += mark_missing(conn, os.path.abspath(root.path), started)
     result.skipped_roots = tuple(skipped)
+    if not stop():
+        with db.write(conn):
+            db.set_state(conn, SKIPPED_KEY, result.skipped.as_json(time.time()))
     return result
+
+
+def last_skipped(conn: sqlite3.Connection) -> dict[str, object] | None:
+    """What the last complete scan skipped (see Skipped), or None before the first one."""
+    raw = db.get_state(conn, SKIPPED_KEY)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _enqueue(conn: sqlite3.Connection, batch: list[Found], priority: int, seen_at: float) -> int:

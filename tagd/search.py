@@ -239,6 +239,13 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
             return Compiled(
                 f"NOT EXISTS (SELECT 1 FROM taggings g WHERE g.file_id = {f}{msql})", mparams
             )
+        if node.name in ("video", "animated"):
+            # tagd.media: videos store their codec as format, animations GIF/PNG/WEBP.
+            op = "NOT IN" if node.name == "video" else "IN"
+            return Compiled(
+                f"{f} IN (SELECT id FROM files WHERE duration IS NOT NULL "
+                f"AND format {op} ('GIF', 'PNG', 'WEBP'))"
+            )
         return _on_path(
             ctx, "EXISTS (SELECT 1 FROM jobs j WHERE j.path = {p} AND j.state = 'failed')", []
         )
@@ -304,7 +311,7 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
         )
         cond, params = _range_sql(expr, node.range)
         return Compiled(f"({cond})", _repeat(mparams, params))
-    column = {"width": "width", "height": "height", "size": "size"}[key]
+    column = {"width": "width", "height": "height", "size": "size", "duration": "duration"}[key]
     if ctx.files is not None:
         cond, params = _range_sql(f"{ctx.files}.{column}", node.range)
         return Compiled(f"coalesce({cond}, 0)", params)  # unknown (not hashed yet) = no match
@@ -507,7 +514,7 @@ def build_sql(
 
 def _uses_files(node: Node) -> bool:
     if isinstance(node, FileFilter):
-        return node.key in ("width", "height", "size")
+        return node.key in ("width", "height", "size", "duration")
     if isinstance(node, Not):
         return _uses_files(node.term)
     if isinstance(node, And | Or):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ class SessionInfo:
     output_name: str
     fixed_batch: int | None
     spec: PreprocessSpec
+    input_type: str = "tensor(float)"
 
 
 def nvidia_present() -> bool:
@@ -115,13 +116,23 @@ class Tagger:
         self.files = files
         try:
             self.labels: Labels = family.read_labels(files.label_path)
+            if family.config_file and family.config_file in files.extras:
+                from tagd.families import read_preprocess_json
+
+                spec = read_preprocess_json(files.extras[family.config_file], family.preprocess)
+                self.family = family = replace(family, preprocess=spec)
         except LabelError as exc:
             raise ModelError(f"model {self.name!r}: {exc}") from None
+        if family.unverified:
+            log.warning(
+                "model %s: family %s is unverified: %s", self.name, family.name, family.unverified
+            )
         from tagd import graph
 
         self.threads = inference.threads or threads
         self.cpu_fallback = False
-        self.graph = graph.load(os.fspath(files.model_path))
+        self.exported_embedding: str | None = None
+        self.graph = graph.load(os.fspath(files.model_path), family.output)
         self.head: graph.Head | None = self.graph.head
         self.session = self._create_session(inference, self.graph.serialized())
         if sizer is not None and inference.threads is None:
@@ -203,10 +214,14 @@ class Tagger:
 
     def _inspect(self, inference: InferenceConfig) -> SessionInfo:
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        inp, out = inputs[0], outputs[0]
+        where = f"model {self.name!r}"
+        inp, out = inputs[0], self._scores_output(outputs, where)
+        names = [o.name for o in outputs]
+        wanted = self.family.embedding_output
+        if wanted in names and wanted != out.name:
+            self.exported_embedding = wanted
         shape = list(inp.shape)
         spec = self.family.preprocess
-        where = f"model {self.name!r}"
         if len(shape) != 4:
             raise ModelError(f"{where}: expected a 4-D image input, the graph has {shape}")
         if spec.layout == "NHWC":
@@ -219,6 +234,11 @@ class Tagger:
                 f"expects 3 in {spec.layout} layout; is `family:` right?"
             )
         if isinstance(h, int) and isinstance(w, int):
+            if spec.fit == "stages" and (h, w) != spec.size:
+                raise ModelError(
+                    f"{where}: the graph takes {h}x{w} but {self.family.config_file} ends at "
+                    f"{spec.size[0]}x{spec.size[1]}; the files belong to different models"
+                )
             spec = spec.with_size(h, w)
         n_out = out.shape[-1] if out.shape else None
         if isinstance(n_out, int) and n_out != len(self.labels):
@@ -233,6 +253,21 @@ class Tagger:
             output_name=out.name,
             fixed_batch=fixed,
             spec=spec,
+            input_type=str(inp.type),
+        )
+
+    def _scores_output(self, outputs: list[Any], where: str) -> Any:
+        """The family's scores output, by name or index (deepghs exports list three)."""
+        want = self.family.output
+        names = [o.name for o in outputs]
+        if isinstance(want, int):
+            if -len(outputs) <= want < len(outputs):
+                return outputs[want]
+        elif want in names:
+            return outputs[names.index(want)]
+        raise ModelError(
+            f"{where}: the graph has no output {want!r} (outputs: {', '.join(names)}); "
+            f"is `family: {self.family.name}` right?"
         )
 
     @property
@@ -263,7 +298,7 @@ class Tagger:
                 raise ModelError(f"model {self.name!r}: fixed batch {info.fixed_batch} unsupported")
             parts = [self._run(batch[i : i + 1]) for i in range(batch.shape[0])]
             out = np.concatenate([p[0] for p in parts], axis=0)
-            emb = np.concatenate([p[1] for p in parts], axis=0) if self.head else None
+            emb = np.concatenate([p[1] for p in parts], axis=0) if self._emb_name() else None
         else:
             out, emb = self._run(batch)
         if out.shape != (batch.shape[0], len(self.labels)):
@@ -277,12 +312,19 @@ class Tagger:
             emb = emb.reshape(emb.shape[0], -1).astype(np.float32, copy=False)
         return out.astype(np.float32, copy=False), emb
 
+    def _emb_name(self) -> str | None:
+        """The patched-out pooled tensor, else an embedding output the export already has."""
+        return self.head.embedding if self.head is not None else self.exported_embedding
+
     def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         names = [self.info.output_name]
-        if self.head is not None:
-            names.append(self.head.embedding)
+        emb_name = self._emb_name()
+        if emb_name is not None:
+            names.append(emb_name)
+        if self.info.input_type == "tensor(float16)":
+            batch = batch.astype(np.float16)
         res = self.session.run(names, {self.info.input_name: batch})
-        return res[0], (res[1] if self.head is not None else None)
+        return res[0], (res[1] if emb_name is not None else None)
 
 
 def expects_gpu(inference: InferenceConfig) -> bool:

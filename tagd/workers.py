@@ -29,7 +29,10 @@ from multiprocessing.connection import Connection, wait
 import numpy as np
 from PIL import Image
 
-from tagd.decode import DecodeError, open_image, read_file
+from tagd import media
+from tagd.config import VideoSettings
+from tagd.decode import DecodeError, FileBytes, open_image, read_file
+from tagd.media import MediaInfo
 from tagd.names import for_humans
 from tagd.preprocess import PreprocessSpec, prepare
 
@@ -58,6 +61,8 @@ class Decoded:
     height: int | None = None
     format: str | None = None
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    # Videos and animations (tagd.media): duration, frames, fps; tensors then hold N frames.
+    media: MediaInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Setup:
     # Bytes one decode may use (header estimate); files larger than max_file_bytes are not read.
     memory_budget: int | None = None
     max_file_bytes: int | None = None
+    video: VideoSettings = field(default_factory=VideoSettings)
 
 
 def draft_size(specs: list[PreprocessSpec]) -> tuple[int, int]:
@@ -158,8 +164,14 @@ class Decoder:
         return {name for name, mid in self.setup.model_ids.items() if mid in ids}
 
     def __call__(self, task: Task) -> Result:
+        by_path = media.is_video_path(task.path)
         try:
-            file = read_file(task.path, max_bytes=self.setup.max_file_bytes)
+            # Videos are hashed in chunks and decoded from the path, never read whole.
+            file = (
+                FileBytes(b"", *media.hash_file(task.path))
+                if by_path
+                else read_file(task.path, max_bytes=self.setup.max_file_bytes)
+            )
         except DecodeError as exc:
             return Failed(task.id, exc.reason, exc.transient, exc.gone, exc.incomplete)
         except MemoryError:
@@ -175,9 +187,18 @@ class Decoder:
             return result
         specs = {m: self.setup.specs[m] for m in todo}
         try:
-            w, h, fmt, tensors = decode_and_prepare(
-                file.data, specs, self.setup.max_pixels, budget=self.setup.memory_budget
-            )
+            fmt: str | None
+            target = draft_size(list(specs.values()))
+            source = task.path if by_path else file.data
+            found = media.decode(source, specs, self.setup.max_pixels, self.setup.video, target)
+            if found is not None:
+                w, h, fmt, tensors, result.media = found
+                if by_path and media.changed(task.path, file.size, file.mtime_ns):
+                    raise DecodeError("the file changed while it was read", transient=True)
+            else:
+                w, h, fmt, tensors = decode_and_prepare(
+                    file.data, specs, self.setup.max_pixels, budget=self.setup.memory_budget
+                )
         except DecodeError as exc:
             return Failed(task.id, exc.reason, exc.transient, incomplete=exc.incomplete)
         except MemoryError:

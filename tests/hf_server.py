@@ -13,9 +13,12 @@ from typing import Any
 class HubServer:
     """Serves `{repo}/resolve/{revision}/{file}` for the repos given as {repo_id: folder}."""
 
-    def __init__(self, repos: dict[str, Path], commit: str) -> None:
+    def __init__(
+        self, repos: dict[str, Path], commit: str, gated: frozenset[str] = frozenset()
+    ) -> None:
         self.repos = repos
         self.commit = commit
+        self.gated = gated
         self.requests: list[tuple[str, str]] = []
         server = self
 
@@ -35,6 +38,8 @@ class HubServer:
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self._error(404, "EntryNotFound")
                 repo, revision, name = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+                if repo in server.gated:
+                    return self._error(403, "GatedRepo")
                 if repo not in server.repos:
                     return self._error(401, "RepoNotFound")
                 if revision not in ("main", server.commit):

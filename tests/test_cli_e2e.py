@@ -99,7 +99,8 @@ def test_bad_files_fail_alone(tmp_path: Path, gallery: Path, probe_model: Path) 
     (gallery / "half.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     Image.new("L", (3000, 3000), 7).save(gallery / "bomb.png")
     (gallery / "notes.txt").write_text("skipped: unsupported extension")
-    (gallery / "movie.mp4").write_bytes(b"\x00" * 100)
+    (gallery / "song.mp3").write_bytes(b"\x00" * 100)
+    (gallery / "movie.mp4").write_bytes(b"\x00" * 100)  # read since #13: not a video
     cfg = write_config(
         tmp_path / "c.yaml",
         {
@@ -117,7 +118,8 @@ def test_bad_files_fail_alone(tmp_path: Path, gallery: Path, probe_model: Path) 
     assert "Traceback" not in r.stderr
     conn = sqlite3.connect(tmp_path / "t.db")
     jobs = {Path(p).name: (s, e) for p, s, e in conn.execute("SELECT path, state, error FROM jobs")}
-    assert "notes.txt" not in jobs and "movie.mp4" not in jobs
+    assert "notes.txt" not in jobs and "song.mp3" not in jobs
+    assert jobs["movie.mp4"][0] == "failed" and "not a readable video" in jobs["movie.mp4"][1]
     assert jobs["ok.png"] == ("done", None)
     assert jobs["garbage.png"][0] == "failed" and "not a recognised image" in jobs["garbage.png"][1]
     assert jobs["text.jpg"][0] == "failed"

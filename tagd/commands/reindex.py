@@ -34,6 +34,9 @@ def run(ctx: Context) -> int:
     if missing:
         raise UserError(f"no model named {sorted(missing)[0]!r} in the config", 2)
     conn = ctx.db()
+    from tagd import tagrules
+
+    tag_rules = tagrules.effective(conn, config.tags)
     retag: list[str] = []
     for m in chosen:
         family = families.get(m.family, config.families)
@@ -48,7 +51,7 @@ def run(ctx: Context) -> int:
                 conn,
                 name=m.name,
                 thresholds=thresholds,
-                tag_rules=config.tags,
+                tag_rules=tag_rules,
                 floor=config.floor_for(m),
                 progress=bar.advance,
             )

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from tagd import scanner
 from tagd.commands import Context
 
 
@@ -45,7 +46,29 @@ def collect(conn, db_path: str) -> dict[str, object]:  # type: ignore[no-untyped
         "models": models,
         "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
         "db_bytes": size,
+        "skipped": scanner.last_skipped(conn),
     }
+
+
+def skipped_lines(skipped: dict[str, object] | None) -> list[str]:
+    """Files the last complete scan passed over by extension, and folders it could not list."""
+    if skipped is None:
+        return ["skipped      (no complete scan yet)"]
+    by_ext = skipped.get("by_extension") or {}
+    assert isinstance(by_ext, dict)
+    top = ", ".join(f"{ext} {n:,}" for ext, n in list(by_ext.items())[:8])
+    more = ", …" if len(by_ext) > 8 else ""
+    lines = [
+        f"skipped      {skipped.get('files', 0):,} files by extension"
+        + (f" ({top}{more})" if top else "")
+    ]
+    unlistable = skipped.get("unlistable", 0)
+    if unlistable:
+        lines.append(f"unlistable   {unlistable:,} folders could not be listed (permissions?)")
+        examples = skipped.get("unlistable_examples") or []
+        assert isinstance(examples, list)
+        lines.extend(f"  {e}" for e in examples[:5])
+    return lines
 
 
 def run(ctx: Context) -> int:
@@ -64,6 +87,7 @@ def run(ctx: Context) -> int:
         f"tags         {info['tags']:,}",
         f"database     {db_path} ({info['db_bytes'] / 2**20:,.1f} MiB)",
     ]
+    lines.extend(skipped_lines(info["skipped"]))  # type: ignore[arg-type]
     for name, m in info["models"].items():
         lines.append(f"model {name}: {m['tagged']:,} files tagged, {m['embeddings']:,} embeddings")
     print("\n".join(lines))
