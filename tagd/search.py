@@ -803,22 +803,35 @@ def matched_scores(
     return out
 
 
-def explain(node: Node, conn: sqlite3.Connection | None = None, indent: int = 0) -> str:
-    """The parsed tree, one node a line, with the thresholds each tag term uses."""
+def explain(
+    node: Node,
+    conn: sqlite3.Connection | None = None,
+    indent: int = 0,
+    notes: dict[Tag, str] | None = None,
+) -> str:
+    """The parsed tree, one node a line, with the thresholds each tag term uses.
+
+    `notes` marks tag terms the index does not know (tagd.suggest), so the reader sees
+    which branch can never match.
+    """
     pad = "  " * indent
+    notes = notes or {}
     if isinstance(node, And | Or):
         head = "AND" if isinstance(node, And) else "OR"
-        return "\n".join([f"{pad}{head}", *(explain(t, conn, indent + 1) for t in node.terms)])
+        lines = (explain(t, conn, indent + 1, notes) for t in node.terms)
+        return "\n".join([f"{pad}{head}", *lines])
     if isinstance(node, Not):
-        return f"{pad}NOT\n{explain(node.term, conn, indent + 1)}"
+        return f"{pad}NOT\n{explain(node.term, conn, indent + 1, notes)}"
     if isinstance(node, Tag):
         ns = node.namespace or "any namespace"
         kind = "pattern" if node.wildcard else "tag"
-        return f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+        line = f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+        return line + (f"  [UNKNOWN: {notes[node]}]" if node in notes else "")
     if isinstance(node, Score):
+        mark = f"  [UNKNOWN: {notes[node.tag]}]" if node.tag in notes else ""
         return (
             f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in "
-            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0)"
+            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0){mark}"
         )
     if isinstance(node, Rating):
         return f"{pad}rating in {', '.join(node.names)} (each model's top rating)"

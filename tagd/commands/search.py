@@ -19,7 +19,7 @@ FORMATS = ("paths", "json", "jsonl", "tsv")
 NUL_FLAG = "-0"
 
 SYNTAX = """query syntax:
-  1girl solo -monochrome        space = AND, -tag = NOT
+  1girl solo -monochrome        space = AND, -tag = NOT (AND and NOT as words work too)
   (smile | grin) OR blush       | or OR, with parentheses
   character:hatsune_miku        namespace:tag; character:* and hat* are wildcards
   "long hair"                   quoted spaces match underscores
@@ -84,6 +84,7 @@ def run(ctx: Context) -> int:
         iter_search,
         resolve_similar,
     )
+    from tagd.suggest import unknown_tags
 
     args = ctx.args
     words, nul = split_flags(args.query)
@@ -104,9 +105,12 @@ def run(ctx: Context) -> int:
     )
     if args.explain:
         conn = ctx.db(readonly=True) if _db_exists(ctx) else None
-        print(explain(node, conn))
+        notes = {u.term: u.message for u in unknown_tags(conn, node)} if conn else {}
+        print(explain(node, conn, notes=notes))
         return 0
     conn = ctx.db(readonly=True)
+    for unknown in unknown_tags(conn, node):
+        print(f"tagd: {unknown.message}", file=sys.stderr)
     try:
         opts.similar = resolve_similar(conn, node, str(ctx.config.database))
         if args.sql:
