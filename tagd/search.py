@@ -276,7 +276,12 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
             pattern = "*/" + pattern
         return _on_path(ctx, "{p} GLOB ?", [pattern])
     if key == "dir":
-        d = os.path.abspath(os.path.expanduser(node.text)).rstrip("/") + "/"
+        text = os.path.expanduser(node.text)
+        d = os.path.abspath(text).rstrip("/") + "/"
+        if not text.startswith(("/", ".")) and not os.path.isdir(d):
+            # Relative to a watch root, like path: globs: the folder at any depth.
+            rel = "".join(f"[{c}]" if c in "[?*" else c for c in text.strip("/"))
+            return _on_path(ctx, "{p} GLOB ?", [f"*/{rel}/*"])
         return _on_path(ctx, "({p} >= ? AND {p} < ?)", [d, d[:-1] + "0"])
     if key == "ext":
         exts = node.text.split(",")
@@ -415,11 +420,11 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
     name = scope_model(node)
     if name is None:
         return
-    if conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
-        known = [r[0] for r in conn.execute("SELECT name FROM models ORDER BY name")]
-        raise SearchError(
-            f"no model named {name!r} in the index (known: {', '.join(known) or 'none'})"
-        )
+    from tagd.suggest import unknown_model
+
+    message = unknown_model(conn, name)
+    if message is not None:
+        raise SearchError(message)
 
 
 def build_sql(
@@ -465,7 +470,8 @@ def build_sql(
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
-        rank_sql, rank_params = (rank.sql, rank.params) if rank else ("1.0", [])
+        # No score outside --sort score: NULL, so no output shows a made-up 1.0.
+        rank_sql, rank_params = (rank.sql, rank.params) if rank else ("NULL", [])
         join = " LEFT JOIN files f ON f.id = p.file_id" if files_join else ""
         branches.append(
             Compiled(
@@ -529,7 +535,7 @@ def iter_search(
             rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
-        yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
+        yield Hit(path, sha, tags, file_id, None if rank is None else float(rank), mtime_ns)
 
 
 def _ranked_page(node: Node, opts: SearchOptions) -> bool:

@@ -32,7 +32,8 @@ def run(ctx: Context) -> int:
     chosen = [m for m in config.models if not ctx.args.model or m.name in ctx.args.model]
     missing = set(ctx.args.model or ()) - {m.name for m in chosen}
     if missing:
-        raise UserError(f"no model named {sorted(missing)[0]!r} in the config", 2)
+        known = ", ".join(m.name for m in config.models) or "none configured"
+        raise UserError(f"no model named {sorted(missing)[0]!r} in the config (models: {known})", 2)
     conn = ctx.db()
     retag: list[str] = []
     for m in chosen:
