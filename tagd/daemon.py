@@ -389,8 +389,9 @@ class Daemon:
         self._start_parts()
         self.notifier.ready(self.publish())
         log.info(
-            "tagd running: %d roots, models %s on %s",
+            "tagd running: %d root%s, models %s on %s",
             len(self.config.watch),
+            "" if len(self.config.watch) == 1 else "s",
             ", ".join(t.name for t in self.taggers),
             self.provider(),
         )
@@ -429,7 +430,13 @@ class Daemon:
                     db.set_state(self.conn, LAST_ERROR_KEY, worker.last_error)
             with db.write(self.conn):
                 info = json.loads(db.get_state(self.conn, STATE_KEY) or "{}")
-                info.update(heartbeat=time.time(), stopped=True, healthy=False)
+                info.update(
+                    heartbeat=time.time(),
+                    stopped=True,
+                    healthy=False,
+                    clean=self.exit_code == 0,
+                    exit_code=self.exit_code,
+                )
                 db.set_state(self.conn, STATE_KEY, json.dumps(info, sort_keys=True))
             self.conn.close()
         return self.exit_code

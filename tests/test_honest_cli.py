@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_tagd, save
+
+from tagd.db import connect, set_state, write
+from tagd.status import clear_scan, publish_scan
 
 
 def tagd(cfg: Path, *args: str) -> subprocess.CompletedProcess:
@@ -75,3 +79,50 @@ def test_after_a_scan(config_file: Path, gallery: Path, tmp_path: Path) -> None:
     assert tagd(config_file, "reindex", "--no-progress").returncode == 0
     after = tagd(config_file, "search", "red", "--explain").stdout
     assert "probe general 0.6" in after
+
+
+@pytest.mark.slow
+def test_status_and_stats_tell_the_truth(config_file: Path, gallery: Path) -> None:
+    save(gallery / "red.png", (255, 0, 0), (80, 80))
+    (gallery / "broken.png").write_bytes(b"this is not an image " * 40)
+    assert tagd(config_file, "scan").returncode == 0
+    db_path = yaml.safe_load(config_file.read_text())["database"]
+    status = tagd(config_file, "status")
+    assert status.returncode == 0 and "scan:" not in status.stdout  # the scan cleared its row
+
+    # stats and `search untagged` count the same thing (the failed file is untagged)
+    untagged = tagd(config_file, "search", "untagged", "--count").stdout.strip()
+    stats = json.loads(tagd(config_file, "stats", "--format", "json").stdout)
+    assert untagged == "1" and stats["untagged"] == 1
+
+    # a scan in progress (this test process stands in for it: a live pid)
+    conn = connect(db_path)
+    try:
+        publish_scan(conn, 30, 120, 15.0, tagged=29, failed=1)
+        status = tagd(config_file, "status").stdout
+        assert (
+            f"scan:      running (pid {os.getpid()}): 30/120 images, 15.0 images/s, eta 0:00:06"
+            in status
+        )
+        # a daemon that stopped cleanly is not "unhealthy", and lists no watchers
+        info = {
+            "pid": 1,
+            "heartbeat": 0,
+            "stopped": True,
+            "clean": True,
+            "healthy": False,
+            "watchers": {str(gallery): "inotify"},
+        }
+        with write(conn):
+            set_state(conn, "daemon", json.dumps(info))
+        clear_scan(conn)
+    finally:
+        conn.close()
+    status = tagd(config_file, "status").stdout
+    assert "daemon:    stopped cleanly (pid 1)" in status
+    assert "unhealthy" not in status and "watching:" not in status and "scan:" not in status
+
+    # a missing root is shown as missing
+    gallery.rename(gallery.with_name("unplugged"))
+    status = tagd(config_file, "status").stdout
+    assert f"root:      {gallery} is missing (unmounted?); waiting for it" in status

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
+import time
 from typing import TYPE_CHECKING
 
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
     from tagd.config import Config
+    from tagd.pipeline import Outcome
     from tagd.tagger import Tagger
 
 log = logging.getLogger("tagd.scan")
+PUBLISH_EVERY_S = 2.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,16 +69,22 @@ def run(ctx: Context) -> int:
     if extra:
         log.info("%d known images lack results from a configured model", extra)
     runnable = queue.counts(conn)["queued"] - queue.waiting(conn)
+    publisher = _Publisher(config, runnable)
     try:
         with Progress("tagging", total=runnable, unit="images") as bar:
-            pipeline.on_progress = lambda o: bar.update(
-                o.done + o.failed + o.retrying, note=f"{o.done} tagged, {o.failed} failed"
-            )
+
+            def progress(o: Outcome) -> None:
+                n = o.done + o.failed + o.retrying
+                bar.update(n, note=f"{o.done} tagged, {o.failed} failed")
+                publisher.publish(n, bar.rate(), o.done, o.failed)
+
+            pipeline.on_progress = progress
             outcome = pipeline.run()
     except ModelError as exc:
         raise UserError(str(exc)) from None
     finally:
         pipeline.close()
+        publisher.close()
     waiting = queue.waiting(conn)
     bar.done = outcome.done + outcome.failed
     line = f"tagged {outcome.done}, failed {outcome.failed} {bar.summary()}"
@@ -88,6 +98,46 @@ def run(ctx: Context) -> int:
 
         log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
     return 3 if skipped else 0
+
+
+class _Publisher:
+    """Publishes the scan's progress for `tagd status` (its own connection, every 2 s)."""
+
+    def __init__(self, config: Config, total: int) -> None:
+        from tagd import db
+
+        self.total = total
+        self.last = 0.0
+        try:
+            self.conn: sqlite3.Connection | None = db.connect(config.database)
+        except (db.DatabaseError, sqlite3.Error) as exc:
+            log.debug("scan progress not published: %s", exc)
+            self.conn = None
+        self.publish(0, 0.0, 0, 0)
+
+    def publish(self, done: int, rate: float, tagged: int, failed: int) -> None:
+        from tagd import status
+
+        now = time.monotonic()
+        if self.conn is None or (done and now - self.last < PUBLISH_EVERY_S):
+            return
+        self.last = now
+        try:
+            status.publish_scan(self.conn, done, self.total, rate, tagged=tagged, failed=failed)
+        except sqlite3.Error as exc:
+            log.debug("scan progress not published: %s", exc)
+
+    def close(self) -> None:
+        from tagd import status
+
+        if self.conn is None:
+            return
+        try:
+            status.clear_scan(self.conn)
+        except sqlite3.Error as exc:
+            log.debug("scan progress not cleared: %s", exc)
+        self.conn.close()
+        self.conn = None
 
 
 def _load_models(config: Config) -> tuple[list[Tagger], list[tuple[str, str]]]:
