@@ -120,3 +120,23 @@ def unknown_model(conn: sqlite3.Connection, name: str) -> str | None:
     guess = difflib.get_close_matches(name, known, n=1, cutoff=_CUTOFF)
     hint = f"; did you mean '{guess[0]}'?" if guess else ""
     return f"no model named {name!r} in the index (known: {', '.join(known) or 'none'}){hint}"
+
+
+def tag_names(conn: sqlite3.Connection, prefix: str, limit: int) -> list[str]:
+    """Tag names starting with `prefix` (after an optional `namespace:`), most used first,
+    for shell completion."""
+    head, sep, rest = prefix.partition(":")
+    namespace = head.lower() if sep and head.lower() in NAMESPACES else None
+    stem = rest if namespace else prefix
+    sql = "SELECT namespace, name FROM tags WHERE name >= ? AND name < ?"
+    params: list[object] = [stem, stem + "\U0010ffff"]
+    if namespace:
+        sql += " AND namespace = ?"
+        params.append(namespace)
+    sql += (
+        " ORDER BY (SELECT count(*) FROM scores s WHERE s.tag_id = tags.id AND s.selected = 1)"
+        " DESC, name LIMIT ?"
+    )
+    params.append(limit)
+    rows = conn.execute(sql, params).fetchall()
+    return [f"{ns}:{name}" if namespace else str(name) for ns, name in rows]
