@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from types import TracebackType
 from typing import Any
 
@@ -135,3 +136,29 @@ class _ConsoleStream:
         if self._buffer:
             line, self._buffer = self._buffer, ""
             self.console.print(line, markup=False, highlight=False, soft_wrap=True, emoji=False)
+
+
+class RateMeter:
+    """Items per second over a sliding window, from a running total (a daemon's done count)."""
+
+    def __init__(self, window_s: float = 60.0) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def add(self, total: int, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if self.samples and total < self.samples[-1][1]:
+            self.samples.clear()  # the count went down (jobs cleaned up): start over
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and now - self.samples[0][0] > self.window_s:
+            self.samples.popleft()
+        (t0, n0), (t1, n1) = self.samples[0], self.samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+def eta(left: int, rate: float) -> str:
+    """H:MM:SS to finish `left` items at `rate` per second; "-" when unknown."""
+    if rate <= 0 or left <= 0:
+        return "-"
+    s = int(left / rate)
+    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"

@@ -97,10 +97,9 @@ def _daemon_state(info: dict[str, Any]) -> str:
 
 
 def _eta(left: int, rate: float) -> str:
-    if rate <= 0 or left <= 0:
-        return "-"
-    s = int(left / rate)
-    return f"{s // 3600}:{s % 3600 // 60:02}:{s % 60:02}"
+    from tagd.progress import eta
+
+    return eta(left, rate)
 
 
 def report(conn: sqlite3.Connection, roots: list[str] | None = None) -> dict[str, Any]:
@@ -121,6 +120,7 @@ def report(conn: sqlite3.Connection, roots: list[str] | None = None) -> dict[str
         "healthy": info.get("healthy") if running else None,
         "provider": info.get("provider"),
         "watchers": info.get("watchers", {}) if running else {},
+        "rate": info.get("rate") if running else None,
         "missing_roots": [r for r in roots or () if not os.path.isdir(r)],
         "scan": scan_running(conn),
         "paused": queue.is_paused(conn),
@@ -144,6 +144,13 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     for m in r["models"]:
         lines.append(f"model:     {m['name']} ({m['revision']}): {m['files']} files tagged")
+    if r.get("rate") is not None:
+        backlog = j["queued"]
+        lines.insert(
+            2,
+            f"rate:      {float(r['rate']):.1f} images/s over the last minute, backlog "
+            f"{backlog}, eta {_eta(backlog, float(r['rate']))}",
+        )
     scan = r.get("scan")
     if scan:
         left = max(0, int(scan["total"]) - int(scan["done"]))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import run_tagd, save, write_config
 from ptyrun import PtyRun
+
+from tagd.progress import RateMeter, eta
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -123,3 +127,42 @@ def test_progress_bar_under_a_terminal_keeps_log_lines_out(
         assert re.fullmatch(r"\d\d:\d\d:\d\d WARNING failed: \S+bad\d\.png: .*", line), line
     summary = [s for s in segments if "tagged 40, failed 6 in " in s]
     assert summary and "images/s" in summary[0]
+
+
+def test_rate_meter_and_eta() -> None:
+    meter = RateMeter(window_s=60)
+    assert meter.add(0, now=0.0) == 0.0
+    assert meter.add(100, now=10.0) == 10.0
+    assert meter.add(400, now=70.0) == pytest.approx(300 / 60)  # the first sample left the window
+    assert meter.add(5, now=71.0) == 0.0  # the count went down: start over
+    assert eta(3600, 2.0) == "0:30:00" and eta(10, 0.0) == "-"
+
+
+@pytest.mark.slow
+def test_run_on_a_terminal_shows_a_live_status_line(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    for i in range(5):
+        save(gallery / f"ok{i}.png", (i * 40, 100, 50))
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        {
+            "database": str(tmp_path / "t.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu"},
+        },
+    )
+    run = PtyRun(["-c", str(cfg), "run"])
+    try:
+        run.expect("tagd run", timeout=60)
+        run.expect("images/s", timeout=30)
+        run.expect("0 queued", timeout=60)
+        status = run_tagd("-c", str(cfg), "status").stdout
+        assert "rate:      " in status and "images/s over the last minute, backlog 0" in status
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        assert run.wait() == 0
+    finally:
+        run.close()
+    lines = [ANSI.sub("", s) for s in re.split(r"\r\n|\r|\n", run.text())]
+    assert any(re.search(r"INFO tagd running: 1 root, models probe", x) for x in lines)

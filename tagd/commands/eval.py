@@ -131,7 +131,7 @@ def run(ctx: Context) -> int:
         }
         samples = []
         try:
-            with Progress(f"eval {model}") as bar:
+            with Progress(f"eval {model}", unit="files") as bar:
                 for i, fs in enumerate(
                     iter_files(conn, models=[model], node=node, all_scores=True)
                 ):

@@ -44,7 +44,7 @@ def run(ctx: Context) -> int:
             (m.name,),
         ).fetchone()[0]
         enabled = False if ctx.args.no_progress else None
-        with Progress(m.name, enabled=enabled, total=total) as bar:
+        with Progress(m.name, enabled=enabled, total=total, unit="files") as bar:
             report = reindex.reindex_model(
                 conn,
                 name=m.name,
