@@ -69,17 +69,11 @@ def _check(conn: sqlite3.Connection, term: Tag) -> str | None:
 
 
 def _exists(conn: sqlite3.Connection, name: str, namespace: str | None) -> bool:
-    if namespace is None:
-        sql, params = "SELECT 1 FROM tags WHERE name = ? LIMIT 1", (name,)
-    else:
-        sql, params = (
-            "SELECT 1 FROM tags WHERE name = ? AND namespace = ? LIMIT 1",
-            (
-                name,
-                namespace,
-            ),
-        )
-    return conn.execute(sql, params).fetchone() is not None
+    sql, params = "SELECT 1 FROM tags WHERE name = ?", [name]
+    if namespace is not None:
+        sql += " AND namespace = ?"
+        params.append(namespace)
+    return conn.execute(sql + " LIMIT 1", params).fetchone() is not None
 
 
 def _glob_matches(conn: sqlite3.Connection, term: Tag) -> bool:

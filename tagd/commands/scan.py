@@ -48,7 +48,8 @@ def run(ctx: Context) -> int:
                 2,
             )
     conn = ctx.db()
-    taggers, skipped = [], []
+    taggers: list[Tagger] = []
+    skipped: list[tuple[str, str]] = []
     if not ctx.args.no_tag:
         taggers, skipped = _load_models(config)
     result = scanner.scan(conn, config)
