@@ -179,7 +179,7 @@ def find_config(explicit: str | None) -> Path:
             return candidate
     raise ConfigError(
         f"no config file: pass --config FILE, set TAGD_CONFIG, or create {default_config_path()} "
-        "(see config.example.yaml)"
+        "(`tagd init` writes one; `tagd config example` shows every key)"
     )
 
 

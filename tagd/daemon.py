@@ -27,6 +27,7 @@ from tagd.config import Config, ConfigError, WatchRoot
 from tagd.config import load as load_config
 from tagd.notify import Notifier
 from tagd.pipeline import Pipeline, owner_id
+from tagd.progress import Progress, RateMeter
 from tagd.status import LAST_ERROR_KEY, STATE_KEY
 from tagd.tagger import Tagger
 from tagd.watcher import Watcher
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 STATUS_EVERY_S = 5.0
+# Without a terminal (systemd, a log file): one progress line this often while there is work.
+PROGRESS_LOG_EVERY_S = 60.0
 IDLE_POLL_S = 1.0
 STOP_GRACE_S = 10.0
 ERROR_PAUSE_S = 5.0
@@ -145,6 +148,9 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.scheduler = None
         self.exit_code = 0
+        self.meter = RateMeter()
+        self.rate = 0.0
+        self.counts: dict[str, int] = {}
 
     # -- signals: only flags, the main loop acts on them ------------------------------------
 
@@ -337,10 +343,45 @@ class Daemon:
         )
         return text + (" paused" if paused else "")
 
+    def _live_line(self) -> Progress | None:
+        """A live status line on a terminal (not under systemd, whose journal wants lines)."""
+        if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+            return None
+        import sys
+
+        if not sys.stderr.isatty():
+            return None
+        return Progress("tagd run", unit="images").__enter__()
+
+    def _busy(self) -> bool:
+        c = self.counts
+        return bool(c and (c["queued"] or c["running"]))
+
+    def _progress_text(self) -> str:
+        from tagd.progress import eta
+
+        c = self.counts
+        failed = c["failed"]
+        return (
+            f"{c['queued']} queued, {c['running']} running, {c['done']} done, "
+            f"{failed} failed job{'' if failed == 1 else 's'}; {self.rate:.1f} images/s, "
+            f"eta {eta(c['queued'] + c['running'], self.rate)}"
+        )
+
+    def _show_live(self, live: Progress) -> None:
+        c = self.counts
+        live.update(
+            c["done"] + c["failed"],
+            c["done"] + c["failed"] + c["queued"] + c["running"],
+            note=self._progress_text(),
+        )
+
     def publish(self) -> str:
         """Write the status row `tagd status` reads; returns the one-line STATUS=."""
         counts = queue.counts(self.conn)
         paused = queue.is_paused(self.conn)
+        self.rate = self.meter.add(counts["done"] + counts["failed"])
+        self.counts = counts
         errors = [
             e
             for e in (
@@ -359,6 +400,7 @@ class Daemon:
             "models": [t.name for t in self.taggers],
             "watchers": self.watcher.health() if self.watcher else {},
             "healthy": self.healthy(),
+            "rate": round(self.rate, 3),
         }
         with db.write(self.conn):
             db.set_state(self.conn, STATE_KEY, json.dumps(info, sort_keys=True))
@@ -393,13 +435,15 @@ class Daemon:
         self._start_parts()
         self.notifier.ready(self.publish())
         log.info(
-            "tagd running: %d roots, models %s on %s",
+            "tagd running: %d root%s, models %s on %s",
             len(self.config.watch),
+            "" if len(self.config.watch) == 1 else "s",
             ", ".join(t.name for t in self.taggers),
             self.provider(),
         )
         ping_every = self.notifier.ping_interval()
-        last_ping = last_status = last_heartbeat = 0.0
+        last_ping = last_status = last_heartbeat = last_line = 0.0
+        live = self._live_line()
         try:
             while not self._stop_requested:
                 time.sleep(TICK_S)
@@ -419,10 +463,17 @@ class Daemon:
                 if now - last_status >= STATUS_EVERY_S:
                     self.notifier.status(self.publish())
                     last_status = now
+                    if live is not None:
+                        self._show_live(live)
+                    elif now - last_line >= PROGRESS_LOG_EVERY_S and self._busy():
+                        log.info("progress: %s", self._progress_text())
+                        last_line = now
                 if ping_every is not None and now - last_ping >= ping_every and self.healthy():
                     self.notifier.watchdog()
                     last_ping = now
         finally:
+            if live is not None:
+                live.__exit__(None, None, None)
             self.notifier.stopping()
             log.info("stopping: finishing the batch in flight")
             worker = self.worker
@@ -433,7 +484,13 @@ class Daemon:
                     db.set_state(self.conn, LAST_ERROR_KEY, worker.last_error)
             with db.write(self.conn):
                 info = json.loads(db.get_state(self.conn, STATE_KEY) or "{}")
-                info.update(heartbeat=time.time(), stopped=True, healthy=False)
+                info.update(
+                    heartbeat=time.time(),
+                    stopped=True,
+                    healthy=False,
+                    clean=self.exit_code == 0,
+                    exit_code=self.exit_code,
+                )
                 db.set_state(self.conn, STATE_KEY, json.dumps(info, sort_keys=True))
             self.conn.close()
         return self.exit_code

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +17,9 @@ from tagd.config import ModelConfig
 from tagd.families import Family
 
 _SHA1 = set("0123456789abcdef")
+# huggingface_hub retries an unreachable Hub for ~25 s before giving up on a file that is not
+# cached; a TCP connect with this bound answers "offline" first.
+PROBE_TIMEOUT = 3.0
 
 
 class ModelError(Exception):
@@ -87,6 +92,16 @@ def _from_hub(
     assert model.repo is not None
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     where = f"model {model.name!r} ({model.repo}@{model.revision})"
+    if not offline and not _cached(model, family, cache_dir):
+        from huggingface_hub import constants
+
+        why = unreachable(constants.ENDPOINT, PROBE_TIMEOUT)
+        if why is not None:
+            raise ModelError(
+                f"{where}: not in the cache, and {constants.ENDPOINT} cannot be reached ({why}): "
+                "run `tagd models pull` once with network access, or use `path:` with a local "
+                "folder"
+            )
     paths: list[Path] = []
     extras: dict[str, Path] = {}
     # Optional: weights stored outside the graph (`model.onnx.data`, which ONNX Runtime finds
@@ -116,11 +131,12 @@ def _from_hub(
             if filename in optional:
                 continue
             if offline:
-                hint = "tagd is offline: run `tagd models pull` once with network access"
+                hint = "tagd is offline"
             else:
                 hint = "it is not in the cache and Hugging Face could not be reached"
             raise ModelError(
-                f"{where}: {filename} not available: {hint}, or use `path:` with a local folder"
+                f"{where}: {filename} not available: {hint}; run `tagd models pull` once with "
+                "network access, or use `path:` with a local folder"
             ) from None
         except EntryNotFoundError:
             if filename in optional:
@@ -155,3 +171,37 @@ def gated_message(where: str, repo: str) -> str:
         f"https://huggingface.co/{repo} while logged in, then give tagd your token "
         "(HF_TOKEN=hf_... in the environment, or `hf auth login` as the user tagd runs as)"
     )
+
+
+def _cached(model: ModelConfig, family: Family, cache_dir: Path | None) -> bool:
+    """Both files of the model's revision are in the HF cache (no network touched)."""
+    from huggingface_hub import hf_hub_download
+
+    assert model.repo is not None
+    for filename in (family.model_file, family.label_file):
+        try:
+            hf_hub_download(
+                model.repo,
+                filename,
+                revision=model.revision,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                local_files_only=True,
+            )
+        except Exception:
+            return False
+    return True
+
+
+def unreachable(endpoint: str, timeout: float) -> str | None:
+    """None when a TCP connection to `endpoint` opens within `timeout`, else the reason."""
+    url = urllib.parse.urlsplit(endpoint)
+    if not url.hostname:
+        return f"not a URL: {endpoint!r}"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except OSError as exc:
+        return exc.strerror or str(exc)

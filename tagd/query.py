@@ -1,6 +1,7 @@
 """The search language, parsed into a small tree. Pure: no database here.
 
 1girl solo -monochrome          space = AND, leading '-' = NOT
+1girl AND NOT monochrome        the words AND / NOT are the same operators
 (smile | grin) OR blush         '|' or OR between terms, parentheses group
 character:hatsune_miku          namespace:tag (only for known namespaces, so tags that
                                 contain ':' such as ':d' or 're:zero' stay whole)
@@ -215,6 +216,9 @@ def tokenize(query: str) -> list[Token]:
             continue
         if unquoted and raw == "AND":
             continue
+        if unquoted and raw == "NOT":
+            tokens.append(Token("-", raw, col))
+            continue
         tail: list[Token] = []
         while chars and not chars[0][1]:
             c = chars[0][0]
@@ -307,7 +311,7 @@ class _Parser:
             self.pos += 1
             nxt = self.peek()
             if nxt is None or nxt.kind in ("|", ")", "-"):
-                raise self.error("'-' needs a tag after it", tok.column)
+                raise self.error(f"'{tok.text}' needs a tag after it", tok.column)
             return Not(self.parse_unary(), tok.column)
         if tok.kind == "(":
             self.pos += 1

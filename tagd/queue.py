@@ -360,3 +360,9 @@ def is_paused(conn: sqlite3.Connection) -> bool:
 def set_paused(conn: sqlite3.Connection, paused: bool) -> None:
     with db.write(conn):
         db.set_state(conn, PAUSED_KEY, "1" if paused else None)
+
+
+def job_state(conn: sqlite3.Connection, path: str) -> tuple[str, str | None, int] | None:
+    """(state, error, attempts) of the job for `path`, or None when it has none."""
+    row = conn.execute("SELECT state, error, attempts FROM jobs WHERE path = ?", (path,)).fetchone()
+    return None if row is None else (str(row[0]), row[1], int(row[2]))

@@ -127,8 +127,26 @@ def reindex_model(
                 report,
             )
         progress(len(chunk))
+    _record_thresholds(conn, model_id, thresholds)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _record_thresholds(
+    conn: sqlite3.Connection, model_id: int, thresholds: Mapping[str, float | str]
+) -> None:
+    """The thresholds now applied, where `search --explain` reads them (models.settings)."""
+    row = conn.execute("SELECT settings FROM models WHERE id = ?", (model_id,)).fetchone()
+    try:
+        settings = json.loads(row[0] or "{}") if row else {}
+    except ValueError:
+        settings = {}
+    settings["thresholds"] = dict(thresholds)
+    with db.write(conn):
+        conn.execute(
+            "UPDATE models SET settings = ? WHERE id = ?",
+            (json.dumps(settings, sort_keys=True), model_id),
+        )
 
 
 def _chunk(

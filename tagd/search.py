@@ -285,7 +285,13 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
         mark, value = bind(pattern)
         return _on_path(ctx, f"{{p}} GLOB {mark}", [value])
     if key == "dir":
-        d = os.path.abspath(os.path.expanduser(node.text)).rstrip("/") + "/"
+        text = os.path.expanduser(node.text)
+        d = os.path.abspath(text).rstrip("/") + "/"
+        if not text.startswith(("/", ".")) and not os.path.isdir(d):
+            # Relative to a watch root, like path: globs: the folder at any depth.
+            rel = "".join(f"[{c}]" if c in "[?*" else c for c in text.strip("/"))
+            mark, value = bind(f"*/{rel}/*")
+            return _on_path(ctx, f"{{p}} GLOB {mark}", [value])
         (low, lv), (high, hv) = bind(d), bind(d[:-1] + "0")
         return _on_path(ctx, f"({{p}} >= {low} AND {{p}} < {high})", [lv, hv])
     if key == "ext":
@@ -426,11 +432,11 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
     name = scope_model(node)
     if name is None:
         return
-    if conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
-        known = [r[0] for r in conn.execute("SELECT name FROM models ORDER BY name")]
-        raise SearchError(
-            f"no model named {name!r} in the index (known: {', '.join(known) or 'none'})"
-        )
+    from tagd.suggest import unknown_model
+
+    message = unknown_model(conn, name)
+    if message is not None:
+        raise SearchError(message)
 
 
 def build_sql(
@@ -476,7 +482,8 @@ def build_sql(
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
-        rank_sql, rank_params = (rank.sql, rank.params) if rank else ("1.0", [])
+        # No score outside --sort score: NULL, so no output shows a made-up 1.0.
+        rank_sql, rank_params = (rank.sql, rank.params) if rank else ("NULL", [])
         join = " LEFT JOIN files f ON f.id = p.file_id" if files_join else ""
         branches.append(
             Compiled(
@@ -540,7 +547,7 @@ def iter_search(
             rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
-        yield Hit(path, sha, tags, file_id, float(rank), mtime_ns)
+        yield Hit(path, sha, tags, file_id, None if rank is None else float(rank), mtime_ns)
 
 
 def _ranked_page(node: Node, opts: SearchOptions) -> bool:
@@ -814,22 +821,35 @@ def matched_scores(
     return out
 
 
-def explain(node: Node, conn: sqlite3.Connection | None = None, indent: int = 0) -> str:
-    """The parsed tree, one node a line, with the thresholds each tag term uses."""
+def explain(
+    node: Node,
+    conn: sqlite3.Connection | None = None,
+    indent: int = 0,
+    notes: dict[Tag, str] | None = None,
+) -> str:
+    """The parsed tree, one node a line, with the thresholds each tag term uses.
+
+    `notes` marks tag terms the index does not know (tagd.suggest), so the reader sees
+    which branch can never match.
+    """
     pad = "  " * indent
+    notes = notes or {}
     if isinstance(node, And | Or):
         head = "AND" if isinstance(node, And) else "OR"
-        return "\n".join([f"{pad}{head}", *(explain(t, conn, indent + 1) for t in node.terms)])
+        lines = (explain(t, conn, indent + 1, notes) for t in node.terms)
+        return "\n".join([f"{pad}{head}", *lines])
     if isinstance(node, Not):
-        return f"{pad}NOT\n{explain(node.term, conn, indent + 1)}"
+        return f"{pad}NOT\n{explain(node.term, conn, indent + 1, notes)}"
     if isinstance(node, Tag):
         ns = node.namespace or "any namespace"
         kind = "pattern" if node.wildcard else "tag"
-        return f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+        line = f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+        return line + (f"  [UNKNOWN: {notes[node]}]" if node in notes else "")
     if isinstance(node, Score):
+        mark = f"  [UNKNOWN: {notes[node.tag]}]" if node.tag in notes else ""
         return (
             f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in "
-            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0)"
+            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0){mark}"
         )
     if isinstance(node, Rating):
         return f"{pad}rating in {', '.join(node.names)} (each model's top rating)"

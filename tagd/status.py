@@ -17,6 +17,7 @@ from tagd import db, queue
 from tagd.names import for_humans
 
 STATE_KEY = "daemon"
+SCAN_KEY = "scan"
 LAST_ERROR_KEY = "last_error"
 STALE_AFTER_S = 30.0
 
@@ -30,9 +31,8 @@ def daemon_info(conn: sqlite3.Connection) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-def daemon_running(info: dict[str, Any], now: float | None = None) -> bool:
-    if not info or info.get("stopped"):
-        return False
+def _alive(info: dict[str, Any], now: float | None = None) -> bool:
+    """A fresh heartbeat, and (on this host) a live pid."""
     now = time.time() if now is None else now
     if now - float(info.get("heartbeat", 0)) > STALE_AFTER_S:
         return False
@@ -47,8 +47,66 @@ def daemon_running(info: dict[str, Any], now: float | None = None) -> bool:
     return True
 
 
-def report(conn: sqlite3.Connection) -> dict[str, Any]:
+def daemon_running(info: dict[str, Any], now: float | None = None) -> bool:
+    if not info or info.get("stopped"):
+        return False
+    return _alive(info, now)
+
+
+def publish_scan(
+    conn: sqlite3.Connection, done: int, total: int, rate: float, **extra: Any
+) -> None:
+    """What a running `tagd scan` is doing, for `tagd status` (rewritten every few seconds)."""
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "heartbeat": time.time(),
+        "done": done,
+        "total": total,
+        "rate": round(rate, 2),
+        **extra,
+    }
+    with db.write(conn):
+        db.set_state(conn, SCAN_KEY, json.dumps(info, sort_keys=True))
+
+
+def clear_scan(conn: sqlite3.Connection) -> None:
+    with db.write(conn):
+        conn.execute("DELETE FROM state WHERE key = ?", (SCAN_KEY,))
+
+
+def scan_running(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    """The running scan's published progress, or None (none, or its process is gone)."""
+    raw = db.get_state(conn, SCAN_KEY)
+    try:
+        info = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and _alive(info) else None
+
+
+def _daemon_state(info: dict[str, Any]) -> str:
+    if daemon_running(info):
+        return "running"
+    if info.get("stopped") and info.get("clean"):
+        return "stopped cleanly"
+    if info.get("stopped"):
+        return f"stopped (exit code {info.get('exit_code', '?')})"
+    if info:
+        return "not running (it did not stop cleanly: killed or crashed?)"
+    return "not running"
+
+
+def _eta(left: int, rate: float) -> str:
+    from tagd.progress import eta
+
+    return eta(left, rate)
+
+
+def report(conn: sqlite3.Connection, roots: list[str] | None = None) -> dict[str, Any]:
+    """`roots`: the configured watch roots, so a missing (unmounted) one is shown."""
     info = daemon_info(conn)
+    running = daemon_running(info)
     models = [
         {"name": r[0], "revision": r[1], "tags": r[2], "files": r[3]}
         for r in conn.execute(
@@ -58,11 +116,14 @@ def report(conn: sqlite3.Connection) -> dict[str, Any]:
         )
     ]
     return {
-        "daemon": "running" if daemon_running(info) else "not running",
+        "daemon": _daemon_state(info),
         "pid": info.get("pid"),
-        "healthy": info.get("healthy"),
+        "healthy": info.get("healthy") if running else None,
         "provider": info.get("provider"),
-        "watchers": info.get("watchers", {}),
+        "watchers": info.get("watchers", {}) if running else {},
+        "rate": info.get("rate") if running else None,
+        "missing_roots": [r for r in roots or () if not os.path.isdir(r)],
+        "scan": scan_running(conn),
         "paused": queue.is_paused(conn),
         "jobs": queue.counts(conn),
         "waiting_to_retry": queue.waiting(conn),
@@ -73,9 +134,10 @@ def report(conn: sqlite3.Connection) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     j = r["jobs"]
+    unhealthy = ", unhealthy" if r["daemon"] == "running" and not r["healthy"] else ""
     lines = [
         f"daemon:    {r['daemon']}"
-        + (f" (pid {r['pid']}{'' if r['healthy'] else ', unhealthy'})" if r["pid"] else "")
+        + (f" (pid {r['pid']}{unhealthy})" if r["pid"] else "")
         + (", paused (tagd resume)" if r["paused"] else ""),
         f"jobs:      {j['queued']} queued ({r['waiting_to_retry']} waiting to retry), "
         f"{j['running']} running, {j['done']} done, {j['failed']} failed",
@@ -83,8 +145,25 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     for m in r["models"]:
         lines.append(f"model:     {m['name']} ({m['revision']}): {m['files']} files tagged")
+    if r.get("rate") is not None:
+        backlog = j["queued"]
+        lines.insert(
+            2,
+            f"rate:      {float(r['rate']):.1f} images/s over the last minute, backlog "
+            f"{backlog}, eta {_eta(backlog, float(r['rate']))}",
+        )
+    scan = r.get("scan")
+    if scan:
+        left = max(0, int(scan["total"]) - int(scan["done"]))
+        lines.insert(
+            1,
+            f"scan:      running (pid {scan['pid']}): {scan['done']}/{scan['total']} images, "
+            f"{float(scan['rate']):.1f} images/s, eta {_eta(left, float(scan['rate']))}",
+        )
     for path, mode in sorted(r["watchers"].items()):
         lines.append(f"watching:  {for_humans(path)} [{mode}]")
+    for path in r.get("missing_roots", []):
+        lines.append(f"root:      {for_humans(path)} is missing (unmounted?); waiting for it")
     if r["last_error"]:
         lines.append(f"last error: {for_humans(r['last_error'])}")
     return "\n".join(lines)

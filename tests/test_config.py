@@ -9,7 +9,7 @@ from tagd import config as cfg
 
 
 def test_example_config_is_valid_and_complete() -> None:
-    path = Path(__file__).parent.parent / "config.example.yaml"
+    path = Path(__file__).parent.parent / "tagd" / "config.example.yaml"
     conf = cfg.load(str(path))
     assert conf.database == Path("/var/lib/tagd/tagd.db")
     assert conf.models[0].repo == "SmilingWolf/wd-vit-tagger-v3"

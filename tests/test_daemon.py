@@ -205,7 +205,7 @@ def test_cli_works_while_the_daemon_writes(
         failed = run_tagd("-c", cfg, "jobs", "--failed")
         assert "broken.png" in failed.stdout and "not a recognised image" in failed.stdout
         retry = run_tagd("-c", cfg, "jobs", "retry")
-        assert "1 failed jobs queued again" in retry.stdout
+        assert "1 failed job queued again" in retry.stdout
         results.extend([failed, retry])
         while db_counts(db_path).get("done", 0) < N_IMAGES + 3:
             results.append(run_tagd("-c", cfg, "status"))
@@ -219,7 +219,8 @@ def test_cli_works_while_the_daemon_writes(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     status = run_tagd("-c", str(daemon_config), "status")
-    assert "daemon:    not running" in status.stdout
+    assert "daemon:    stopped cleanly (pid" in status.stdout and "unhealthy" not in status.stdout
+    assert "watching:" not in status.stdout  # watchers are listed only while a daemon runs
     assert "last error:" in status.stdout and "broken.png" in status.stdout
 
 

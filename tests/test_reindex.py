@@ -106,9 +106,13 @@ def test_embeddings_reindex_blacklist_aliases_retag(
 
     # retag: nothing untagged; --all with a query queues only the matching present file
     r = run_tagd("--config", str(conf), "retag", "--model", "probe")
-    assert (r.returncode, r.stdout.strip()) == (0, "0"), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "nothing to queue: no file lacks results from probe\n"
     r = run_tagd("--config", str(conf), "retag", "--model", "probe", "--all", "blue")
-    assert (r.returncode, r.stdout.strip()) == (0, "1"), r.stderr
+    assert r.returncode == 0, r.stderr
+    assert (
+        r.stdout == "queued 1 of 1 matching file for probe; `tagd run` or `tagd scan` tags them\n"
+    )
     with sqlite3.connect(db) as conn:
         assert conn.execute(
             "SELECT path, force_models FROM jobs WHERE state = 'queued'"

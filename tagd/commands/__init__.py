@@ -29,6 +29,9 @@ COMMAND_MODULES = (
     "dupes",
     "tags",
     "stats",
+    "init",
+    "config",
+    "check",
 )
 
 

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Print groups of files with the same content (sha256), then groups whose "
         "embeddings have cosine similarity >= --min-sim. Groups are separated by a blank line. "
         "Up to 20,000 files every pair is compared; above, random-projection LSH compares only "
-        "likely pairs (a pair at exactly --min-sim is found with 99%% probability, closer "
+        "likely pairs (a pair at exactly --min-sim is found with 99% probability, closer "
         "pairs almost surely): about a minute per million files.",
         epilog="example: tagd dupes --min-sim 0.98 --format json",
     )
@@ -38,6 +38,11 @@ def run(ctx: Context) -> int:
     if not 0 < args.min_sim <= 1:
         raise UserError("--min-sim takes a cosine similarity in (0, 1]", 2)
     conn = ctx.db(readonly=True)
+    if args.model is not None:
+        from tagd.suggest import unknown_model
+
+        if (message := unknown_model(conn, args.model)) is not None:
+            raise UserError(message, 2)
     exact = [{"sha256": sha, "paths": paths} for sha, paths in exact_duplicates(conn)]
     near: list[list[dict[str, object]]] = []
     if not args.exact_only:

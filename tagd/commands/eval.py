@@ -108,7 +108,11 @@ def run(ctx: Context) -> int:
     conn = ctx.db(readonly=ctx.args.truth != "hydrus")
     lookup = _truth_lookup(ctx)
     reports = []
+    from tagd.suggest import unknown_model
+
     for model in ctx.args.model:
+        if (message := unknown_model(conn, model)) is not None:
+            raise UserError(message, 2)
         known = {
             str(n): str(ns)
             for n, ns in conn.execute(
@@ -127,7 +131,7 @@ def run(ctx: Context) -> int:
         }
         samples = []
         try:
-            with Progress(f"eval {model}") as bar:
+            with Progress(f"eval {model}", unit="files") as bar:
                 for i, fs in enumerate(
                     iter_files(conn, models=[model], node=node, all_scores=True)
                 ):

@@ -77,7 +77,7 @@ def run(ctx: Context) -> int:
         from tagd import export
         from tagd.progress import Progress
 
-        with Progress("export") as bar:
+        with Progress("export", unit="files") as bar:
 
             def counted(it: Iterable[FileTagSet]) -> Iterator[FileTagSet]:
                 for i, fs in enumerate(it, 1):
@@ -88,7 +88,7 @@ def run(ctx: Context) -> int:
             n = writer(counted(files), sys.stdout)
     except ValueError as exc:
         raise UserError(str(exc), 2) from None
-    print(f"tagd: exported {n} files", file=sys.stderr)
+    print(f"tagd: exported {n} file{'' if n == 1 else 's'} {bar.summary()}", file=sys.stderr)
     return 0
 
 
@@ -106,7 +106,7 @@ def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet
     )
     counts = {"written": 0, "unchanged": 0, "kept": 0, "failed": 0}
     kept: list[str] = []
-    with Progress(f"sidecars ({a.style})") as bar:
+    with Progress(f"sidecars ({a.style})", unit="files") as bar:
         for done, fs in enumerate(files, 1):
             tags = fs.merged()
             for path in fs.paths:
@@ -134,7 +134,7 @@ def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet
     print(
         f"tagd: sidecars: {counts['written']} written, {counts['unchanged']} unchanged, "
         f"{counts['kept']} kept (not written by tagd; --overwrite replaces them), "
-        f"{counts['failed']} failed",
+        f"{counts['failed']} failed {bar.summary()}",
         file=sys.stderr,
     )
     return 0 if counts["failed"] == 0 else 3

@@ -46,7 +46,7 @@ def run_sync(ctx: Context) -> int:
 
     conn = ctx.db()
     try:
-        with Progress("hydrus sync") as bar:
+        with Progress("hydrus sync", unit="files") as bar:
             report = hydrus.sync(conn, ctx.config, dry_run=ctx.args.dry_run, progress=bar.update)
     except hydrus.HydrusError as exc:
         raise UserError(str(exc), 3) from None

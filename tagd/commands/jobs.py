@@ -64,7 +64,7 @@ def run(ctx: Context) -> int:
     if action == "retry":
         paths = [os.path.abspath(p) for p in ctx.args.paths] or None
         n = queue.retry_failed(conn, paths)
-        print(f"{n} failed jobs queued again")
+        print(f"{n} failed job{'' if n == 1 else 's'} queued again")
         return 0 if n or paths is None else 1
     if not ctx.args.paths:
         raise UserError("`tagd jobs add` needs one or more image paths", 2)

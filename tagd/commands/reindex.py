@@ -32,7 +32,8 @@ def run(ctx: Context) -> int:
     chosen = [m for m in config.models if not ctx.args.model or m.name in ctx.args.model]
     missing = set(ctx.args.model or ()) - {m.name for m in chosen}
     if missing:
-        raise UserError(f"no model named {sorted(missing)[0]!r} in the config", 2)
+        known = ", ".join(m.name for m in config.models) or "none configured"
+        raise UserError(f"no model named {sorted(missing)[0]!r} in the config (models: {known})", 2)
     conn = ctx.db()
     from tagd import tagrules
 
@@ -46,7 +47,7 @@ def run(ctx: Context) -> int:
             (m.name,),
         ).fetchone()[0]
         enabled = False if ctx.args.no_progress else None
-        with Progress(m.name, enabled=enabled, total=total) as bar:
+        with Progress(m.name, enabled=enabled, total=total, unit="files") as bar:
             report = reindex.reindex_model(
                 conn,
                 name=m.name,

@@ -64,6 +64,13 @@ def run(ctx: Context) -> int:
     with db.write(conn):
         for path, size, mtime_ns in rows:
             queued += queue.enqueue(conn, path, size, mtime_ns, force_models=force, requeue=True)
-    log.info("queued %d of %d matching files for %s", queued, len(rows), model.name)
-    print(queued)
+    files = "file" if len(rows) == 1 else "files"
+    if not rows:
+        lacking = "matches" if ctx.args.all else f"lacks results from {model.name}"
+        print(f"nothing to queue: no file {lacking}")
+        return 0
+    print(
+        f"queued {queued} of {len(rows)} matching {files} for {model.name}"
+        + ("; `tagd run` or `tagd scan` tags them" if queued else "")
+    )
     return 0

@@ -20,7 +20,7 @@ FORMATS = ("paths", "json", "jsonl", "tsv")
 NUL_FLAG = "-0"
 
 SYNTAX = """query syntax:
-  1girl solo -monochrome        space = AND, -tag = NOT
+  1girl solo -monochrome        space = AND, -tag = NOT (AND and NOT as words work too)
   (smile | grin) OR blush       | or OR, with parentheses
   character:hatsune_miku        namespace:tag; character:* and hat* are wildcards
   "long hair"                   quoted spaces match underscores
@@ -86,6 +86,7 @@ def run(ctx: Context) -> int:
         iter_search,
         resolve_similar,
     )
+    from tagd.suggest import unknown_tags
 
     args = ctx.args
     words, nul = split_flags(args.query)
@@ -106,9 +107,12 @@ def run(ctx: Context) -> int:
     )
     if args.explain:
         conn = ctx.db(readonly=True) if _db_exists(ctx) else None
-        print(for_humans(explain(node, conn), keep_newlines=True))
+        notes = {u.term: u.message for u in unknown_tags(conn, node)} if conn else {}
+        print(for_humans(explain(node, conn, notes=notes), keep_newlines=True))
         return 0
     conn = ctx.db(readonly=True)
+    for unknown in unknown_tags(conn, node):
+        print(f"tagd: {unknown.message}", file=sys.stderr)
     try:
         opts.similar = resolve_similar(conn, node, str(ctx.config.database))
         if args.sql:

@@ -35,8 +35,22 @@ def run(ctx: Context) -> int:
     from tagd.search import file_tags
 
     path = os.path.abspath(ctx.args.path)
-    info = file_tags(ctx.db(readonly=True), path)
+    conn = ctx.db(readonly=True)
+    info = file_tags(conn, path)
     if info is None:
+        from tagd.queue import job_state
+
+        job = job_state(conn, path)
+        if job is not None and job[0] == "failed":
+            raise UserError(
+                f"{path} failed to tag: {job[1] or 'no reason recorded'} "
+                f"(after {job[2]} attempt{'s' if job[2] != 1 else ''}; `tagd jobs retry` "
+                "queues it again)",
+                1,
+            )
+        if job is not None and job[0] in ("queued", "running"):
+            reason = f" (last attempt: {job[1]})" if job[1] else ""
+            raise UserError(f"{path} is {job[0]}, not tagged yet{reason}", 1)
         raise UserError(
             f"{for_humans(path)} is not in the index (not scanned yet, not under a watch root, "
             "or moved or deleted since the last scan)",

@@ -37,6 +37,11 @@ def run(ctx: Context) -> int:
     if args.min_sim is not None and not -1 <= args.min_sim <= 1:
         raise UserError("--min-sim takes a cosine similarity between -1 and 1", 2)
     conn = ctx.db(readonly=True)
+    if args.model is not None:
+        from tagd.suggest import unknown_model
+
+        if (message := unknown_model(conn, args.model)) is not None:
+            raise UserError(message, 2)
     try:
         file_id = resolve_ref(conn, args.ref)
         index = EmbeddingIndex.open(conn, ctx.config.database, args.model)

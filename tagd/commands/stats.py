@@ -38,10 +38,7 @@ def collect(conn, db_path: str) -> dict[str, object]:  # type: ignore[no-untyped
         "files": one("SELECT count(*) FROM files"),
         "paths": one("SELECT count(*) FROM paths WHERE missing = 0"),
         "missing_paths": one("SELECT count(*) FROM paths WHERE missing = 1"),
-        "untagged": one(
-            "SELECT count(*) FROM files f WHERE NOT EXISTS "
-            "(SELECT 1 FROM taggings g WHERE g.file_id = f.id)"
-        ),
+        "untagged": _untagged(conn),
         "tags": one("SELECT count(*) FROM tags"),
         "models": models,
         "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
@@ -71,6 +68,15 @@ def skipped_lines(skipped: dict[str, object] | None) -> list[str]:
     return lines
 
 
+def _untagged(conn) -> int:  # type: ignore[no-untyped-def]
+    """Exactly what `tagd search untagged` counts (live paths no model processed, queued and
+    failed ones included), so the two never disagree."""
+    from tagd.query import parse
+    from tagd.search import count
+
+    return count(conn, parse("untagged"))
+
+
 def run(ctx: Context) -> int:
     db_path = str(ctx.config.database)
     info = collect(ctx.db(readonly=True), db_path)
@@ -82,7 +88,7 @@ def run(ctx: Context) -> int:
     lines = [
         f"files        {info['files']:,} ({info['paths']:,} paths, "
         f"{info['missing_paths']:,} missing)",
-        f"untagged     {info['untagged']:,}",
+        f"untagged     {info['untagged']:,} (paths no model processed: `tagd search untagged`)",
         f"failed       {jobs['failed']:,} (queued {jobs['queued']:,}, running {jobs['running']:,})",
         f"tags         {info['tags']:,}",
         f"database     {db_path} ({info['db_bytes'] / 2**20:,.1f} MiB)",

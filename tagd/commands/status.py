@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     from tagd.status import format_report, report
 
-    r = report(ctx.db(readonly=True))
+    roots = [str(root.path) for root in ctx.config.watch]
+    r = report(ctx.db(readonly=True), roots)
     print(json.dumps(r, indent=2) if ctx.args.format == "json" else format_report(r))
     return 0

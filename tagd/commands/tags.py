@@ -67,9 +67,11 @@ def run(ctx: Context) -> int:
         tag_params.append(namespace)
     model_sql, model_params = "", []
     if args.model:
+        from tagd.suggest import unknown_model
+
         row = conn.execute("SELECT id FROM models WHERE name = ?", (args.model,)).fetchone()
         if row is None:
-            raise UserError(f"no model named {args.model!r} in the index", 2)
+            raise UserError(unknown_model(conn, args.model) or args.model, 2)
         model_sql, model_params = " AND s.model_id = ?", [row[0]]
     # One model: each file has at most one row per tag, so an index range count suffices;
     # with several, a file two models selected the tag for is counted once.
@@ -92,6 +94,12 @@ def run(ctx: Context) -> int:
     else:
         for ns, name, n in rows:
             sys.stdout.write(f"{n}\t{ns}:{name}\n")
+    if not rows:
+        shown = f"{namespace}:{prefix}" if namespace else prefix
+        what = f"starts with '{shown}'" if shown else "has been selected for any file"
+        if namespace and not prefix:
+            what = f"in namespace '{namespace}' has been selected for any file"
+        print(f"tagd: no tag {what}", file=sys.stderr)
     return 0 if rows else 1
 
 
