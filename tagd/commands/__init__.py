@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "dupes",
     "tags",
     "stats",
+    "review",
+    "serve",
 )
 
 
