@@ -306,7 +306,9 @@ def _web(value: Any, key: str, base: Path) -> WebConfig:
         base_path=bp.rstrip("/"),
         allow_edits=_bool(d.get("allow_edits", False), f"{key}.allow_edits"),
         token=token,
-        token_file=_path(d["token_file"], f"{key}.token_file", base) if d.get("token_file") else None,
+        token_file=(
+            _path(d["token_file"], f"{key}.token_file", base) if d.get("token_file") else None
+        ),
         token_env=env,
         thumbnail_dir=(
             _path(d["thumbnail_dir"], f"{key}.thumbnail_dir", base)

@@ -397,7 +397,7 @@ def _term(tok: Token, query: str, namespaces: frozenset[str]) -> Node:
             return _similar(tok, value, vcol, query)
         if key == "source":
             if value.lower() != "human":
-                raise QueryError("source: takes human (files with a tag a person gave)", vcol, query)
+                raise QueryError("source: takes human (a tag a person gave)", vcol, query)
             return Flag("source:human", column)
         last = tok.colons[-1]
         rng = parse_range(text[last + 1 :].strip(), bare=False)
