@@ -160,6 +160,26 @@ def reviewed_file_ids(conn: sqlite3.Connection) -> list[int]:
     return [int(r[0]) for r in conn.execute("SELECT DISTINCT file_id FROM reviews")]
 
 
+def truth(conn: sqlite3.Connection) -> dict[int, list[str]]:
+    """Reviewed files' effective tags as `namespace:name`: what a person saw and corrected
+    (any model's selection, minus rejected, plus accepted), the ground truth of
+    `tagd eval --truth reviews`."""
+    ids = reviewed_file_ids(conn)
+    if not ids:
+        return {}
+    marks = ",".join(str(i) for i in ids)
+    out: dict[int, set[tuple[str, str]]] = {i: set() for i in ids}
+    for fid, ns, name in conn.execute(
+        "SELECT DISTINCT s.file_id, t.namespace, t.name FROM scores s "
+        f"JOIN tags t ON t.id = s.tag_id WHERE s.selected = 1 AND s.file_id IN ({marks})"
+    ):
+        out[int(fid)].add((str(ns), str(name)))
+    for fid, verdicts in overrides(conn, ids).items():
+        for key, v in verdicts.items():
+            (out[fid].add if v == 1 else out[fid].discard)(key)
+    return {f: sorted(f"{ns}:{n}" for ns, n in tags) for f, tags in out.items()}
+
+
 def touches(conn: sqlite3.Connection, tag_ids: Iterable[int]) -> bool:
     """Whether any verdict names one of `tag_ids` (the ranking cache cannot bound those)."""
     ids = ",".join(str(int(t)) for t in tag_ids)

@@ -22,30 +22,52 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: tagd review ~/gallery/a.jpg +smile -hat --clear character:foo",
     )
     p.add_argument("file", help="image path (as indexed) or sha256 (8+ hex digits)")
+    # REMAINDER: '-tag' words must not be read as options; --clear/--by/--format after
+    # them are picked out by parse_changes.
     p.add_argument(
-        "query", nargs="*", metavar="CHANGE", help="+TAG to accept or add, -TAG to reject"
+        "changes",
+        nargs=argparse.REMAINDER,
+        metavar="CHANGE",
+        help="+TAG to accept or add, -TAG to reject",
     )
     p.add_argument("--clear", action="append", default=[], metavar="TAG", help="drop a verdict")
     p.add_argument("--by", default=None, help="who decided (default: your user name)")
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.set_defaults(func=run, query_terms_from_options=True)
+    p.set_defaults(func=run)
 
 
-def parse_changes(words: list[str], clear: list[str]) -> list[tuple[str, int | None]]:
-    """'+tag' / '-tag' words and --clear tags as (tag, verdict or None)."""
+def parse_changes(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """'+tag' / '-tag' words and --clear tags as (tag, verdict or None); options written
+    after the changes are set on `args`."""
     out: list[tuple[str, int | None]] = []
-    for w in words:
-        if len(w) < 2 or w[0] not in "+-":
+    words = list(args.changes)
+    while words:
+        w = words.pop(0)
+        if w in ("--clear", "--by", "--format"):
+            if not words:
+                raise UserError(f"review: {w} needs a value", 2)
+            value = words.pop(0)
+            if w == "--clear":
+                args.clear.append(value)
+            elif w == "--by":
+                args.by = value
+            elif value in ("text", "json"):
+                args.format = value
+            else:
+                raise UserError("review: --format takes text or json", 2)
+        elif w == "--json":
+            args.format = "json"
+        elif len(w) < 2 or w[0] not in "+-" or w.startswith("--"):
             raise UserError(f"review: {w!r}: write +TAG to accept or add, -TAG to reject", 2)
-        out.append((w[1:], 1 if w[0] == "+" else -1))
-    out += [(t, None) for t in clear]
-    return out
+        else:
+            out.append((w[1:], 1 if w[0] == "+" else -1))
+    return out + [(t, None) for t in args.clear]
 
 
 def run(ctx: Context) -> int:
     from tagd import review
 
-    changes = parse_changes(list(ctx.args.query), list(ctx.args.clear))
+    changes = parse_changes(ctx.args)
     conn = ctx.db()
     try:
         file_id, sha = review.resolve_file(conn, ctx.args.file)
