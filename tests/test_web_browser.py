@@ -139,6 +139,8 @@ def test_image_page_threshold_slider_and_keyboard(live: dict) -> None:
     page.wait_for_url(lambda u: u != first and "i=1" in u)
     page.keyboard.press("ArrowLeft")
     page.wait_for_url(lambda u: "i=0" in u)
+    page.locator("#similar a").first.wait_for()
+    assert page.locator("#dupes li", has_text="red").count() >= 1  # red2.png: a near duplicate
     page.locator("#full").evaluate("img => img.decode()")
     _shot(page, "web-image.png")
 

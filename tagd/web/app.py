@@ -349,7 +349,6 @@ def create_app(config: Config, web: WebConfig | None = None) -> Starlette:
         info = queries.file_info(conn, sha)
         if info is None:
             return PlainTextResponse("no such file in the index", status_code=404)
-        similar, dupes = api.similar_of(state, conn, info.file_id, 12)
         hydrus = config.hydrus
         hydrus_url = None
         if getattr(hydrus, "enabled", False) and queries.hydrus_known(conn, info.file_id):
@@ -363,8 +362,6 @@ def create_app(config: Config, web: WebConfig | None = None) -> Starlette:
             "image.html",
             {
                 "info": info,
-                "similar": similar,
-                "dupes": dupes,
                 "q": request.query_params.get("q", ""),
                 "sort": request.query_params.get("sort", "score"),
                 "pos": pos,

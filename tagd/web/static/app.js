@@ -172,6 +172,44 @@
       if (e.key === "ArrowLeft" || e.key === "k") step(-1);
       if (e.key === "ArrowRight" || e.key === "j") step(1);
     });
+    // The similar strip and near duplicates arrive after the page (an exact scan of every
+    // embedding can take longer than the page itself).
+    getJSON(`/api/similar/${sha}?limit=12`).then((d) => {
+      const strip = $("#similar");
+      strip.textContent = "";
+      (d.similar || []).forEach((s) => {
+        const a = document.createElement("a");
+        a.href = `${BASE}/image/${s.sha256}`;
+        a.title = `${s.path} (${s.similarity.toFixed(3)})`;
+        const img = document.createElement("img");
+        img.src = `${BASE}/thumbs/${s.sha256}`;
+        img.alt = s.path;
+        img.loading = "lazy";
+        a.append(img);
+        strip.append(a);
+      });
+      if (!(d.similar || []).length) {
+        const none = document.createElement("span");
+        none.className = "muted";
+        none.textContent = "no embeddings for this image";
+        strip.append(none);
+      }
+      const dupes = $("#dupes");
+      (d.near_duplicates || []).forEach((n) => {
+        const li = document.createElement("li");
+        const a = document.createElement("a");
+        a.href = `${BASE}/image/${n.sha256}`;
+        a.textContent = n.path;
+        li.append(`near (${n.similarity.toFixed(3)}): `, a);
+        dupes.append(li);
+      });
+      if (!dupes.children.length) {
+        const li = document.createElement("li");
+        li.className = "muted";
+        li.textContent = "none";
+        dupes.append(li);
+      }
+    });
     // Confidence bars, and the threshold slider: which tags this threshold would select.
     $$("section.model").forEach((sec) => {
       const items = $$("li[data-score]", sec);
