@@ -47,7 +47,7 @@ MAX_QUERY = 1000
 MAX_LIMIT = 500
 MAX_OFFSET = 1_000_000
 PAGE = 100
-COUNT_BUDGET_S = 0.03
+COUNT_BUDGET_S = 0.01
 SHA = re.compile(r"^[0-9a-f]{64}$")
 SORTS = ("score", "newest", "random")
 NAMESPACE_ORDER = ("rating", "character", "copyright", "artist", "general", "meta")
@@ -117,13 +117,14 @@ def check_access(web: WebConfig) -> str | None:
     return token
 
 
-def build_state(config: Config, web: WebConfig) -> State:
+def build_state(config: Config, web: WebConfig, *, migrate: bool = True) -> State:
     token = check_access(web)
     if not Path(config.database).exists():
         raise WebError(f"database {config.database} does not exist yet: run `tagd scan` first")
     # Bring the schema up to date (reviews table); a read-only database still serves.
-    with contextlib.suppress(DatabaseError, sqlite3.Error):
-        connect(config.database).close()
+    if migrate:
+        with contextlib.suppress(DatabaseError, sqlite3.Error):
+            connect(config.database).close()
     thumb_dir = web.thumbnail_dir or Path(f"{config.database}.thumbs")
     roots = tuple(os.path.realpath(r.path) for r in config.watch)
     state = State(
@@ -296,12 +297,13 @@ def int_param(request: Request, name: str, default: int) -> int:
         raise ValueError(f"{name} must be a whole number") from None
 
 
-def create_app(config: Config, web: WebConfig | None = None) -> Starlette:
-    """The ASGI app for `config` (its `web:` section, or defaults)."""
+def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = True) -> Starlette:
+    """The ASGI app for `config` (its `web:` section, or defaults); `migrate=False` never
+    writes to the database (benchmarks on a shared index)."""
     from tagd.web import api
 
     web = web or config.web or WebConfig()
-    state = build_state(config, web)
+    state = build_state(config, web, migrate=migrate)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     base = web.base_path
 
