@@ -142,7 +142,9 @@ def hits_tags(conn: sqlite3.Connection, file_ids: list[int], limit: int = 60) ->
 def tag_names(conn: sqlite3.Connection, term: Tag) -> bool:
     """Whether the index knows a tag this term names."""
     sql = "SELECT 1 FROM tags WHERE name = ?" + (" AND namespace = ?" if term.namespace else "")
-    params: list[object] = [term.name] + ([term.namespace] if term.namespace else [])
+    params: list[object] = [term.name]
+    if term.namespace:
+        params.append(term.namespace)
     return conn.execute(sql + " LIMIT 1", params).fetchone() is not None
 
 
@@ -252,13 +254,9 @@ def autocomplete(
     rows = conn.execute(sql, params).fetchall()
     if not counts.ready and len(rows) > 200:
         rows = sorted(rows, key=lambda r: len(r[2]))[:200]
-    out = [
-        {"namespace": str(ns), "tag": str(name), "count": counts.count(conn, int(tid))}
-        for tid, ns, name in rows
-    ]
-    out = [o for o in out if o["count"] > 0]
-    out.sort(key=lambda o: (-o["count"], o["tag"]))
-    return out[:limit]
+    found = [(counts.count(conn, int(tid)), str(ns), str(name)) for tid, ns, name in rows]
+    found = sorted((f for f in found if f[0] > 0), key=lambda f: (-f[0], f[2]))
+    return [{"namespace": ns, "tag": name, "count": n} for n, ns, name in found[:limit]]
 
 
 def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
