@@ -86,6 +86,9 @@ def _shot(page, name: str) -> None:  # type: ignore[no-untyped-def]
 def test_autocomplete_then_grid_and_sidebar(live: dict) -> None:
     page = live["page"]
     page.goto(live["url"])
+    assert page.locator("#grid a.cell").count() == 7  # every decodable image, newest first
+    page.locator("#grid img").evaluate_all("imgs => Promise.all(imgs.map(i => i.decode()))")
+    _shot(page, "web-grid.png")
     page.locator("#q").click()
     page.keyboard.type("re")
     item = page.locator("#ac li", has_text="red").first
@@ -98,8 +101,6 @@ def test_autocomplete_then_grid_and_sidebar(live: dict) -> None:
     cells = page.locator("#grid a.cell")
     assert cells.count() >= 2
     assert page.locator("#count").inner_text().strip() == str(cells.count())
-    page.locator("#grid img").first.evaluate("img => img.decode()")
-    _shot(page, "web-grid.png")
     # sidebar: click adds a tag, shift-click adds it negated
     tags = page.locator("#sidebar a.tag").evaluate_all("as => as.map(a => a.dataset.tag)")
     assert "red" in tags and "rating:general" in tags
