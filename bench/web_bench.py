@@ -44,6 +44,28 @@ def timed(client, url: str, params: dict | None, repeats: int) -> tuple[float, i
     return statistics.median(times), r.status_code
 
 
+def prepare_caches(db: Path, similar: bool) -> None:
+    """Build the ranking cache (and with `similar` the similarity cache) beside `db` from a
+    read-only connection, as the daemon keeps them; the index itself is not written."""
+    from tagd import rankcache
+    from tagd.db import connect
+
+    conn = connect(db, readonly=True)
+    try:
+        if rankcache.RankCache.open(db) is None:
+            t = time.perf_counter()
+            cache = rankcache.build(conn, db)
+            print(f"ranking cache built in {time.perf_counter() - t:.0f} s, {len(cache.rows)} tags")
+        if similar:
+            from tagd.similar import EmbeddingIndex
+
+            t = time.perf_counter()
+            EmbeddingIndex.open(conn, str(db), None)
+            print(f"similarity cache ready in {time.perf_counter() - t:.0f} s")
+    finally:
+        conn.close()
+
+
 def measure(db: Path, repeats: int, similar: bool) -> None:
     from starlette.testclient import TestClient
 
@@ -148,10 +170,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--thumbs", type=int, default=0, help="images for the thumbnail rate")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--similar", action="store_true", help="also time /api/similar")
+    ap.add_argument(
+        "--prepare-caches",
+        action="store_true",
+        help="build the ranking (and with --similar the similarity) cache beside DB first",
+    )
     args = ap.parse_args(argv)
     if args.db is None and not args.thumbs:
         ap.error("give an index (DB) and/or --thumbs N")
     if args.db is not None:
+        if args.prepare_caches:
+            prepare_caches(args.db, args.similar)
         measure(args.db, args.repeats, args.similar)
     if args.thumbs:
         thumbnails(args.thumbs, args.workers)

@@ -57,7 +57,8 @@ def test_search_json_mirrors_the_cli(site: dict) -> None:
     body = r.json()
     cli = run_tagd("--config", str(site["conf"]), "search", "red").stdout.split()
     assert [h["path"] for h in body["hits"]] == cli
-    assert body["count"] == len(cli) >= 2
+    assert len(cli) >= 2
+    assert body["count"] in (len(cli), None)  # None: not counted within 10 ms (busy machine)
     hit = body["hits"][0]
     assert set(hit) == {"sha256", "path", "width", "height", "tags"}
     assert hit["width"] == 64 and "general:red" in hit["tags"]

@@ -100,6 +100,8 @@ def test_autocomplete_then_grid_and_sidebar(live: dict) -> None:
     page.wait_for_url(lambda u: "q=red" in u)
     cells = page.locator("#grid a.cell")
     assert cells.count() >= 2
+    # the count comes with the page when quick, else from /api/count right after
+    page.wait_for_function("() => !document.querySelector('#count').dataset.pending")
     assert page.locator("#count").inner_text().strip() == str(cells.count())
     # sidebar: click adds a tag, shift-click adds it negated
     tags = page.locator("#sidebar a.tag").evaluate_all("as => as.map(a => a.dataset.tag)")

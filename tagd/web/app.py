@@ -224,7 +224,7 @@ def search_page(
 ) -> dict[str, Any]:
     """One page of results as the API returns it; raises ValueError with a user message."""
     from tagd.query import QueryError, parse
-    from tagd.search import SearchError, SearchOptions, count, iter_search
+    from tagd.search import Hit, SearchError, SearchOptions, count, iter_search
 
     if len(q) > MAX_QUERY:
         raise ValueError(f"query longer than {MAX_QUERY} characters")
@@ -241,11 +241,15 @@ def search_page(
         raise ValueError(f"bad query at column {exc.column + 1}: {exc.args[0]}") from None
     conn = state.ro()
     mode = {"score": "score", "newest": "mtime", "random": "random"}[sort]
-    if not q.strip() and sort == "score":
-        mode = "mtime"
     opts = SearchOptions(sort=mode, limit=limit, offset=offset, with_tags=True)
     try:
-        hits = [h for h in iter_search(conn, node, opts) if h.file_id and h.sha256]
+        if not q.strip() and sort != "random":
+            hits = [
+                Hit(path, sha, {}, fid)
+                for path, fid, sha in queries.browse(conn, sort == "newest", limit, offset)
+            ]
+        else:
+            hits = [h for h in iter_search(conn, node, opts) if h.file_id and h.sha256]
     except SearchError as exc:
         raise ValueError(str(exc)) from None
     found = queries.dims(conn, [h.file_id for h in hits if h.file_id])

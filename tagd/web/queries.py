@@ -50,6 +50,23 @@ def file_by_sha(conn: sqlite3.Connection, sha: str) -> tuple[int, list[str]] | N
     return (int(row[0]), paths) if paths else None
 
 
+def browse(
+    conn: sqlite3.Connection, newest: bool, limit: int, offset: int
+) -> list[tuple[str, int, str]]:
+    """(path, file id, sha256) of every present image, by path or newest first: the grid of
+    an empty query, read in index order (paths.path is unique; paths_mtime, migration 0011)
+    instead of sorting every row."""
+    order = "p.mtime_ns DESC, p.path" if newest else "p.path"
+    return [
+        (str(r[0]), int(r[1]), str(r[2]))
+        for r in conn.execute(
+            "SELECT p.path, p.file_id, f.sha256 FROM paths p JOIN files f ON f.id = p.file_id "
+            f"WHERE p.missing = 0 ORDER BY {order} LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+    ]
+
+
 def dims(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[Any, Any]]:
     return {
         int(r[0]): (r[1], r[2])
