@@ -101,13 +101,13 @@ def measure(db: Path, repeats: int, similar: bool) -> None:
         for prefix in PREFIXES:
             ms, status = timed(client, "/api/tags", {"prefix": prefix, "limit": 15}, repeats)
             print(f"{'autocomplete ' + repr(prefix):<44} {ms:8.1f}  {status}")
-        for q in GRID_QUERIES:
-            sort = "score" if q else "newest"
+        for q, sort in [(q, "score") for q in GRID_QUERIES] + [("", "newest")]:
             params = {"q": q, "limit": 100, "sort": sort}
+            label = repr(q) + ("" if sort == "score" else f" {sort}")
             ms, status = timed(client, "/api/search", params, repeats)
-            print(f"{'grid JSON ' + repr(q):<44} {ms:8.1f}  {status}")
+            print(f"{'grid JSON ' + label:<44} {ms:8.1f}  {status}")
             ms, status = timed(client, "/", {"q": q, "sort": sort}, repeats)
-            print(f"{'grid HTML ' + repr(q):<44} {ms:8.1f}  {status}")
+            print(f"{'grid HTML ' + label:<44} {ms:8.1f}  {status}")
         for q in GRID_QUERIES[:2]:
             ms, status = timed(client, "/api/count", {"q": q}, max(1, repeats // 3))
             print(f"{'exact count (asynchronous) ' + repr(q):<44} {ms:8.1f}  {status}")

@@ -220,7 +220,14 @@ class Guard:
 
 
 def search_page(
-    state: State, q: str, sort: str, limit: int, offset: int, *, count_budget: float | None
+    state: State,
+    q: str,
+    sort: str,
+    limit: int,
+    offset: int,
+    *,
+    count_budget: float | None,
+    with_tags: bool = True,
 ) -> dict[str, Any]:
     """One page of results as the API returns it; raises ValueError with a user message."""
     from tagd.query import QueryError, parse
@@ -241,7 +248,7 @@ def search_page(
         raise ValueError(f"bad query at column {exc.column + 1}: {exc.args[0]}") from None
     conn = state.ro()
     mode = {"score": "score", "newest": "mtime", "random": "random"}[sort]
-    opts = SearchOptions(sort=mode, limit=limit, offset=offset, with_tags=True)
+    opts = SearchOptions(sort=mode, limit=limit, offset=offset, with_tags=with_tags)
     try:
         if not q.strip() and sort != "random":
             hits = [
@@ -326,7 +333,9 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
         sort = request.query_params.get("sort", "score")
         try:
             offset = int_param(request, "offset", 0)
-            result = search_page(state, q, sort, PAGE, offset, count_budget=COUNT_BUDGET_S)
+            result = search_page(
+                state, q, sort, PAGE, offset, count_budget=COUNT_BUDGET_S, with_tags=False
+            )
             error = None
         except ValueError as exc:
             result, error = {"count": 0, "hits": [], "unknown": [], "file_ids": []}, str(exc)
