@@ -129,6 +129,37 @@ class VideoSettings:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """`tagd serve` and the UI `tagd run` serves when `web:` is present (docs/web.md)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    base_path: str = ""
+    allow_edits: bool = False
+    token: str | None = None
+    token_file: Path | None = None
+    token_env: str | None = None
+    thumbnail_dir: Path | None = None
+    thumbnail_size: int = 256
+
+    def access_token(self) -> str | None:
+        """The token from the config, a file or the environment; never logged."""
+        if self.token:
+            return self.token
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"web.token_file: cannot read {self.token_file}: {exc}") from None
+        if self.token_env:
+            return os.environ.get(self.token_env) or None
+        return None
+
+    def __repr__(self) -> str:
+        return f"WebConfig(host={self.host!r}, port={self.port}, base_path={self.base_path!r})"
+
+
+@dataclass(frozen=True)
 class Config:
     database: Path
     watch: tuple[WatchRoot, ...] = ()
@@ -145,6 +176,7 @@ class Config:
     source: Path | None = None
     hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
     video: VideoSettings = VideoSettings()
+    web: WebConfig | None = None
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -223,6 +255,7 @@ _TOP_KEYS = (
     "families",
     "tags",
     "video",
+    "web",
 )
 
 
@@ -273,6 +306,56 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         source=source,
         hydrus=_hydrus(d.get("hydrus", {}), base),
         video=_video(d.get("video") or {}, "video"),
+        web=_web(d["web"] or {}, "web", base) if "web" in d else None,
+    )
+
+
+_WEB_KEYS = (
+    "host",
+    "port",
+    "base_path",
+    "allow_edits",
+    "token",
+    "token_file",
+    "token_env",
+    "thumbnail_dir",
+    "thumbnail_size",
+)
+
+
+def _web(value: Any, key: str, base: Path) -> WebConfig:
+    d = _mapping(value, key, _WEB_KEYS)
+    host = d.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"{key}.host: expected an address such as 127.0.0.1")
+    port = _int(d.get("port", 8765), f"{key}.port", 0)
+    if port > 65535:
+        raise ConfigError(f"{key}.port: expected a port from 0 to 65535, got {port}")
+    bp = d.get("base_path", "")
+    if not isinstance(bp, str) or (bp and not bp.startswith("/")) or "//" in bp:
+        raise ConfigError(f"{key}.base_path: expected a URL path such as /tagd, got {bp!r}")
+    token = d.get("token")
+    if token is not None and (not isinstance(token, str) or len(token) < 8):
+        raise ConfigError(f"{key}.token: expected a string of at least 8 characters")
+    env = d.get("token_env")
+    if env is not None and not isinstance(env, str):
+        raise ConfigError(f"{key}.token_env: expected an environment variable name")
+    return WebConfig(
+        host=host,
+        port=port,
+        base_path=bp.rstrip("/"),
+        allow_edits=_bool(d.get("allow_edits", False), f"{key}.allow_edits"),
+        token=token,
+        token_file=(
+            _path(d["token_file"], f"{key}.token_file", base) if d.get("token_file") else None
+        ),
+        token_env=env,
+        thumbnail_dir=(
+            _path(d["thumbnail_dir"], f"{key}.thumbnail_dir", base)
+            if d.get("thumbnail_dir")
+            else None
+        ),
+        thumbnail_size=_int(d.get("thumbnail_size", 256), f"{key}.thumbnail_size", 32),
     )
 
 

@@ -1,4 +1,6 @@
-"""Effective tags per file: the stored `scores` rows with selected=1, read in chunks.
+"""Effective tags per file: the stored `scores` rows with selected=1, read in chunks, with
+human review applied (tagd/review.py): a rejected tag is dropped from every model, an
+accepted or added tag is reported once as model "human" with score 1.0.
 
 Exports, sidecars, Hydrus sync and evaluation all consume the same decision (thresholds,
 blacklist and aliases are already reflected in `selected`), so they read it here.
@@ -60,8 +62,12 @@ def iter_files(
     models: Sequence[str] | None = None,
     node: Node | None = None,
     all_scores: bool = False,
+    reviews: bool = True,
 ) -> Iterator[FileTagSet]:
-    """Files with at least one present path (optionally matching `node`), in file id order."""
+    """Files with at least one present path (optionally matching `node`), in file id order.
+
+    `reviews=False` gives the models' own decisions (what `tagd eval` scores)."""
+    from tagd import review
     from tagd.search import compile_where
 
     ids = model_ids(conn, models)
@@ -69,7 +75,7 @@ def iter_files(
         return
     where, params = "1", []
     if node is not None:
-        compiled = compile_where(node)
+        compiled = compile_where(node, reviews=reviews and review.in_use(conn))
         where, params = compiled.sql, list(compiled.params)
     file_rows = conn.execute(
         "SELECT f.id, f.sha256 FROM files f WHERE EXISTS "
@@ -98,7 +104,17 @@ def iter_files(
             tags.setdefault(int(fid), []).append(
                 ScoredTag(names[int(mid)], str(ns), str(name), float(score), bool(sel))
             )
+        verdicts = review.overrides(conn, (r[0] for r in chunk)) if reviews else {}
         for fid, sha in chunk:
-            yield FileTagSet(
-                int(fid), str(sha), tuple(paths.get(int(fid), ())), tuple(tags.get(int(fid), ()))
-            )
+            found = tags.get(int(fid), [])
+            if int(fid) in verdicts:
+                found = _reviewed(found, verdicts[int(fid)])
+            yield FileTagSet(int(fid), str(sha), tuple(paths.get(int(fid), ())), tuple(found))
+
+
+def _reviewed(tags: list[ScoredTag], verdicts: dict[tuple[str, str], int]) -> list[ScoredTag]:
+    from tagd.review import HUMAN
+
+    kept = [t for t in tags if verdicts.get((t.namespace, t.name), 0) != -1]
+    added = [ScoredTag(HUMAN, ns, name, 1.0) for (ns, name), v in verdicts.items() if v == 1]
+    return sorted(added, key=lambda t: (t.namespace, t.name)) + kept

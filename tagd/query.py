@@ -12,6 +12,7 @@ rating:<=sensitive              ratings are ordered general < sensitive < questi
 model:NAME                      only that model's predictions (whole query)
 path:GLOB dir:PATH ext:png,webp width:>=1920 height:<1000 size:>2MB mtime:-7d.. tags:<5
 untagged failed similar:PATH    file state and embedding similarity
+reviewed source:human           files with a human verdict / with a tag a person gave
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ NAMESPACES = frozenset(
 RATINGS = ("general", "sensitive", "questionable", "explicit")
 FILE_KEYS = frozenset({"path", "dir", "ext", "width", "height", "size", "mtime", "tags"})
 FILE_KEYS |= {"duration"}
-FLAGS = frozenset({"untagged", "failed", "video", "animated"})
+FLAGS = frozenset({"untagged", "failed", "reviewed", "video", "animated"})
 DEFAULT_MIN_SIM = 0.9
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2}
 SIZE_UNITS |= {"mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
@@ -400,6 +401,10 @@ def _term(tok: Token, query: str, namespaces: frozenset[str]) -> Node:
             return Model(value, column)
         if key == "similar":
             return _similar(tok, value, vcol, query)
+        if key == "source":
+            if value.lower() != "human":
+                raise QueryError("source: takes human (a tag a person gave)", vcol, query)
+            return Flag("source:human", column)
         last = tok.colons[-1]
         rng = parse_range(text[last + 1 :].strip(), bare=False)
         if rng is not None:

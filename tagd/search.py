@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tagd import review
 from tagd.names import AS_TEXT, bind, to_db
 from tagd.query import (
     And,
@@ -72,6 +73,8 @@ class SearchOptions:
     model_ids: tuple[int, ...] | None = None
     # Files found by each `similar:` term, with their similarity (see resolve_similar).
     similar: dict[Similar, dict[int, float]] = field(default_factory=dict)
+    # Human verdicts exist (tagd/review.py): tag terms follow them.
+    reviews: bool = False
 
 
 class SearchError(Exception):
@@ -90,6 +93,7 @@ class _Ctx:
     untagged: bool = False
     correlated: bool = False
     model_ids: tuple[int, ...] | None = None
+    reviews: bool = False
 
 
 def scope_model(node: Node) -> str | None:
@@ -112,6 +116,7 @@ def compile_where(
     similar: dict[Similar, dict[int, float]] | None = None,
     now: float | None = None,
     correlated: bool = False,
+    reviews: bool = False,
 ) -> Compiled:
     """A boolean SQL expression over the alias `f` (files) by default.
 
@@ -128,6 +133,7 @@ def compile_where(
         time.time() if now is None else now,
         _has_flag(node, "untagged"),
         correlated,
+        reviews=reviews,
     )
     return _where(node, ctx)
 
@@ -199,6 +205,8 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
     f = ctx.file
     if isinstance(node, Tag):
         sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
+        if ctx.reviews:
+            return _reviewed(node, ctx, sub, params)
         return Compiled(sub, params)
     if isinstance(node, Score):
         cond, cparams = _range_sql("s.score", node.range)
@@ -234,6 +242,11 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
             [node.name],
         )
     if isinstance(node, Flag):
+        if node.name in ("reviewed", "source:human"):
+            if not ctx.reviews:
+                return Compiled("0")
+            cond = "1" if node.name == "reviewed" else "r.verdict = 1"
+            return Compiled(_in(ctx, "r.file_id", "reviews r", cond))
         if node.name == "untagged":
             msql, mparams = _model_clause("g", ctx)
             return Compiled(
@@ -262,6 +275,14 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
     parts = [_where(t, ctx) for t in node.terms]
     joiner = " AND " if isinstance(node, And) else " OR "
     return Compiled(joiner.join(f"({p.sql})" for p in parts), [x for p in parts for x in p.params])
+
+
+def _reviewed(term: Tag, ctx: _Ctx, sub: str, params: list[object]) -> Compiled:
+    """A tag term with human verdicts: a rejected tag never matches, an accepted one always."""
+    ids, iparams = _tag_ids(term)
+    rejected = _in(ctx, "r.file_id", "reviews r", f"r.verdict = -1 AND r.tag_id IN ({ids})")
+    accepted = _in(ctx, "r.file_id", "reviews r", f"r.verdict = 1 AND r.tag_id IN ({ids})")
+    return Compiled(f"((({sub}) AND NOT {rejected}) OR {accepted})", [*params, *iparams, *iparams])
 
 
 def _on_path(ctx: _Ctx, cond: str, params: list[object], mtime: bool = False) -> Compiled:
@@ -349,11 +370,18 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
     if isinstance(node, Tag | Score):
         ids, params, cond, cparams = _score_condition(node)
         msql, mparams = _model_clause("s", ctx, probe=True)
-        return Compiled(
+        best = Compiled(
             f"coalesce((SELECT max(s.score) FROM scores s WHERE s.file_id = {f} "
             f"AND s.tag_id IN ({ids}) AND {cond}{msql}), 0)",
             [*params, *cparams, *mparams],
         )
+        if ctx.reviews and isinstance(node, Tag):
+            return Compiled(
+                f"max({best.sql}, EXISTS (SELECT 1 FROM reviews r WHERE r.file_id = {f} "
+                f"AND r.verdict = 1 AND r.tag_id IN ({ids})))",
+                [*best.params, *params],
+            )
+        return best
     if isinstance(node, Similar):
         found = ctx.similar.get(node, {})
         return Compiled(
@@ -390,7 +418,7 @@ def _has_flag(node: Node, name: str) -> bool:
 
 def _needs_jobs(node: Node) -> bool:
     if isinstance(node, Flag):
-        return True
+        return node.name in ("untagged", "failed")
     if isinstance(node, Not):
         return _needs_jobs(node.term)
     if isinstance(node, And | Or):
@@ -479,6 +507,7 @@ def build_sql(
             _has_flag(node, "untagged"),
             restrict is not None,
             opts.model_ids,
+            opts.reviews,
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
@@ -534,6 +563,7 @@ def iter_search(
 ) -> Iterator[Hit]:
     opts = opts or SearchOptions()
     check_model(conn, node)
+    opts.reviews = review.in_use(conn)
     opts.model_ids = tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id"))
     wanted = positive_tags(node) if opts.with_tags else []
     ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
@@ -541,7 +571,7 @@ def iter_search(
     if rows is None:
         driver = _driver(conn, node, opts)
         if driver is not None:
-            rows = _top_k(conn, node, opts, _driver_walk(conn, node, driver))
+            rows = _top_k(conn, node, opts, _driver_walk(conn, node, driver, opts.reviews))
         else:
             q = build_sql(node, opts)
             rows = conn.execute(q.sql, q.params)
@@ -607,6 +637,8 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
+    if opts.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
+        return None  # the cache bounds model scores only; a verdict can lift a rank to 1
     from tagd import changes, rankcache
 
     began = not conn.in_transaction
@@ -706,7 +738,10 @@ def _walk(
 
 
 def _driver_walk(
-    conn: sqlite3.Connection, node: Node, driver: list[tuple[int, Tag | Score]]
+    conn: sqlite3.Connection,
+    node: Node,
+    driver: list[tuple[int, Tag | Score]],
+    reviews: bool = False,
 ) -> Iterator[tuple[float, int]]:
     """(bound, file id) in descending bound order from the driver's score lists.
 
@@ -719,11 +754,21 @@ def _driver_walk(
     for tag_id, term in driver:
         if isinstance(term, Tag):
             walks.append(_walk(conn, tag_id, 1, Compiled("1"), model))
+            if reviews:
+                walks.append(_accepted_walk(conn, tag_id))
         else:
             cond = Compiled(*_range_sql("s.score", term.range))
             walks.append(_walk(conn, tag_id, 1, cond, model))
             walks.append(_walk(conn, tag_id, 0, cond, model))
     return heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
+
+
+def _accepted_walk(conn: sqlite3.Connection, tag_id: int) -> Iterator[tuple[float, int]]:
+    """Files a human gave the tag: rank bound 1, in the walks' (score, file id) order."""
+    yield from conn.execute(
+        "SELECT 1.0, file_id FROM reviews WHERE tag_id = ? AND verdict = 1 ORDER BY file_id DESC",
+        (tag_id,),
+    )
 
 
 def _top_k(
@@ -752,7 +797,9 @@ def _top_k(
         else:
             exhausted = True
         if pending:
-            page = SearchOptions(similar=opts.similar, model_ids=opts.model_ids)
+            page = SearchOptions(
+                similar=opts.similar, model_ids=opts.model_ids, reviews=opts.reviews
+            )
             q = build_sql(node, page, restrict=json.dumps(pending))
             rows.extend(conn.execute(q.sql, q.params))
         rows.sort(key=lambda r: (-r[4], r[0]))
@@ -785,6 +832,7 @@ def search(
 def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None) -> int:
     opts = opts or SearchOptions()
     check_model(conn, node)
+    opts.reviews = review.in_use(conn)
     q = build_sql(node, opts, count=True)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 

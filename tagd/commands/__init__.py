@@ -32,6 +32,8 @@ COMMAND_MODULES = (
     "init",
     "config",
     "check",
+    "review",
+    "serve",
 )
 
 

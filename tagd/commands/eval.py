@@ -39,7 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("query", nargs="*", help="only images matching this search query")
     p.add_argument("--model", "-m", action="append", required=True, help="model (repeatable)")
-    p.add_argument("--truth", required=True, help="sidecars, hydrus, or a .csv/.jsonl file")
+    p.add_argument(
+        "--truth",
+        required=True,
+        help="sidecars, hydrus, reviews (files a human reviewed), or a .csv/.jsonl file",
+    )
     p.add_argument("--truth-service", default="my tags", help="Hydrus tag service with truth")
     p.add_argument("--top", type=int, default=10, help="how many over/under-predicted tags")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
@@ -56,6 +60,11 @@ def _truth_lookup(ctx: Context) -> Lookup:
         )
     if source == "hydrus":
         return _hydrus_truth(ctx)
+    if source == "reviews":
+        from tagd import review
+
+        truth = review.truth(ctx.db(readonly=True))
+        return lambda fs: truth.get(fs.file_id)
     try:
         table = evaluate.read_truth_file(Path(source))
     except evaluate.TruthError as exc:
@@ -133,7 +142,7 @@ def run(ctx: Context) -> int:
         try:
             with Progress(f"eval {model}", unit="files") as bar:
                 for i, fs in enumerate(
-                    iter_files(conn, models=[model], node=node, all_scores=True)
+                    iter_files(conn, models=[model], node=node, all_scores=True, reviews=False)
                 ):
                     bar.update(i + 1)
                     if fs.file_id not in done:

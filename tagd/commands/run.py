@@ -39,6 +39,7 @@ def run(ctx: Context) -> int:
         raise UserError(str(exc), 1) from None
     except OSError as exc:
         raise UserError(f"cannot lock {config.database}.daemon.lock: {exc}", 1) from None
+    _check_web(config)
     stop = {"requested": False}
     # Until the daemon exists, a SIGTERM during model loading just ends the start cleanly.
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
@@ -62,7 +63,46 @@ def run(ctx: Context) -> int:
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)
+    web = _web_server(config)
     try:
+        if web is not None:
+            web.start()
         return daemon.run()
     finally:
+        if web is not None:
+            web.stop()
         os.close(lock)
+
+
+def _check_web(config) -> None:  # type: ignore[no-untyped-def]
+    """Refuse a `web:` section that cannot serve before any model loads."""
+    if config.web is None:
+        return
+    from tagd.web import missing_dependency
+
+    problem = missing_dependency()
+    if problem:
+        raise UserError(f"web: {problem}", 2)
+    from tagd.config import ConfigError
+    from tagd.web.app import WebError, check_access
+
+    try:
+        check_access(config.web)
+    except (WebError, ConfigError) as exc:
+        raise UserError(str(exc), 2) from None
+
+
+def _web_server(config):  # type: ignore[no-untyped-def]
+    """The web UI `tagd run` serves when the config has `web:` (the database exists now)."""
+    if config.web is None:
+        return None
+    from tagd.config import ConfigError
+    from tagd.web.app import WebError
+    from tagd.web.server import WebServer
+
+    try:
+        return WebServer(config, config.web)
+    except (WebError, ConfigError) as exc:
+        raise UserError(str(exc), 2) from None
+    except OSError as exc:
+        raise UserError(f"web: {exc}", 3) from None
