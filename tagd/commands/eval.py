@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tagd import inventory
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
@@ -122,22 +123,8 @@ def run(ctx: Context) -> int:
     for model in ctx.args.model:
         if (message := unknown_model(conn, model)) is not None:
             raise UserError(message, 2)
-        known = {
-            str(n): str(ns)
-            for n, ns in conn.execute(
-                "SELECT t.name, t.namespace FROM model_tags mt JOIN tags t ON t.id = mt.tag_id "
-                "JOIN models m ON m.id = mt.model_id WHERE m.name = ?",
-                (model,),
-            )
-        }
-        done = {
-            int(r[0])
-            for r in conn.execute(
-                "SELECT file_id FROM taggings "
-                "WHERE model_id = (SELECT id FROM models WHERE name = ?)",
-                (model,),
-            )
-        }
+        known = inventory.model_label_namespaces(conn, model)
+        done = inventory.tagged_file_ids(conn, model)
         samples = []
         try:
             with Progress(f"eval {model}", unit="files") as bar:

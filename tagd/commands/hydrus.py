@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 
+from tagd import inventory
 from tagd.commands import Context, UserError
 
 EPILOG = """examples:
@@ -58,12 +59,7 @@ def run_sync(ctx: Context) -> int:
     elif ctx.args.dry_run:
         sha_to_path = {}
         for sha in report.planned:
-            row = conn.execute(
-                "SELECT p.path FROM paths p JOIN files f ON f.id = p.file_id "
-                "WHERE f.sha256 = ? AND p.missing = 0 ORDER BY p.path LIMIT 1",
-                (sha,),
-            ).fetchone()
-            sha_to_path[sha] = row[0] if row else sha
+            sha_to_path[sha] = inventory.first_present_path(conn, sha) or sha
         for sha, tags in report.planned.items():
             for tag in tags:
                 print(f"{sha_to_path[sha]}\t{tag}")

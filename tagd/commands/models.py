@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tagd import inventory
 from tagd.commands import Context, UserError
 
 
@@ -56,11 +57,7 @@ def _list(ctx: Context) -> int:
     counts: dict[str, tuple[int | None, int]] = {}
     if Path(config.database).exists():
         conn = ctx.db(readonly=True)
-        for name, n_tags, files in conn.execute(
-            """SELECT m.name, m.n_tags,
-                      (SELECT count(*) FROM taggings t WHERE t.model_id = m.id)
-               FROM models m"""
-        ):
+        for name, (n_tags, files, _) in inventory.models_summary(conn).items():
             counts[name] = (n_tags, files)
     rows = []
     for m in config.models:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from tagd import inventory
 from tagd.commands import Context, UserError
 
 log = logging.getLogger("tagd.reindex")
@@ -42,10 +43,7 @@ def run(ctx: Context) -> int:
     for m in chosen:
         family = families.get(m.family, config.families)
         thresholds = {**family.thresholds, **m.thresholds}
-        total = conn.execute(
-            "SELECT count(*) FROM taggings t JOIN models m ON m.id = t.model_id WHERE m.name = ?",
-            (m.name,),
-        ).fetchone()[0]
+        total = inventory.tagged_count(conn, m.name)
         enabled = False if ctx.args.no_progress else None
         with Progress(m.name, enabled=enabled, total=total, unit="files") as bar:
             report = reindex.reindex_model(

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd import db, queue
+    from tagd import db, inventory, queue
     from tagd.config import ConfigError
 
     config = ctx.config
@@ -45,25 +45,20 @@ def run(ctx: Context) -> int:
             raise UserError(f"bad query: {exc}", 2) from None
         where, params = compiled.sql, list(compiled.params)
     conn = ctx.db()
-    row = conn.execute("SELECT id FROM models WHERE name = ?", (model.name,)).fetchone()
-    model_id = -1 if row is None else int(row[0])
-    untagged = (
-        ""
-        if ctx.args.all
-        else (
-            " AND NOT EXISTS (SELECT 1 FROM taggings t WHERE t.file_id = f.id AND t.model_id = ?)"
-        )
+    rows = inventory.paths_to_retag(
+        conn,
+        where,
+        params,
+        model=inventory.model_id(conn, model.name),
+        include_tagged=ctx.args.all,
     )
-    rows = conn.execute(
-        "SELECT p.path, p.size, p.mtime_ns FROM files f JOIN paths p ON p.file_id = f.id "
-        f"WHERE p.missing = 0 AND ({where}){untagged} ORDER BY p.path",
-        [*params, *([] if ctx.args.all else [model_id])],
-    ).fetchall()
     force = (model.name,) if ctx.args.all else ()
     queued = 0
     with db.write(conn):
-        for path, size, mtime_ns in rows:
-            queued += queue.enqueue(conn, path, size, mtime_ns, force_models=force, requeue=True)
+        for r in rows:
+            queued += queue.enqueue(
+                conn, r.path, r.size, r.mtime_ns, force_models=force, requeue=True
+            )
     files = "file" if len(rows) == 1 else "files"
     if not rows:
         lacking = "matches" if ctx.args.all else f"lacks results from {model.name}"

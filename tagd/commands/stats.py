@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sqlite3
 import sys
+from typing import Any
 
-from tagd import scanner
+from tagd import inventory, scanner
 from tagd.commands import Context
 
 
@@ -22,27 +23,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def collect(conn, db_path: str) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
-    models = {
-        name: {"tagged": tagged, "embeddings": emb}
-        for name, tagged, emb in conn.execute(
-            "SELECT m.name, (SELECT count(*) FROM taggings g WHERE g.model_id = m.id), "
-            "(SELECT count(*) FROM embeddings e WHERE e.model_id = m.id) "
-            "FROM models m ORDER BY m.name"
-        )
-    }
-    jobs = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
-    size = sum(os.path.getsize(p) for p in (db_path, db_path + "-wal") if os.path.exists(p))
+def collect(conn: sqlite3.Connection, db_path: str) -> dict[str, Any]:
+    counts = inventory.index_counts(conn, db_path)
     return {
-        "files": one("SELECT count(*) FROM files"),
-        "paths": one("SELECT count(*) FROM paths WHERE missing = 0"),
-        "missing_paths": one("SELECT count(*) FROM paths WHERE missing = 1"),
+        "files": counts.files,
+        "paths": counts.paths,
+        "missing_paths": counts.missing_paths,
         "untagged": _untagged(conn),
-        "tags": one("SELECT count(*) FROM tags"),
-        "models": models,
-        "jobs": {s: jobs.get(s, 0) for s in ("queued", "running", "done", "failed")},
-        "db_bytes": size,
+        "tags": counts.tags,
+        "models": {
+            name: {"tagged": tagged, "embeddings": emb}
+            for name, (_, tagged, emb) in inventory.models_summary(conn).items()
+        },
+        "jobs": counts.jobs,
+        "db_bytes": counts.db_bytes,
         "skipped": scanner.last_skipped(conn),
     }
 

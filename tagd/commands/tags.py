@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from tagd import inventory
 from tagd.commands import Context, UserError
 
 
@@ -58,42 +59,23 @@ def run(ctx: Context) -> int:
         namespace, prefix = head.lower(), rest
     prefix = with_underscores(prefix)
     conn = ctx.db(readonly=True)
-    tag_where, tag_params = ["1"], []
-    if prefix:
-        tag_where.append("t.name >= ? AND t.name < ?")
-        tag_params += [prefix, prefix + "\U0010ffff"]
-    if namespace:
-        tag_where.append("t.namespace = ?")
-        tag_params.append(namespace)
-    model_sql, model_params = "", []
+    model = None
     if args.model:
         from tagd.suggest import unknown_model
 
-        row = conn.execute("SELECT id FROM models WHERE name = ?", (args.model,)).fetchone()
-        if row is None:
+        model = inventory.model_id(conn, args.model)
+        if model is None:
             raise UserError(unknown_model(conn, args.model) or args.model, 2)
-        model_sql, model_params = " AND s.model_id = ?", [row[0]]
-    # One model: each file has at most one row per tag, so an index range count suffices;
-    # with several, a file two models selected the tag for is counted once.
-    single = args.model or conn.execute("SELECT count(*) FROM models").fetchone()[0] <= 1
-    counted = "count(*)" if single else "count(DISTINCT s.file_id)"
-    sql = (
-        f"SELECT namespace, name, n FROM (SELECT t.namespace, t.name, (SELECT {counted} "
-        f"FROM scores s WHERE s.tag_id = t.id AND s.selected = 1{model_sql}) AS n "
-        f"FROM tags t WHERE {' AND '.join(tag_where)}) WHERE n > 0 "
-        "ORDER BY n DESC, namespace, name"
-    )
-    params = [*model_params, *tag_params]
-    if args.top is not None:
-        sql += " LIMIT ?"
-        params.append(args.top)
-    rows = conn.execute(sql, params).fetchall()
+    rows = inventory.tag_counts(conn, prefix=prefix, namespace=namespace, model=model, top=args.top)
     if args.format == "json":
-        json.dump([{"namespace": r[0], "tag": r[1], "files": r[2]} for r in rows], sys.stdout)
+        json.dump(
+            [{"namespace": r.namespace, "tag": r.name, "files": r.files} for r in rows],
+            sys.stdout,
+        )
         sys.stdout.write("\n")
     else:
-        for ns, name, n in rows:
-            sys.stdout.write(f"{n}\t{ns}:{name}\n")
+        for r in rows:
+            sys.stdout.write(f"{r.files}\t{r.namespace}:{r.name}\n")
     if not rows:
         shown = f"{namespace}:{prefix}" if namespace else prefix
         what = f"starts with '{shown}'" if shown else "has been selected for any file"
