@@ -77,9 +77,25 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open. SQLite rolls back by itself on a full disk or
+    an I/O error; a second ROLLBACK would then replace the real error with "cannot rollback -
+    no transaction is active"."""
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -140,9 +156,13 @@ def migrate(conn: sqlite3.Connection) -> int:
                 (f"migration.{version:04d}", f"{name} applied {time.time():.0f}"),
             )
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
     return schema_version(conn)
 
 

@@ -309,10 +309,17 @@ class Pipeline:
                 if result is not None:
                     accept(result)
         except BaseException:
-            self._release(unfinished())
+            try:
+                self._release(unfinished())
+            except sqlite3.Error as exc:
+                # The daemon's worker releases them once the database takes writes again.
+                log.debug("jobs not released: %s", exc)
             if writer:
                 writer.finish(raising=False)
-            queue.release(self.conn, self.owner)
+            try:
+                queue.release(self.conn, self.owner)
+            except sqlite3.Error as exc:
+                log.debug("jobs not released: %s", exc)
             raise
         finally:
             if pool is not None and pool is not self._pool:

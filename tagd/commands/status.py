@@ -22,6 +22,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     from tagd.status import format_report, report
 
-    r = report(ctx.db(readonly=True))
+    r = report(ctx.db(readonly=True), ctx.config.database)
     print(json.dumps(r, indent=2) if ctx.args.format == "json" else format_report(r))
     return 0
