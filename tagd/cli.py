@@ -97,9 +97,9 @@ def mark_search_terms(argv: list[str], parser: argparse.ArgumentParser) -> list[
     at = _command_index(argv)
     if at is None or argv[at] != "search":
         return argv
-    sub = next(
-        a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
-    ).choices["search"]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "search"
+    ]
     takes_value = {
         o for a in sub._actions if a.nargs != 0 and a.option_strings for o in a.option_strings
     }
@@ -126,15 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = mark_search_terms(list(sys.argv[1:] if argv is None else argv), parser)
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "query_terms_from_options", False):
-        args.query = [w.removeprefix(_TERM_MARK) for w in args.query]
     if extra:
-        # `tagd search 1girl -monochrome`: a '-tag' the shell passed unquoted is a query term.
-        negations = [a for a in extra if a.startswith("-") and not a.startswith("--")]
-        if getattr(args, "query_terms_from_options", False) and negations == extra:
+        # `tagd search -hat --limit 5 1girl`: words after an option are query terms too.
+        terms = [a for a in extra if not a.startswith("--")]
+        if getattr(args, "query_terms_from_options", False) and terms == extra:
             args.query = [*args.query, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "query_terms_from_options", False):
+        args.query = [w.removeprefix(_TERM_MARK) for w in args.query]
     setup_logging(args.verbose, args.quiet)
     ctx = Context(args)
     try:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tagd import db, queue, scanner
 from tagd.config import Config, ConfigError, WatchRoot
-from tagd.dberrors import DatabaseTrouble
 from tagd.config import load as load_config
+from tagd.dberrors import DatabaseTrouble
 from tagd.notify import Notifier
 from tagd.pipeline import Pipeline, owner_id
 from tagd.status import LAST_ERROR_KEY, STATE_KEY, HealthFile

@@ -11,7 +11,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -42,15 +42,25 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         except (OSError, sqlite3.Error) as exc:
             raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if not readonly:
-        _enable_wal(conn)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        migrate(conn)
-    else:
-        check_version(conn)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            migrate(conn)
+        else:
+            check_version(conn)
+    except sqlite3.DatabaseError as exc:
+        # "file is not a database", a full disk during a migration: one line naming the file.
+        from tagd.dberrors import describe
+
+        conn.close()
+        raise DatabaseError(describe(exc, path)) from exc
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -92,10 +102,8 @@ def rollback(conn: sqlite3.Connection) -> None:
     no transaction is active"."""
     if not conn.in_transaction:
         return
-    try:
+    with suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
 
 
 def migrations() -> list[tuple[int, str, str]]:

@@ -718,6 +718,8 @@ def _top_k(
     enter the page.
     """
     k = (opts.limit or 0) + opts.offset
+    if k == 0:
+        return []
     rows: list[tuple] = []
     seen: set[int] = set()
     batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0

@@ -6,6 +6,7 @@ running, whatever the row last said.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -59,10 +60,8 @@ class HealthFile:
             "retry_in": round(trouble.waiting(), 1),
         }
         data = json.dumps(record).encode()[: HEALTH_SIZE - 1]
-        try:
+        with contextlib.suppress(OSError):
             os.pwrite(self.fd, data.ljust(HEALTH_SIZE - 1) + b"\n", 0)
-        except OSError:
-            pass
 
     def close(self) -> None:
         if self.fd is not None:

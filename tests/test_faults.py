@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,8 +133,10 @@ def test_item10_disk_full_daemon_survives(
         assert "database or disk is full" in text and "retrying" in text
         seen: list[str] = []
         wait_for(
-            lambda: seen.extend(drain(notify_socket))
-            or any("STATUS=" in m and "database or disk is full" in m for m in seen)
+            lambda: (
+                seen.extend(drain(notify_socket))
+                or any("STATUS=" in m and "database or disk is full" in m for m in seen)
+            )
         )
         for args in (("jobs", "add", str(gallery / "b0.png")), ("scan", "--no-tag")):
             line = one_line_error(run_tagd("-c", str(config), *args))
@@ -144,9 +145,11 @@ def test_item10_disk_full_daemon_survives(
 
         filler.unlink()
         wait_for(
-            lambda: (s := status(config))["jobs"]["done"] == 5
-            and s["jobs"]["running"] == 0
-            and not s["database_error"],
+            lambda: (
+                (s := status(config))["jobs"]["done"] == 5
+                and s["jobs"]["running"] == 0
+                and not s["database_error"]
+            ),
             timeout=60,
         )
         assert proc.poll() is None
@@ -157,3 +160,190 @@ def test_item10_disk_full_daemon_survives(
     assert rc == 0, text
     assert "Traceback" not in text, text
     assert "database or disk is full" in text
+
+
+def test_item10_sqlite_rollback_reports_real_error(tmp_path: Path) -> None:
+    """SQLite rolls a transaction back by itself on SQLITE_FULL; a second ROLLBACK used to
+    replace "database or disk is full" with "no transaction is active"."""
+    from tagd import db
+
+    conn = db.connect(tmp_path / "t.db")
+    conn.execute("CREATE TABLE big(b BLOB)")
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages + 2}")
+    with (
+        pytest.raises(sqlite3.OperationalError, match="database or disk is full"),
+        db.write(conn),
+    ):
+        conn.execute("INSERT INTO big VALUES (zeroblob(10))")
+        conn.execute("INSERT INTO big VALUES (zeroblob(100000))")
+    assert not conn.in_transaction
+    with db.write(conn):
+        conn.execute("INSERT INTO big VALUES (zeroblob(10))")
+    assert conn.execute("SELECT count(*) FROM big").fetchone()[0] == 1
+    conn.close()
+
+
+def test_item10_locked_database_is_trouble_not_death(tmp_path: Path) -> None:
+    """A write lock held past the busy timeout: the daemon's backoff records it in words."""
+    from tagd import db, queue
+    from tagd.dberrors import DatabaseTrouble
+
+    path = tmp_path / "t.db"
+    db.connect(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    conn = db.connect(path)
+    conn.execute("PRAGMA busy_timeout = 50")
+    trouble = DatabaseTrouble()
+    try:
+        with pytest.raises(sqlite3.OperationalError) as caught:
+            queue.set_paused(conn, True)
+        first = trouble.failed(caught.value, path)
+        second = trouble.failed(caught.value, path)
+        assert second == 2 * first and trouble.waiting() > 0
+        assert trouble.error is not None and "database is locked" in trouble.error
+        assert str(path) in trouble.error and "busy timeout" in trouble.error
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    queue.set_paused(conn, True)
+    assert trouble.cleared() and not trouble.active and trouble.waiting() == 0
+    conn.close()
+
+
+def model_config(tmp_path: Path, gallery: Path, model: Path, database: Path | None = None) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        {
+            "database": str(database or tmp_path / "state" / "tagd.db"),
+            "watch": [{"path": str(gallery)}],
+            "models": [{"name": "probe", "path": str(model)}],
+            "inference": {"device": "cpu"},
+        },
+    )
+
+
+def copy_model(src: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_item11_empty_model_file_is_one_line(tmp_path: Path, gallery: Path, probe_model: Path):
+    model = copy_model(probe_model, tmp_path / "m")
+    (model / "model.onnx").write_bytes(b"")
+    save(gallery / "a.png", (1, 2, 3))
+    config = model_config(tmp_path, gallery, model)
+    for args in (("scan",), ("tag", "--model", "probe", str(gallery / "a.png"))):
+        line = one_line_error(run_tagd("-c", str(config), *args))
+        assert str(model / "model.onnx") in line and "empty (0 bytes)" in line, line
+
+
+def test_item11_unreadable_model_file_is_one_line(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    model = copy_model(probe_model, tmp_path / "m")
+    (model / "model.onnx").unlink()
+    (model / "model.onnx").mkdir()  # root reads any file; a directory still cannot be read
+    save(gallery / "a.png", (1, 2, 3))
+    line = one_line_error(run_tagd("-c", str(model_config(tmp_path, gallery, model)), "scan"))
+    assert str(model / "model.onnx") in line and "cannot be read" in line, line
+
+
+def test_item11_run_on_a_file_that_is_not_a_database(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    bogus = tmp_path / "notes.db"
+    bogus.write_text("these are my notes, not a database\n" * 40)
+    config = model_config(tmp_path, gallery, probe_model, database=bogus)
+    for args in (("run",), ("scan",), ("status",)):
+        r = run_tagd("-c", str(config), *args)
+        assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+        errors = [x for x in r.stderr.splitlines() if x.startswith("tagd:")]
+        assert len(errors) == 1 and r.stderr.rstrip().endswith(errors[0]), r.stderr
+        assert str(bogus) in errors[0] and "not a database" in errors[0], errors[0]
+        assert errors[0].count(str(bogus)) == 1, errors[0]
+    assert bogus.read_text().startswith("these are my notes")
+
+
+@pytest.fixture
+def tagged_index(tmp_path: Path, gallery: Path, probe_model: Path) -> Path:
+    save(gallery / "red.png", (250, 5, 5))
+    save(gallery / "blue.png", (5, 5, 250))
+    config = model_config(tmp_path, gallery, probe_model)
+    assert run_tagd("-c", str(config), "scan").returncode == 0
+    return config
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--limit", "0"), "--limit 0"),
+        (("--limit", "-3"), "--limit -3"),
+        (("--offset", "99999999999999999999999"), "--offset 99999999999999999999999"),
+        (("--limit", "5", "--offset", "-1"), "--offset -1"),
+    ],
+)
+def test_item11_search_limit_and_offset_out_of_range(
+    tagged_index: Path, flags: tuple[str, ...], named: str
+) -> None:
+    r = run_tagd("-c", str(tagged_index), "search", "red", *flags)
+    line = one_line_error(r)
+    assert r.returncode == 2 and named in line, line
+
+
+def test_item11_top_page_of_zero_rows(tagged_index: Path) -> None:
+    from tagd import db
+    from tagd.config import load
+    from tagd.query import parse
+    from tagd.search import SearchOptions, search
+
+    conn = db.connect(load(str(tagged_index)).database, readonly=True)
+    assert list(search(conn, parse("red"), SearchOptions(limit=0))) == []
+    assert [h.path for h in search(conn, parse("red"), SearchOptions(limit=1))]
+    conn.close()
+
+
+def test_item11_unexpected_error_is_one_line_with_hint(tmp_path: Path) -> None:
+    """The last resort in cli.main: an exception no command expected (here a KeyError raised
+    inside the command) is one line plus a hint; -v logs the traceback."""
+    plugin = tmp_path / "boom"
+    plugin.mkdir()
+    (plugin / "sitecustomize.py").write_text(
+        "import tagd.commands.stats as s\n"
+        "def run(ctx):\n    raise KeyError('surprise')\n"
+        "s.run = run\n"
+    )
+    env = {"PYTHONPATH": f"{plugin}{os.pathsep}{os.environ['PYTHONPATH']}"}
+    r = run_tagd("stats", env=env)
+    line = one_line_error(r)
+    assert r.returncode == 3 and "KeyError" in line and "surprise" in line and "-v" in line
+    verbose = run_tagd("-v", "stats", env=env)
+    assert "Traceback" in verbose.stderr and verbose.returncode == 3
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["-character:* rating:*"],
+        ["-character:*", "rating:*"],
+        ["-(red | character:*) rating:*"],
+        ["-(red", "|", "character:*)", "rating:*"],
+        ["-red", "--format", "tsv", "rating:*"],
+        ["-red", "-0", "rating:*"],
+        ["--limit", "5", "-red", "rating:*"],
+    ],
+)
+def test_item13_query_starting_with_dash(tagged_index: Path, words: list[str]) -> None:
+    r = run_tagd("-c", str(tagged_index), "search", *words)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.replace("\0", "\n")
+    assert "blue.png" in out and "red.png" not in out, out
+
+
+def test_item13_only_exclusions_reach_the_query_parser(tagged_index: Path) -> None:
+    r = run_tagd("-c", str(tagged_index), "search", "-character:*")
+    assert r.returncode == 2 and "required" not in r.stderr
+    assert "not only exclusions" in r.stderr and "^" in r.stderr
