@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +385,92 @@ class _Prev:
     retracted: frozenset[str]
 
 
+@dataclass
+class _Pending:
+    """One file's record while its groups go out: what Hydrus has confirmed so far."""
+
+    file_id: int
+    digest: str
+    pushed: set[str]
+    retracted: set[str]
+    calls_left: int
+
+
+PREV_CHUNK = 512
+_UPSERT = """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
+                                       checked_at, retracted)
+              VALUES (?, ?, ?, ?, ?, ?, ?)
+              ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
+                  desired_hash = excluded.desired_hash, pushed = excluded.pushed,
+                  checked_at = excluded.checked_at, retracted = excluded.retracted"""
+
+
+def _previous(conn: sqlite3.Connection, service_key: str, ids: list[int]) -> dict[int, _Prev]:
+    rows = conn.execute(
+        "SELECT file_id, known, desired_hash, pushed, checked_at, retracted FROM hydrus_pushed "
+        "WHERE service_key = ? AND file_id IN (SELECT value FROM json_each(?))",
+        (service_key, json.dumps(ids)),
+    )
+    return {
+        int(r[0]): _Prev(
+            bool(r[1]),
+            str(r[2]),
+            frozenset(json.loads(r[3])),
+            float(r[4]),
+            frozenset(json.loads(r[5])),
+        )
+        for r in rows
+    }
+
+
+def _changed(
+    conn: sqlite3.Connection, cfg: HydrusConfig, service_key: str, report: SyncReport, now: float
+) -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
+    """Files whose effective tags changed since the last sync (or worth a recheck), streamed:
+    at most PREV_CHUNK files and their records are in memory at a time."""
+    chunk: list[FileTagSet] = []
+
+    def flush() -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
+        prev = _previous(conn, service_key, [fs.file_id for fs in chunk])
+        for fs in chunk:
+            desired = desired_tags(fs, cfg)
+            digest = _digest(desired)
+            p = prev.get(fs.file_id)
+            fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
+            if p is not None and p.desired_hash == digest and fresh:
+                continue
+            if desired or (cfg.retract and p is not None and p.pushed):
+                yield fs, desired, digest, p
+        chunk.clear()
+
+    for fs in iter_files(conn, models=cfg.models or None):
+        report.considered += 1
+        chunk.append(fs)
+        if len(chunk) >= PREV_CHUNK:
+            yield from flush()
+    yield from flush()
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _row(service_key: str, p: _Pending, known: int, now: float) -> tuple[Any, ...]:
+    # A file with calls still to make keeps no digest, so the next sync plans it again.
+    digest = p.digest if p.calls_left == 0 else ""
+    return (
+        p.file_id, service_key, known, digest, json.dumps(sorted(p.pushed)), now,
+        json.dumps(sorted(p.retracted)),
+    )  # fmt: skip
+
+
 def sync(
     conn: sqlite3.Connection,
     config: Any,
@@ -393,93 +479,80 @@ def sync(
     client: Client | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SyncReport:
-    """One pass over the index; the daemon schedules this every `hydrus.interval` seconds."""
+    """One pass over the index; the daemon schedules this every `hydrus.interval` seconds.
+
+    Each request's outcome is recorded as soon as Hydrus accepts it: tags tagd added or
+    removed must never later count as a human's, even if a later request fails or the daemon
+    stops mid-sync.
+    """
     cfg: HydrusConfig = config.hydrus if isinstance(config.hydrus, HydrusConfig) else HydrusConfig()
     client = client or Client(cfg.url, cfg.access_key(), cfg.timeout)
     client.api_version()
     service_key = client.tag_service_key(cfg.service)
-    prev = {
-        int(r[0]): _Prev(
-            bool(r[1]),
-            str(r[2]),
-            frozenset(json.loads(r[3])),
-            float(r[4]),
-            frozenset(json.loads(r[5])),
-        )
-        for r in conn.execute(
-            "SELECT file_id, known, desired_hash, pushed, checked_at, retracted "
-            "FROM hydrus_pushed WHERE service_key = ?",
-            (service_key,),
-        )
-    }
     now = time.time()
     report = SyncReport(dry_run=dry_run)
-    todo: list[tuple[FileTagSet, list[str], str]] = []
-    for fs in iter_files(conn, models=cfg.models or None):
-        report.considered += 1
-        desired = desired_tags(fs, cfg)
-        digest = _digest(desired)
-        p = prev.get(fs.file_id)
-        fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
-        if p is not None and p.desired_hash == digest and fresh:
-            continue
-        if desired or (cfg.retract and p is not None and p.pushed):
-            todo.append((fs, desired, digest))
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
-        remote = client.file_tags([fs.sha256 for fs, _, _ in batch], service_key)
-        rows: list[tuple[int, str, int, str, str, float, str]] = []
+    for batch in _batches(_changed(conn, cfg, service_key, report, now), cfg.batch_size):
+        remote = client.file_tags([fs.sha256 for fs, _, _, _ in batch], service_key)
+        settled: list[tuple[Any, ...]] = []
+        pending: dict[str, _Pending] = {}
         # (action, tags) → hashes; "readd": tags tagd itself removed, past their deletion record
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-        for fs, desired, digest in batch:
+        for fs, desired, digest, p in batch:
             report.checked += 1
-            p = prev.get(fs.file_id)
             pushed = set(p.pushed) if p else set()
             retracted = set(p.retracted) if p else set()
             state = remote.get(fs.sha256)
             if state is None:
                 report.unknown += 1
-                rows.append(
-                    (fs.file_id, service_key, 0, digest, json.dumps(sorted(pushed)), now,
-                     json.dumps(sorted(retracted)))
-                )  # fmt: skip
+                settled.append(
+                    _row(service_key, _Pending(fs.file_id, digest, pushed, retracted, 0), 0, now)
+                )
                 continue
             present, deleted = state
             plan = plan_file(desired, present, deleted, pushed, retracted, cfg.retract)
             report.kept_deleted += plan.kept_deleted
+            calls = 0
             for action, tags in (("add", plan.add), ("readd", plan.readd), ("remove", plan.remove)):
                 if tags:
                     groups.setdefault((action, tuple(tags)), []).append(fs.sha256)
+                    calls += 1
             if plan.add or plan.readd:
                 report.files_updated += 1
                 report.tags_added += len(plan.add) + len(plan.readd)
                 if dry_run:
                     report.planned[fs.sha256] = [*plan.add, *plan.readd]
             report.tags_removed += len(plan.remove)
-            rows.append(
-                (fs.file_id, service_key, 1, digest, json.dumps(sorted(plan.pushed)), now,
-                 json.dumps(sorted(plan.retracted)))
-            )  # fmt: skip
+            record = _Pending(fs.file_id, digest, pushed, retracted, calls)
+            if calls:
+                pending[fs.sha256] = record
+            else:
+                settled.append(_row(service_key, record, 1, now))
         if dry_run:
             if progress:
-                progress(min(start + cfg.batch_size, len(todo)), len(todo))
+                progress(report.checked, report.checked)
             continue
+        if settled:
+            with db.write(conn):
+                conn.executemany(_UPSERT, settled)
         for (action, tags), hashes in groups.items():
             if action == "remove":
                 client.delete_tags(hashes, service_key, tags)
             else:
                 client.add_tags(hashes, service_key, tags, override_deleted=action == "readd")
-        with db.write(conn):
-            conn.executemany(
-                """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
-                                             checked_at, retracted)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
-                       desired_hash = excluded.desired_hash, pushed = excluded.pushed,
-                       checked_at = excluded.checked_at, retracted = excluded.retracted""",
-                rows,
-            )
+            rows = []
+            for sha in hashes:
+                rec = pending[sha]
+                if action == "remove":
+                    rec.pushed -= set(tags)
+                    rec.retracted |= set(tags)
+                else:
+                    rec.pushed |= set(tags)
+                    rec.retracted -= set(tags)
+                rec.calls_left -= 1
+                rows.append(_row(service_key, rec, 1, now))
+            with db.write(conn):
+                conn.executemany(_UPSERT, rows)
         if progress:
-            progress(min(start + cfg.batch_size, len(todo)), len(todo))
+            progress(report.checked, report.checked)
     log.info("%s", report.line())
     return report
