@@ -291,7 +291,9 @@ class Daemon:
             log.info("hydrus sync: %s", report)
         except Exception as exc:
             log.warning(
-                "hydrus sync failed, next try in %.0f s: %s", self.config.hydrus.interval, exc
+                "hydrus sync failed, next try in %.0f s: %s",
+                self.config.hydrus.interval,
+                hydrus.redact(str(exc)),
             )
         finally:
             conn.close()

@@ -9,10 +9,12 @@ The access key is read from a file or the environment and never logged.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 import urllib.error
@@ -47,7 +49,36 @@ ADD, DELETE = "0", "1"  # content actions on a local tag service
 
 
 class HydrusError(Exception):
-    """Hydrus is unreachable, refused us, or answered something unexpected; phrased for users."""
+    """Hydrus is unreachable, refused us, or answered something unexpected; phrased for users.
+
+    Credentials in a URL (`http://user:secret@host`) never reach the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` → `scheme://***@host`, wherever it occurs in `text`."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """The URL without `user:password@`, and those credentials as a Basic Authorization value
+    (for a reverse proxy in front of Hydrus), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
 @dataclass(frozen=True)
@@ -178,7 +209,11 @@ class Client:
     """The few Client API endpoints tagd uses, over urllib (no extra HTTP dependency)."""
 
     def __init__(self, url: str, access_key: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        try:
+            clean, self._auth = split_userinfo(url.rstrip("/"))
+        except ValueError:
+            raise HydrusError(f"hydrus.url {url}: not a valid URL (check the port)") from None
+        self.url = clean
         self._key = access_key
         self.timeout = timeout
 
@@ -192,6 +227,8 @@ class Client:
                 {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
             )
         headers = {KEY_HEADER: self._key, "Accept": "application/json"}
+        if self._auth:
+            headers["Authorization"] = self._auth
         data = None
         if body is not None:
             data = json.dumps(body).encode()

@@ -345,3 +345,55 @@ def test_item16_sync_streams_in_bounded_batches(tmp_path: Path) -> None:
         before = len(state.requests)
         again = hydrus.sync(conn, cfg)
         assert again.checked == 0 and len(state.requests) == before + 2
+
+
+def test_item17_credentials_in_the_url_never_shown(tmp_path: Path, caplog) -> None:
+    """`http://user:secret@host:port`: the credentials go to Hydrus (or a proxy in front of it)
+    as Basic auth, and no error, CLI line or daemon warning shows them."""
+    import logging
+
+    from tagd.daemon import Daemon
+
+    make_index(tmp_path / "t.db", FILES).close()
+    state = HydrusState(access_key=KEY)
+    state.add_file(sha_of("/g/a.png"))
+    with HydrusServer(state) as server:
+        url = server.url.replace("http://", "http://ann:s3cr%40t@")
+        conf = write_config(
+            tmp_path / "c.yaml",
+            {"database": str(tmp_path / "t.db"), "hydrus": {"url": url, "access_key_env": "HK"}},
+        )
+        r = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": KEY})
+        assert r.returncode == 0, r.stderr
+        assert state.requests[0]["headers"]["authorization"] == "Basic YW5uOnMzY3JAdA=="
+        assert "s3cr" not in r.stderr + r.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    closed = f"http://ann:s3cr%40t@127.0.0.1:{port}"
+    conf = write_config(
+        tmp_path / "c.yaml",
+        {"database": str(tmp_path / "t.db"), "hydrus": {"url": closed, "access_key_env": "HK"}},
+    )
+    r = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": KEY})
+    assert r.returncode == 3 and f"127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "s3cr" not in r.stderr and "ann:" not in r.stderr
+    for bad in (closed, f"http://ann:s3cr%40t@127.0.0.1:{port}x"):
+        with pytest.raises(hydrus.HydrusError) as exc:
+            hydrus.sync(make_index(tmp_path / "u.db", FILES), _config(tmp_path, bad, timeout=1))
+        assert "s3cr" not in str(exc.value) and "ann:" not in str(exc.value)
+
+    daemon = Daemon(_config(tmp_path, closed, interval=60), [])
+    try:
+        with caplog.at_level(logging.WARNING):
+            daemon._hydrus_sync()
+            daemon._hydrus_sync()
+    finally:
+        daemon.conn.close()
+        daemon.health.close()
+    warnings = [r.getMessage() for r in caplog.records if "hydrus sync failed" in r.getMessage()]
+    assert len(warnings) == 2 and all("s3cr" not in w and "ann:" not in w for w in warnings)
+    assert (
+        hydrus.redact("see https://u:p@h:1/x and ftp://x@y")
+        == "see https://***@h:1/x and ftp://***@y"
+    )
