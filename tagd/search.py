@@ -40,6 +40,7 @@ from tagd.query import (
 SORTS = ("score", "mtime", "path", "random")
 TOPK_FIRST_BATCH = 256
 TOPK_MAX_BATCH = 4096
+MAX_FUNCTION_ARGS = 100  # SQLite's default SQLITE_MAX_FUNCTION_ARG is 127
 DRIVER_COUNT_CAPS = (20_000, 200_000)
 _DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
@@ -351,9 +352,7 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
             full = [p or Compiled("1") for p in parts]
             if len(full) == 1:
                 return full[0]
-            return Compiled(
-                "max(" + ", ".join(p.sql for p in full) + ")", [x for p in full for x in p.params]
-            )
+            return _greatest(full)
         real = [p for p in parts if p is not None]
         if not real:
             return None
@@ -706,6 +705,21 @@ def _driver_walk(
             walks.append(_walk(conn, tag_id, 1, cond, model))
             walks.append(_walk(conn, tag_id, 0, cond, model))
     return heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
+
+
+def _greatest(parts: list[Compiled]) -> Compiled:
+    """max() of many ranks, nested so that no call has more arguments than SQLite allows."""
+    while len(parts) > 1:
+        parts = [
+            Compiled(
+                "max(" + ", ".join(p.sql for p in chunk) + ")" if len(chunk) > 1 else chunk[0].sql,
+                [x for p in chunk for x in p.params],
+            )
+            for chunk in (
+                parts[i : i + MAX_FUNCTION_ARGS] for i in range(0, len(parts), MAX_FUNCTION_ARGS)
+            )
+        ]
+    return parts[0]
 
 
 def _top_k(

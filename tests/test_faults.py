@@ -347,3 +347,21 @@ def test_item13_only_exclusions_reach_the_query_parser(tagged_index: Path) -> No
     r = run_tagd("-c", str(tagged_index), "search", "-character:*")
     assert r.returncode == 2 and "required" not in r.stderr
     assert "not only exclusions" in r.stderr and "^" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["(" * 500 + "red" + ")" * 500],
+        [" | ".join(["red"] * 20_000)],  # one argument stays under 128 KiB
+        ["red"] * 20_000,
+    ],
+)
+def test_item12_cli_hostile_query_exits_2_with_a_short_caret(
+    tagged_index: Path, words: list[str]
+) -> None:
+    r = run_tagd("-c", str(tagged_index), "search", *words)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[:500]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 3 and all(len(x) < 120 for x in lines), lines
+    assert lines[2].lstrip().startswith("^")
