@@ -1,7 +1,9 @@
 """One-shot tagging for scripts (`tagd tag`): read → decode → predict → select, no daemon.
 
-Uses the daemon's stages (decode.read_file, pipeline.decode_and_prepare, Tagger.predict,
-thresholds.select) so a file gets the same tags either way.
+Uses the daemon's stages (decode.read_file, pipeline.decode_and_prepare,
+Tagger.predict_with_embeddings, results.decide / results.save) so a file gets the same tags
+either way, and `--store` writes exactly the rows a scan writes: the configured thresholds,
+blacklist and aliases decide, and the embedding is kept.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagd import db, store
+from tagd import db, results
+from tagd.config import TagRules
 from tagd.decode import DecodeError, FileBytes, read_file
-from tagd.pipeline import decode_and_prepare, register
+from tagd.pipeline import decode_and_prepare, register, store_file
 from tagd.tagger import Tagger
-from tagd.thresholds import groups, select_grouped
 
 
 @dataclass(frozen=True)
@@ -67,17 +69,24 @@ def tag_paths(
     max_pixels: int,
     conn: sqlite3.Connection | None = None,
     floor: float = 0.05,
+    tag_rules: TagRules | None = None,
 ) -> Iterator[Result]:
-    """Results in input order, batch by batch; with `conn`, also stored like the pipeline does."""
+    """Results in input order, batch by batch; with `conn`, also stored as a scan stores them.
+
+    `rules` (a `--threshold` override) decides what is printed; what is stored is decided by
+    the model's configured thresholds, so the index never depends on how a file got there.
+    """
     record = None
     if conn is not None:
         with db.write(conn):
             record = register(conn, tagger, floor)
     namespaces = tagger.labels.namespaces
-    by_ns = groups(namespaces)
+    resolved = results.resolve_rules(
+        tagger.labels.names, namespaces, tag_rules if tag_rules is not None else TagRules()
+    )
     for batch in _batches(paths, batch_size):
         ok: list[_Decoded] = []
-        results: dict[str, Result] = {}
+        out: dict[str, Result] = {}
         for path in batch:
             try:
                 file = read_file(path)
@@ -85,31 +94,40 @@ def tag_paths(
                     file, {tagger.name: tagger.spec}, max_pixels
                 )
             except DecodeError as exc:
-                results[path] = Result(path, None, [], exc.reason)
+                out[path] = Result(path, None, [], exc.reason)
                 continue
             except Exception as exc:
-                results[path] = Result(path, None, [], f"decoder error: {type(exc).__name__}")
+                out[path] = Result(path, None, [], f"decoder error: {type(exc).__name__}")
                 continue
             ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name]))
         if ok:
-            probs = tagger.predict(np.stack([d.tensor for d in ok]))
-            masks = [select_grouped(row, by_ns, rules) for row in probs]
-            for d, row, mask in zip(ok, probs, masks, strict=True):
-                idx = np.flatnonzero(mask)
-                idx = idx[np.argsort(-row[idx], kind="stable")]
-                tags = [(namespaces[i], tagger.labels.names[i], float(row[i])) for i in idx]
-                results[d.path] = Result(d.path, d.file.sha256, tags)
+            probs, embs = tagger.predict_with_embeddings(np.stack([d.tensor for d in ok]))
+            for d, row in zip(ok, probs, strict=True):
+                mask, targets = results.decide(row, rules, resolved)
+                tags = [
+                    (namespaces[i], tagger.labels.names[i], float(row[i]))
+                    for i in np.flatnonzero(mask)
+                ]
+                tags += [(ns, name, score) for (ns, name), score in targets.items()]
+                tags.sort(key=lambda t: -t[2])
+                out[d.path] = Result(d.path, d.file.sha256, tags)
             if conn is not None and record is not None:
                 with db.write(conn):
-                    for d, row, mask in zip(ok, probs, masks, strict=True):
+                    for i, (d, row) in enumerate(zip(ok, probs, strict=True)):
                         f = d.file
-                        fid = store.upsert_file(conn, f.sha256, f.size, d.width, d.height, d.format)
-                        store.upsert_path(conn, d.path, fid, f.size, f.mtime_ns)
-                        store.save_prediction(
-                            conn, file_id=fid, model=record, scores=row, selected=mask, floor=floor
+                        fid = store_file(conn, d.path, f, d.width, d.height, d.format)
+                        results.save(
+                            conn,
+                            file_id=fid,
+                            model=record,
+                            scores=row,
+                            thresholds=tagger.thresholds,
+                            rules=resolved,
+                            floor=floor,
+                            embedding=None if embs is None else embs[i],
                         )
         for path in batch:
-            yield results[path]
+            yield out[path]
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,20 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.Mo
     return record
 
 
+def store_file(
+    conn: sqlite3.Connection,
+    path: str,
+    file: FileBytes,
+    width: int | None,
+    height: int | None,
+    fmt: str | None,
+) -> int:
+    """The file row and its path, as every writer of results records them; returns the id."""
+    file_id = store.upsert_file(conn, file.sha256, file.size, width, height, fmt)
+    store.upsert_path(conn, path, file_id, file.size, file.mtime_ns)
+    return file_id
+
+
 def owner_id() -> str:
     """Lease owner: unique per process start, readable in `tagd jobs`."""
     return f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
@@ -408,10 +422,7 @@ class Pipeline:
         by_name = {t.name: t for t in self.taggers}
         with db.write(conn):
             for p in prepared:
-                file_id = store.upsert_file(
-                    conn, p.file.sha256, p.file.size, p.width, p.height, p.format
-                )
-                store.upsert_path(conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
+                file_id = store_file(conn, p.job.path, p.file, p.width, p.height, p.format)
                 for name in p.tensors:
                     tagger = by_name[name]
                     probs, emb = scores[(p.job.id, name)]

@@ -365,3 +365,71 @@ def test_item12_cli_hostile_query_exits_2_with_a_short_caret(
     lines = r.stderr.splitlines()
     assert len(lines) == 3 and all(len(x) < 120 for x in lines), lines
     assert lines[2].lstrip().startswith("^")
+
+
+def _rows(database: Path) -> dict[str, object]:
+    """Everything a model's result leaves in the index, keyed by content, not by row ids."""
+    conn = sqlite3.connect(database)
+    try:
+        scores = conn.execute(
+            "SELECT f.sha256, m.name, t.namespace, t.name, s.score, s.selected FROM scores s "
+            "JOIN files f ON f.id = s.file_id JOIN models m ON m.id = s.model_id "
+            "JOIN tags t ON t.id = s.tag_id ORDER BY 1, 2, 3, 4"
+        ).fetchall()
+        embeddings = conn.execute(
+            "SELECT f.sha256, m.name, e.dim, e.dtype, e.vector FROM embeddings e "
+            "JOIN files f ON f.id = e.file_id JOIN models m ON m.id = e.model_id ORDER BY 1, 2"
+        ).fetchall()
+        taggings = conn.execute(
+            "SELECT f.sha256, m.name, t.revision, t.floor FROM taggings t "
+            "JOIN files f ON f.id = t.file_id JOIN models m ON m.id = t.model_id ORDER BY 1, 2"
+        ).fetchall()
+        files = conn.execute("SELECT sha256, size, width, height, format FROM files").fetchall()
+    finally:
+        conn.close()
+    return {"scores": scores, "embeddings": embeddings, "taggings": taggings, "files": files}
+
+
+def test_item14_tag_store_writes_what_scan_writes(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    save(gallery / "red.png", (250, 5, 5))
+    save(gallery / "blue.png", (5, 5, 250))
+    save(gallery / "mixed.png", (200, 30, 160))
+
+    def config(name: str) -> Path:
+        return write_config(
+            tmp_path / f"{name}.yaml",
+            {
+                "database": str(tmp_path / name / "tagd.db"),
+                "watch": [{"path": str(gallery)}],
+                "models": [{"name": "probe", "path": str(probe_model)}],
+                # ONNX Runtime's sums differ in the last digits between batch shapes; one
+                # image per batch either way, so any difference left is tagd's.
+                "inference": {"device": "cpu", "batch_size": 1},
+                "tags": {
+                    "blacklist": ["red"],
+                    "aliases": {"blue": "azure", "character:crimson_knight": "character:knight"},
+                },
+            },
+        )
+
+    scanned, stored = config("scanned"), config("stored")
+    assert run_tagd("-c", str(scanned), "scan").returncode == 0
+    images = sorted(str(p) for p in gallery.iterdir())
+    r = run_tagd("-c", str(stored), "tag", "--model", "probe", "--store", *images)
+    assert r.returncode == 0, r.stderr
+    a, b = _rows(tmp_path / "scanned" / "tagd.db"), _rows(tmp_path / "stored" / "tagd.db")
+    assert a["scores"] and a["embeddings"] and len(a["taggings"]) == 3
+    assert a == b
+    selected = {(ns, name) for _, _, ns, name, _, sel in b["scores"] if sel}  # type: ignore[union-attr]
+    assert ("general", "red") not in selected and ("general", "azure") in selected
+    assert ("general", "blue") not in selected
+    # What `tag` prints follows the same rules: no blacklisted tag, aliases applied.
+    printed = {line.split("\t")[1] for line in r.stdout.splitlines()}
+    assert "red" not in printed and "blue" not in printed and "azure" in printed
+    # A later scan finds nothing to redo, and reindex (the same decision from stored scores)
+    # changes nothing either.
+    assert run_tagd("-c", str(stored), "scan").returncode == 0
+    assert run_tagd("-c", str(stored), "reindex").returncode == 0
+    assert _rows(tmp_path / "stored" / "tagd.db") == b

@@ -127,6 +127,7 @@ def run(ctx: Context) -> int:
         max_pixels=config.max_image_pixels,
         conn=conn,
         floor=config.floor_for(model),
+        tag_rules=config.tags,
     ):
         if r.error is not None:
             failed += 1
