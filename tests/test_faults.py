@@ -384,7 +384,9 @@ def _rows(database: Path) -> dict[str, object]:
             "SELECT f.sha256, m.name, t.revision, t.floor FROM taggings t "
             "JOIN files f ON f.id = t.file_id JOIN models m ON m.id = t.model_id ORDER BY 1, 2"
         ).fetchall()
-        files = conn.execute("SELECT sha256, size, width, height, format FROM files").fetchall()
+        files = conn.execute(
+            "SELECT sha256, size, width, height, format FROM files ORDER BY sha256"
+        ).fetchall()
     finally:
         conn.close()
     return {"scores": scores, "embeddings": embeddings, "taggings": taggings, "files": files}
