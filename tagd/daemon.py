@@ -157,6 +157,8 @@ class Daemon:
         self.conn = db.connect(config.database)
         self.trouble = DatabaseTrouble()
         self.health = HealthFile(config.database)
+        self._last_status = self._last_heartbeat = 0.0
+        self._model_ids: list[int] = []
         self.worker: Worker | None = None
         self.watcher: Watcher | None = None
         self.scheduler = None
@@ -308,7 +310,7 @@ class Daemon:
         if self.scheduler is not None:
             self.scheduler.add_job(
                 self._guarded(self._reconcile),
-                args=[self.config.watch, getattr(self, "_model_ids", [])],
+                args=[self.config.watch, self._model_ids],
             )
         if self.worker is not None:
             self.worker.wake.set()

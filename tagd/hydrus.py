@@ -528,6 +528,10 @@ def sync(
     service_key = client.tag_service_key(cfg.service)
     now = time.time()
     report = SyncReport(dry_run=dry_run)
+    total = conn.execute(
+        "SELECT count(*) FROM files f WHERE EXISTS "
+        "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0)"
+    ).fetchone()[0]
     for batch in _batches(_changed(conn, cfg, service_key, report, now), cfg.batch_size):
         remote = client.file_tags([fs.sha256 for fs, _, _, _ in batch], service_key)
         settled: list[tuple[Any, ...]] = []
@@ -566,30 +570,31 @@ def sync(
                 settled.append(_row(service_key, record, 1, now))
         if dry_run:
             if progress:
-                progress(report.checked, report.checked)
+                progress(report.considered, total)
             continue
         if settled:
             with db.write(conn):
                 conn.executemany(_UPSERT, settled)
-        for (action, tags), hashes in groups.items():
+        for (action, group_tags), hashes in groups.items():
             if action == "remove":
-                client.delete_tags(hashes, service_key, tags)
+                client.delete_tags(hashes, service_key, group_tags)
             else:
-                client.add_tags(hashes, service_key, tags, override_deleted=action == "readd")
+                client.add_tags(hashes, service_key, group_tags, override_deleted=action == "readd")
             rows = []
+            sent = set(group_tags)
             for sha in hashes:
                 rec = pending[sha]
                 if action == "remove":
-                    rec.pushed -= set(tags)
-                    rec.retracted |= set(tags)
+                    rec.pushed -= sent
+                    rec.retracted |= sent
                 else:
-                    rec.pushed |= set(tags)
-                    rec.retracted -= set(tags)
+                    rec.pushed |= sent
+                    rec.retracted -= sent
                 rec.calls_left -= 1
                 rows.append(_row(service_key, rec, 1, now))
             with db.write(conn):
                 conn.executemany(_UPSERT, rows)
         if progress:
-            progress(report.checked, report.checked)
+            progress(report.considered, total)
     log.info("%s", report.line())
     return report
