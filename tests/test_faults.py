@@ -231,6 +231,7 @@ def copy_model(src: Path, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.slow
 def test_item11_empty_model_file_is_one_line(tmp_path: Path, gallery: Path, probe_model: Path):
     model = copy_model(probe_model, tmp_path / "m")
     (model / "model.onnx").write_bytes(b"")
@@ -252,6 +253,7 @@ def test_item11_unreadable_model_file_is_one_line(
     assert str(model / "model.onnx") in line and "cannot be read" in line, line
 
 
+@pytest.mark.slow
 def test_item11_run_on_a_file_that_is_not_a_database(
     tmp_path: Path, gallery: Path, probe_model: Path
 ) -> None:
@@ -268,8 +270,11 @@ def test_item11_run_on_a_file_that_is_not_a_database(
     assert bogus.read_text().startswith("these are my notes")
 
 
-@pytest.fixture
-def tagged_index(tmp_path: Path, gallery: Path, probe_model: Path) -> Path:
+@pytest.fixture(scope="module")
+def tagged_index(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> Path:
+    """One small index shared by the read-only CLI tests below (a scan costs seconds)."""
+    tmp_path = tmp_path_factory.mktemp("indexed")
+    gallery = tmp_path / "gallery"
     save(gallery / "red.png", (250, 5, 5))
     save(gallery / "blue.png", (5, 5, 250))
     config = model_config(tmp_path, gallery, probe_model)
@@ -392,6 +397,7 @@ def _rows(database: Path) -> dict[str, object]:
     return {"scores": scores, "embeddings": embeddings, "taggings": taggings, "files": files}
 
 
+@pytest.mark.slow
 def test_item14_tag_store_writes_what_scan_writes(
     tmp_path: Path, gallery: Path, probe_model: Path
 ) -> None:
