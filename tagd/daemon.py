@@ -431,8 +431,9 @@ class Daemon:
             return None
         try:
             lease = self.config.daemon.lease_seconds
-            assert self.worker is not None
-            if now - self._last_heartbeat >= lease / 3 and now - self.worker.beat < lease:
+            worker = self.worker
+            alive = worker is not None and now - worker.beat < lease
+            if now - self._last_heartbeat >= lease / 3 and alive:
                 queue.heartbeat(self.conn, self.owner, lease)
                 self._last_heartbeat = now
             if now - self._last_status < STATUS_EVERY_S and not self.trouble.active:

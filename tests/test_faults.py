@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -441,3 +442,41 @@ def test_item14_tag_store_writes_what_scan_writes(
     assert run_tagd("-c", str(stored), "scan").returncode == 0
     assert run_tagd("-c", str(stored), "reindex").returncode == 0
     assert _rows(tmp_path / "stored" / "tagd.db") == b
+
+
+def test_item10_daemon_rides_out_a_lock_held_past_the_busy_timeout(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    """The supervising loop's status write meets a real lock (another connection's BEGIN
+    EXCLUSIVE): the error is reported in the health file and `tagd status`, retried with
+    backoff, and cleared by the first write that works; nothing raises."""
+    from tagd import status
+    from tagd.config import load
+    from tagd.daemon import Daemon
+
+    config_path = model_config(tmp_path, gallery, probe_model)
+    config = load(str(config_path))
+    daemon = Daemon(config, [])
+    daemon.conn.execute("PRAGMA busy_timeout = 50")
+    holder = sqlite3.connect(config.database, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        line = daemon.supervise_database(time.monotonic())
+        assert line is not None and "database is locked" in line and "next try in 2 s" in line
+        assert daemon.supervise_database(time.monotonic()) is None  # backing off
+        health = status.read_health(config.database)
+        assert "database is locked" in health["database_error"]
+        assert health["pid"] == os.getpid() and not health["stopped"]
+        holder.execute("ROLLBACK")
+        reader = sqlite3.connect(f"file:{config.database}?mode=ro", uri=True)
+        reader.row_factory = sqlite3.Row
+        report = status.report(reader, config.database)
+        reader.close()
+        assert report["daemon"] == "running" and "database is locked" in report["database_error"]
+        wait_for(lambda: daemon.supervise_database(time.monotonic()) is not None, timeout=10)
+        assert not daemon.trouble.active
+        assert status.read_health(config.database)["database_error"] is None
+    finally:
+        holder.close()
+        daemon.health.close()
+        daemon.conn.close()
