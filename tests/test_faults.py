@@ -349,9 +349,16 @@ def test_item13_query_starting_with_dash(tagged_index: Path, words: list[str]) -
     assert "blue.png" in out and "red.png" not in out, out
 
 
-def test_item13_only_exclusions_reach_the_query_parser(tagged_index: Path) -> None:
-    r = run_tagd("-c", str(tagged_index), "search", "-character:*")
-    assert r.returncode == 2 and "required" not in r.stderr
+@pytest.mark.parametrize(
+    "words", [["-character:*"], ["-(red | character:*)"], ["-(red", "|", "character:*)"]]
+)
+def test_item13_only_exclusions_reach_the_query_parser(
+    tagged_index: Path, words: list[str]
+) -> None:
+    """The forms from the issue: argparse used to answer "the following arguments are
+    required: query"; now the query parser answers, with its caret."""
+    r = run_tagd("-c", str(tagged_index), "search", *words)
+    assert r.returncode == 2 and "required" not in r.stderr, r.stderr
     assert "not only exclusions" in r.stderr and "^" in r.stderr
 
 
