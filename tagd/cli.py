@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -19,6 +20,11 @@ from tagd.names import for_humans
 
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
+# Marks a search word that starts with `-` so argparse takes it as a query term, not an option.
+_TERM_MARK = "\ue000"
+_GLOBAL_VALUE_OPTIONS = ("--config", "-c")
+
+log = logging.getLogger("tagd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,17 +98,68 @@ def _exact_stdout() -> None:
             reconfigure(errors="surrogateescape")
 
 
+def _command_index(argv: list[str]) -> int | None:
+    """Where the subcommand word is: the first word that is neither a global option nor the
+    value of one."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in _GLOBAL_VALUE_OPTIONS:
+            i += 2
+            continue
+        if word.startswith("-"):
+            i += 1
+            continue
+        return i
+    return None
+
+
+def mark_search_terms(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`tagd search -character:*` or `tagd search "-(a | b)"`: every `-word` after `search`
+    that is not one of its options (nor an option's value) is a query term; argparse would
+    read it as an unknown option and then miss the required query."""
+    at = _command_index(argv)
+    if at is None or argv[at] != "search":
+        return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "search"
+    ]
+    takes_value = {
+        o for a in sub._actions if a.nargs != 0 and a.option_strings for o in a.option_strings
+    }
+    out = argv[: at + 1]
+    rest = argv[at + 1 :]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if word == "--":
+            out += rest[i:]
+            break
+        if word in takes_value:
+            out += rest[i : i + 2]
+            i += 2
+            continue
+        if word.startswith("-") and not word.startswith("--"):
+            word = _TERM_MARK + word
+        out.append(word)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _exact_stdout()
     parser = build_parser()
+    argv = mark_search_terms(list(sys.argv[1:] if argv is None else argv), parser)
     args, extra = parser.parse_known_args(argv)
     if extra:
-        # `tagd search 1girl -monochrome`: a '-tag' the shell passed unquoted is a query term.
-        negations = [a for a in extra if a.startswith("-") and not a.startswith("--")]
-        if getattr(args, "query_terms_from_options", False) and negations == extra:
+        # `tagd search -hat --limit 5 1girl`: words after an option are query terms too.
+        terms = [a for a in extra if not a.startswith("--")]
+        if getattr(args, "query_terms_from_options", False) and terms == extra:
             args.query = [*args.query, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "query_terms_from_options", False):
+        args.query = [w.removeprefix(_TERM_MARK) for w in args.query]
     setup_logging(args.verbose, args.quiet)
     ctx = Context(args)
     try:
@@ -117,8 +174,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except sqlite3.Error as exc:
+        from tagd.dberrors import describe
+
+        log.debug("database error", exc_info=True)
+        print(f"tagd: {for_humans(describe(exc, _database_of(ctx)))}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except Exception as exc:
+        # The last resort: whatever escaped the commands is still one line, never a traceback.
+        log.debug("unexpected error", exc_info=True)
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(
+            f"tagd: unexpected error in `{args.command}`: {type(exc).__name__}: {detail} "
+            "(rerun with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     finally:
         ctx.close()
+
+
+def _database_of(ctx: Context) -> str | None:
+    try:
+        return str(ctx.config.database)
+    except Exception:
+        return None
 
 
 if __name__ == "__main__":

@@ -524,11 +524,14 @@ def _families(value: Any, key: str) -> dict[str, dict[str, Any]]:
             if not isinstance(size, list) or len(size) != 2:
                 raise ConfigError(f"{k}.size: expected a number or [height, width]")
             d["size"] = [_int(v, f"{k}.size", 1) for v in size]
+        if d.get("alpha_background", "") in (None, "drop"):
+            d["alpha_background"] = None  # drop alpha, as the DeepDanbooru reference does
         for opt in ("pad_color", "alpha_background"):
-            if opt in d:
+            if opt in d and not (opt == "alpha_background" and d[opt] is None):
                 c = d[opt]
                 if not isinstance(c, list) or len(c) != 3:
-                    raise ConfigError(f"{k}.{opt}: expected [r, g, b] with values 0-255")
+                    drop = " or drop" if opt == "alpha_background" else ""
+                    raise ConfigError(f"{k}.{opt}: expected [r, g, b] with values 0-255{drop}")
                 d[opt] = [_int(v, f"{k}.{opt}", 0) for v in c]
         for opt in ("mean", "std"):
             if opt in d:

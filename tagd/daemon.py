@@ -25,10 +25,11 @@ from pathlib import Path
 from tagd import db, queue, scanner
 from tagd.config import Config, ConfigError, WatchRoot
 from tagd.config import load as load_config
+from tagd.dberrors import DatabaseTrouble
 from tagd.notify import Notifier
 from tagd.pipeline import Pipeline, owner_id
 from tagd.progress import Progress, RateMeter
-from tagd.status import LAST_ERROR_KEY, STATE_KEY
+from tagd.status import LAST_ERROR_KEY, STATE_KEY, HealthFile
 from tagd.tagger import Tagger
 from tagd.watcher import Watcher
 
@@ -40,7 +41,6 @@ STATUS_EVERY_S = 5.0
 PROGRESS_LOG_EVERY_S = 60.0
 IDLE_POLL_S = 1.0
 STOP_GRACE_S = 10.0
-ERROR_PAUSE_S = 5.0
 REAP_EVERY_S = 60.0
 CHECKPOINT_EVERY_S = 300.0
 WAL_TRUNCATE_BYTES = 64 << 20
@@ -77,9 +77,13 @@ class DaemonRunning(Exception):
 class Worker:
     """Claims batches and runs them through the pipeline until told to stop."""
 
-    def __init__(self, pipeline: Pipeline, config: Config) -> None:
+    def __init__(
+        self, pipeline: Pipeline, config: Config, trouble: DatabaseTrouble | None = None
+    ) -> None:
         self.pipeline = pipeline
         self.config = config
+        self.trouble = trouble or DatabaseTrouble()
+        self._holding = False
         self.beat = time.monotonic()
         self.last_error: str | None = None
         self.stop = threading.Event()
@@ -95,7 +99,16 @@ class Worker:
         conn = self.pipeline.conn
         while not self.stop.is_set():
             self.beat = time.monotonic()
+            wait = self.trouble.waiting()
+            if wait:
+                # The database takes no writes: claim nothing until the next try.
+                self.stop.wait(min(wait, IDLE_POLL_S))
+                continue
             try:
+                if self._holding:
+                    # Jobs a failed batch could not hand back; the attempt does not count.
+                    queue.release(conn, self.pipeline.owner)
+                    self._holding = False
                 if queue.is_paused(conn):
                     self.wake.wait(IDLE_POLL_S)
                     self.wake.clear()
@@ -115,10 +128,11 @@ class Worker:
                     )
                 for path, reason in outcome.errors:
                     self.last_error = f"{path}: {reason}"
-            except sqlite3.OperationalError as exc:
-                self.last_error = f"database: {exc}"
-                log.error("worker: %s; retrying in %.0f s", self.last_error, ERROR_PAUSE_S)
-                self.stop.wait(ERROR_PAUSE_S)
+            except (sqlite3.Error, db.DatabaseError) as exc:
+                self._holding = True
+                delay = self.trouble.failed(exc, self.config.database)
+                self.last_error = self.trouble.error
+                log.error("worker: %s; not claiming work, next try in %.0f s", exc, delay)
             except Exception as exc:
                 # A model that stopped working (GPU lost, driver reset) needs a restart.
                 self.last_error = f"worker stopped: {type(exc).__name__}: {exc}"
@@ -144,6 +158,10 @@ class Daemon:
         self._reload_requested = False
         self._scan_stop = threading.Event()
         self.conn = db.connect(config.database)
+        self.trouble = DatabaseTrouble()
+        self.health = HealthFile(config.database)
+        self._last_status = self._last_heartbeat = 0.0
+        self._model_ids: list[int] = []
         self.worker: Worker | None = None
         self.watcher: Watcher | None = None
         self.scheduler = None
@@ -171,8 +189,12 @@ class Daemon:
         if reaped:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
         worker_conn = db.connect(config.database)
-        pipeline = Pipeline(worker_conn, config, self.taggers, owner=self.owner)
-        self.worker = Worker(pipeline, config)
+        try:
+            pipeline = Pipeline(worker_conn, config, self.taggers, owner=self.owner)
+        except BaseException:
+            worker_conn.close()
+            raise
+        self.worker = Worker(pipeline, config, self.trouble)
         self.watcher = Watcher(
             config.database,
             config,
@@ -192,7 +214,15 @@ class Daemon:
             self.worker.stop.set()
             self.worker.wake.set()
             self.worker.thread.join(timeout=STOP_GRACE_S)
-            released = queue.release(self.conn, self.owner)
+            try:
+                released = queue.release(self.conn, self.owner)
+            except sqlite3.Error as exc:
+                released = 0
+                self.trouble.failed(exc, self.config.database)
+                log.error(
+                    "%s; this daemon's jobs stay `running` until a tagd start queues them again",
+                    self.trouble.error,
+                )
             if self.worker.thread.is_alive():
                 log.warning(
                     "the batch in flight did not finish in time; %d jobs released", released
@@ -215,18 +245,21 @@ class Daemon:
             timezone=UTC,
         )
         now = datetime.now(UTC)
+        self._model_ids = model_ids
         scheduler.add_job(
-            self._reconcile,
+            self._guarded(self._reconcile),
             "interval",
             seconds=self.config.daemon.reconcile_interval,
             args=[self.config.watch, model_ids],
             id="reconcile",
             next_run_time=now,
         )
-        scheduler.add_job(self._reap, "interval", seconds=REAP_EVERY_S, id="reap")
-        scheduler.add_job(self._checkpoint, "interval", seconds=CHECKPOINT_EVERY_S, id="wal")
+        scheduler.add_job(self._guarded(self._reap), "interval", seconds=REAP_EVERY_S, id="reap")
         scheduler.add_job(
-            self._rank_cache,
+            self._guarded(self._checkpoint), "interval", seconds=CHECKPOINT_EVERY_S, id="wal"
+        )
+        scheduler.add_job(
+            self._guarded(self._rank_cache),
             "interval",
             seconds=self.config.daemon.rank_cache_interval,
             id="rank-cache",
@@ -243,6 +276,22 @@ class Daemon:
             )
         return scheduler
 
+    def _guarded(self, job):  # type: ignore[no-untyped-def]
+        """A scheduled job that meets a database error logs one line and runs again at its
+        next time; APScheduler would log a traceback."""
+
+        def run(*args: object) -> None:
+            try:
+                job(*args)
+            except (sqlite3.Error, db.DatabaseError) as exc:
+                delay = self.trouble.failed(exc, self.config.database)
+                log.error("%s: %s; next try in %.0f s or later", job.__name__, exc, delay)
+            except OSError as exc:
+                log.error("%s: %s; next try at its next run", job.__name__, exc)
+
+        run.__name__ = job.__name__
+        return run
+
     def _hydrus_sync(self) -> None:
         from tagd import hydrus
 
@@ -252,14 +301,27 @@ class Daemon:
             log.info("hydrus sync: %s", report)
         except Exception as exc:
             log.warning(
-                "hydrus sync failed, next try in %.0f s: %s", self.config.hydrus.interval, exc
+                "hydrus sync failed, next try in %.0f s: %s",
+                self.config.hydrus.interval,
+                hydrus.redact(str(exc)),
             )
         finally:
             conn.close()
 
     def _reconcile_soon(self, root: WatchRoot) -> None:
         if self.scheduler is not None:
-            self.scheduler.add_job(self._reconcile, args=[(root,), []])
+            self.scheduler.add_job(self._guarded(self._reconcile), args=[(root,), []])
+
+    def _recovered(self) -> None:
+        """Writes work again: queue what the watcher could not while they failed."""
+        log.info("the database takes writes again; tagging resumes")
+        if self.scheduler is not None:
+            self.scheduler.add_job(
+                self._guarded(self._reconcile),
+                args=[self.config.watch, self._model_ids],
+            )
+        if self.worker is not None:
+            self.worker.wake.set()
 
     def _reconcile(self, roots: tuple[WatchRoot, ...], model_ids: list[int]) -> None:
         """Catch up with whatever the watcher missed (downtime, overflow, network mounts)."""
@@ -408,6 +470,33 @@ class Daemon:
                 db.set_state(self.conn, LAST_ERROR_KEY, errors[-1])
         return self.status_line(counts, paused)
 
+    def supervise_database(self, now: float) -> str | None:
+        """Heartbeat the leases and publish status; a database error is ridden out, never
+        fatal. Returns the STATUS= line to send, or None when it is not time yet."""
+        if self.trouble.waiting():
+            return None
+        try:
+            lease = self.config.daemon.lease_seconds
+            worker = self.worker
+            alive = worker is not None and now - worker.beat < lease
+            if now - self._last_heartbeat >= lease / 3 and alive:
+                queue.heartbeat(self.conn, self.owner, lease)
+                self._last_heartbeat = now
+            if now - self._last_status < STATUS_EVERY_S and not self.trouble.active:
+                return None
+            line = self.publish()
+        except (sqlite3.Error, db.DatabaseError) as exc:
+            delay = self.trouble.failed(exc, self.config.database)
+            log.error("%s; not tagging, next try in %.0f s", self.trouble.error, delay)
+            self._last_status = now
+            self.health.write(os.getpid(), self.trouble)
+            return f"{self.trouble.error}; not tagging, next try in {delay:.0f} s"
+        self._last_status = now
+        if self.trouble.cleared():
+            self._recovered()
+        self.health.write(os.getpid(), self.trouble)
+        return line
+
     def _reload(self) -> None:
         source = self.config.source
         try:
@@ -428,12 +517,68 @@ class Daemon:
                 new = dataclasses.replace(new, models=self.config.models)
         self.config = new
         self._start_parts()
-        self.notifier.ready(self.publish())
+        self.notifier.ready(self._first_status())
+
+    def _start_when_writable(self) -> bool:
+        """Start the parts, waiting out a database that takes no writes (a full disk at boot)
+        rather than exiting into a restart loop. False if stopped while waiting."""
+        told_systemd = False
+        while not self._stop_requested:
+            try:
+                self._start_parts()
+                return True
+            except (sqlite3.Error, db.DatabaseError) as exc:
+                self._stop_parts()
+                delay = self.trouble.failed(exc, self.config.database)
+                line = f"{self.trouble.error}; not started, next try in {delay:.0f} s"
+                log.error("%s", line)
+                self.health.write(os.getpid(), self.trouble)
+                if not told_systemd:
+                    self.notifier.ready(line)
+                    told_systemd = True
+                else:
+                    self.notifier.status(line)
+                deadline = time.monotonic() + delay
+                while not self._stop_requested and time.monotonic() < deadline:
+                    time.sleep(TICK_S)
+        return False
+
+    def _first_status(self) -> str:
+        try:
+            line = self.publish()
+        except (sqlite3.Error, db.DatabaseError) as exc:
+            delay = self.trouble.failed(exc, self.config.database)
+            line = f"{self.trouble.error}; not tagging, next try in {delay:.0f} s"
+            log.error("%s", line)
+        else:
+            self.trouble.cleared()
+        self.health.write(os.getpid(), self.trouble)
+        return line
+
+    def _record_stop(self, worker: Worker | None) -> None:
+        if worker is not None and worker.last_error:
+            # keep the last error for `tagd status` even if it came after the last tick
+            with db.write(self.conn):
+                db.set_state(self.conn, LAST_ERROR_KEY, worker.last_error)
+        with db.write(self.conn):
+            info = json.loads(db.get_state(self.conn, STATE_KEY) or "{}")
+            info.update(
+                heartbeat=time.time(),
+                stopped=True,
+                healthy=False,
+                clean=self.exit_code == 0,
+                exit_code=self.exit_code,
+            )
+            db.set_state(self.conn, STATE_KEY, json.dumps(info, sort_keys=True))
 
     def run(self) -> int:
         """Start everything, tell systemd we are ready, supervise until SIGTERM."""
-        self._start_parts()
-        self.notifier.ready(self.publish())
+        if not self._start_when_writable():
+            self.notifier.stopping()
+            self.health.close()
+            self.conn.close()
+            return self.exit_code
+        self.notifier.ready(self._first_status())
         log.info(
             "tagd running: %d root%s, models %s on %s",
             len(self.config.watch),
@@ -442,7 +587,8 @@ class Daemon:
             self.provider(),
         )
         ping_every = self.notifier.ping_interval()
-        last_ping = last_status = last_heartbeat = last_line = 0.0
+        last_ping = last_line = 0.0
+        self._last_status = self._last_heartbeat = time.monotonic()
         live = self._live_line()
         try:
             while not self._stop_requested:
@@ -456,18 +602,15 @@ class Daemon:
                     log.error("the worker stopped: %s; exiting", self.worker.last_error)
                     self.exit_code = 1
                     break
-                lease = self.config.daemon.lease_seconds
-                if now - last_heartbeat >= lease / 3 and now - self.worker.beat < lease:
-                    queue.heartbeat(self.conn, self.owner, lease)
-                    last_heartbeat = now
-                if now - last_status >= STATUS_EVERY_S:
-                    self.notifier.status(self.publish())
-                    last_status = now
-                    if live is not None:
-                        self._show_live(live)
-                    elif now - last_line >= PROGRESS_LOG_EVERY_S and self._busy():
-                        log.info("progress: %s", self._progress_text())
-                        last_line = now
+                line = self.supervise_database(now)
+                if line is not None:
+                    self.notifier.status(line)
+                    if self.counts and not self.trouble.active:
+                        if live is not None:
+                            self._show_live(live)
+                        elif now - last_line >= PROGRESS_LOG_EVERY_S and self._busy():
+                            log.info("progress: %s", self._progress_text())
+                            last_line = now
                 if ping_every is not None and now - last_ping >= ping_every and self.healthy():
                     self.notifier.watchdog()
                     last_ping = now
@@ -478,19 +621,11 @@ class Daemon:
             log.info("stopping: finishing the batch in flight")
             worker = self.worker
             self._stop_parts()
-            if worker is not None and worker.last_error:
-                # keep the last error for `tagd status` even if it came after the last tick
-                with db.write(self.conn):
-                    db.set_state(self.conn, LAST_ERROR_KEY, worker.last_error)
-            with db.write(self.conn):
-                info = json.loads(db.get_state(self.conn, STATE_KEY) or "{}")
-                info.update(
-                    heartbeat=time.time(),
-                    stopped=True,
-                    healthy=False,
-                    clean=self.exit_code == 0,
-                    exit_code=self.exit_code,
-                )
-                db.set_state(self.conn, STATE_KEY, json.dumps(info, sort_keys=True))
+            try:
+                self._record_stop(worker)
+            except (sqlite3.Error, db.DatabaseError) as exc:
+                log.error("stopping: status not recorded: %s", exc)
+            self.health.write(os.getpid(), self.trouble, stopped=True)
+            self.health.close()
             self.conn.close()
         return self.exit_code

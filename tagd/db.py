@@ -12,7 +12,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
 
@@ -49,15 +49,25 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
             raise DatabaseError(f"cannot open database {path}: {exc}") from exc
     conn.row_factory = sqlite3.Row
     conn.text_factory = TEXT_FACTORY
-    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    if not readonly:
-        _enable_wal(conn)
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        migrate(conn)
-    else:
-        check_version(conn)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        if not readonly:
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            migrate(conn)
+        else:
+            check_version(conn)
+    except sqlite3.DatabaseError as exc:
+        # "file is not a database", a full disk during a migration: one line naming the file.
+        from tagd.dberrors import describe
+
+        conn.close()
+        raise DatabaseError(describe(exc, path)) from exc
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -84,9 +94,23 @@ def write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     try:
         yield conn
     except BaseException:
-        conn.execute("ROLLBACK")
+        rollback(conn)
         raise
-    conn.execute("COMMIT")
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        rollback(conn)
+        raise
+
+
+def rollback(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open. SQLite rolls back by itself on a full disk or
+    an I/O error; a second ROLLBACK would then replace the real error with "cannot rollback -
+    no transaction is active"."""
+    if not conn.in_transaction:
+        return
+    with suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -147,9 +171,13 @@ def migrate(conn: sqlite3.Connection) -> int:
                 (f"migration.{version:04d}", f"{name} applied {time.time():.0f}"),
             )
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
     return schema_version(conn)
 
 

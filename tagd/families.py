@@ -61,8 +61,10 @@ WD14 = Family(
 )
 
 # KichangKim/DeepDanbooru load_image_for_evaluate: area resize keeping aspect, centred with
-# edge-replicated padding, RGB /255, NHWC; sigmoid inside the model. The reference drops alpha
-# (exposing whatever colour hides under transparent pixels); tagd composites on white.
+# edge-replicated padding, RGB /255, NHWC; sigmoid inside the model. The reference decodes to
+# 3 channels, dropping alpha (the colour stored under transparent pixels shows), and so does
+# tagd by default: the model was trained that way. `alpha_background` in a custom family
+# overrides it.
 DEEPDANBOORU = Family(
     name="deepdanbooru",
     model_file="model.onnx",
@@ -73,7 +75,7 @@ DEEPDANBOORU = Family(
         layout="NHWC",
         channels="RGB",
         fit="fit-edge",
-        alpha_background=(255, 255, 255),
+        alpha_background=None,
         resample="box",
         scale=1 / 255,
     ),
@@ -81,9 +83,9 @@ DEEPDANBOORU = Family(
     thresholds={"general": 0.5, "character": 0.5, "rating": "top"},
 )
 
-# 7eu7d7/ML-Danbooru demo.py: torchvision Resize((S, S)) (stretch, bilinear), ToTensor, no
-# Normalize; NCHW RGB 0-1; logits. S is read from the graph (CAFormer 448, TResNet-D 640);
-# 448 where the export leaves it symbolic.
+# 7eu7d7/ML-Danbooru demo.py: Image.open(...).convert("RGB") (alpha dropped), torchvision
+# Resize((S, S)) (stretch, bilinear), ToTensor, no Normalize; NCHW RGB 0-1; logits. S is read
+# from the graph (CAFormer 448, TResNet-D 640); 448 where the export leaves it symbolic.
 ML_DANBOORU = Family(
     name="ml-danbooru",
     model_file="model.onnx",
@@ -94,7 +96,7 @@ ML_DANBOORU = Family(
         layout="NCHW",
         channels="RGB",
         fit="stretch",
-        alpha_background=(255, 255, 255),
+        alpha_background=None,
         resample="bilinear",
         scale=1 / 255,
     ),
@@ -348,7 +350,7 @@ def custom(name: str, settings: Mapping[str, Any], known: Mapping[str, Family]) 
     base = known[settings.get("base", "wd14")]
     spec_changes = {k: v for k, v in settings.items() if k in _SPEC_FIELDS}
     for key in ("size", "pad_color", "alpha_background", "mean", "std"):
-        if key in spec_changes:
+        if spec_changes.get(key) is not None:
             spec_changes[key] = tuple(spec_changes[key])
     label_file = settings.get("label_file", base.label_file)
     label_format = settings.get("label_format")

@@ -67,6 +67,8 @@ def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
 def find_head(model: onnx.ModelProto, output: str | None = None) -> Head:
     """Walk back from the (first) graph output: [Sigmoid] ← [Add bias] ← MatMul/Gemm."""
     graph = model.graph
+    if not graph.output:
+        raise GraphError("the graph has no outputs")
     output = output or graph.output[0].name
     producer = {o: n for n in graph.node for o in n.output}
     consts = _constants(model)

@@ -58,22 +58,48 @@ def _local(model: ModelConfig, family: Family) -> ModelFiles:
         )
     onnx_path, labels = folder / family.model_file, folder / family.label_file
     for p in (onnx_path, labels):
-        if not p.is_file():
+        if not p.exists():
             raise ModelError(
                 f"model {model.name!r}: {p} is missing; the folder needs {family.model_file} "
                 f"and {family.label_file} (the {family.name} layout)"
             )
+        check_readable(model.name, p)
     extras = {}
     if family.config_file and (folder / family.config_file).is_file():
         extras[family.config_file] = folder / family.config_file
-    return ModelFiles(onnx_path, labels, "sha256:" + _file_digest(onnx_path)[:16], extras)
+    return ModelFiles(
+        onnx_path, labels, "sha256:" + _file_digest(model.name, onnx_path)[:16], extras
+    )
 
 
-def _file_digest(path: Path) -> str:
+def check_readable(name: str, path: Path) -> None:
+    """A model file that exists but cannot be used: one line, not an error deep in a parser."""
+    try:
+        with open(path, "rb") as fh:
+            empty = not fh.read(1)
+    except OSError as exc:
+        raise ModelError(
+            f"model {name!r}: {path} cannot be read ({exc.strerror or exc}); it must be a "
+            "readable file: fix its permissions or fetch it again"
+        ) from None
+    if empty:
+        raise ModelError(
+            f"model {name!r}: {path} is empty (0 bytes), an interrupted download or copy: "
+            "delete it and fetch or copy it again"
+        )
+
+
+def _file_digest(name: str, path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    except OSError as exc:
+        raise ModelError(
+            f"model {name!r}: {path} cannot be read ({exc.strerror or exc}): fix its "
+            "permissions or copy it again"
+        ) from None
     return h.hexdigest()
 
 
@@ -153,6 +179,7 @@ def _from_hub(
                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the network "
                 "or use `path:` with a local folder"
             ) from None
+        check_readable(model.name, Path(local))
         if filename in optional:
             extras[filename] = Path(local)
         else:

@@ -9,16 +9,18 @@ The access key is read from a file or the environment and never logged.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,36 @@ ADD, DELETE = "0", "1"  # content actions on a local tag service
 
 
 class HydrusError(Exception):
-    """Hydrus is unreachable, refused us, or answered something unexpected; phrased for users."""
+    """Hydrus is unreachable, refused us, or answered something unexpected; phrased for users.
+
+    Credentials in a URL (`http://user:secret@host`) never reach the message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+
+
+def redact(text: str) -> str:
+    """`scheme://user:password@host` → `scheme://***@host`, wherever it occurs in `text`."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def split_userinfo(url: str) -> tuple[str, str | None]:
+    """The URL without `user:password@`, and those credentials as a Basic Authorization value
+    (for a reverse proxy in front of Hydrus), or None."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
 @dataclass(frozen=True)
@@ -178,7 +209,11 @@ class Client:
     """The few Client API endpoints tagd uses, over urllib (no extra HTTP dependency)."""
 
     def __init__(self, url: str, access_key: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
+        try:
+            clean, self._auth = split_userinfo(url.rstrip("/"))
+        except ValueError:
+            raise HydrusError(f"hydrus.url {url}: not a valid URL (check the port)") from None
+        self.url = clean
         self._key = access_key
         self.timeout = timeout
 
@@ -192,6 +227,8 @@ class Client:
                 {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
             )
         headers = {KEY_HEADER: self._key, "Accept": "application/json"}
+        if self._auth:
+            headers["Authorization"] = self._auth
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -385,6 +422,92 @@ class _Prev:
     retracted: frozenset[str]
 
 
+@dataclass
+class _Pending:
+    """One file's record while its groups go out: what Hydrus has confirmed so far."""
+
+    file_id: int
+    digest: str
+    pushed: set[str]
+    retracted: set[str]
+    calls_left: int
+
+
+PREV_CHUNK = 512
+_UPSERT = """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
+                                       checked_at, retracted)
+              VALUES (?, ?, ?, ?, ?, ?, ?)
+              ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
+                  desired_hash = excluded.desired_hash, pushed = excluded.pushed,
+                  checked_at = excluded.checked_at, retracted = excluded.retracted"""
+
+
+def _previous(conn: sqlite3.Connection, service_key: str, ids: list[int]) -> dict[int, _Prev]:
+    rows = conn.execute(
+        "SELECT file_id, known, desired_hash, pushed, checked_at, retracted FROM hydrus_pushed "
+        "WHERE service_key = ? AND file_id IN (SELECT value FROM json_each(?))",
+        (service_key, json.dumps(ids)),
+    )
+    return {
+        int(r[0]): _Prev(
+            bool(r[1]),
+            str(r[2]),
+            frozenset(json.loads(r[3])),
+            float(r[4]),
+            frozenset(json.loads(r[5])),
+        )
+        for r in rows
+    }
+
+
+def _changed(
+    conn: sqlite3.Connection, cfg: HydrusConfig, service_key: str, report: SyncReport, now: float
+) -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
+    """Files whose effective tags changed since the last sync (or worth a recheck), streamed:
+    at most PREV_CHUNK files and their records are in memory at a time."""
+    chunk: list[FileTagSet] = []
+
+    def flush() -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
+        prev = _previous(conn, service_key, [fs.file_id for fs in chunk])
+        for fs in chunk:
+            desired = desired_tags(fs, cfg)
+            digest = _digest(desired)
+            p = prev.get(fs.file_id)
+            fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
+            if p is not None and p.desired_hash == digest and fresh:
+                continue
+            if desired or (cfg.retract and p is not None and p.pushed):
+                yield fs, desired, digest, p
+        chunk.clear()
+
+    for fs in iter_files(conn, models=cfg.models or None):
+        report.considered += 1
+        chunk.append(fs)
+        if len(chunk) >= PREV_CHUNK:
+            yield from flush()
+    yield from flush()
+
+
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _row(service_key: str, p: _Pending, known: int, now: float) -> tuple[Any, ...]:
+    # A file with calls still to make keeps no digest, so the next sync plans it again.
+    digest = p.digest if p.calls_left == 0 else ""
+    return (
+        p.file_id, service_key, known, digest, json.dumps(sorted(p.pushed)), now,
+        json.dumps(sorted(p.retracted)),
+    )  # fmt: skip
+
+
 def sync(
     conn: sqlite3.Connection,
     config: Any,
@@ -393,93 +516,85 @@ def sync(
     client: Client | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SyncReport:
-    """One pass over the index; the daemon schedules this every `hydrus.interval` seconds."""
+    """One pass over the index; the daemon schedules this every `hydrus.interval` seconds.
+
+    Each request's outcome is recorded as soon as Hydrus accepts it: tags tagd added or
+    removed must never later count as a human's, even if a later request fails or the daemon
+    stops mid-sync.
+    """
     cfg: HydrusConfig = config.hydrus if isinstance(config.hydrus, HydrusConfig) else HydrusConfig()
     client = client or Client(cfg.url, cfg.access_key(), cfg.timeout)
     client.api_version()
     service_key = client.tag_service_key(cfg.service)
-    prev = {
-        int(r[0]): _Prev(
-            bool(r[1]),
-            str(r[2]),
-            frozenset(json.loads(r[3])),
-            float(r[4]),
-            frozenset(json.loads(r[5])),
-        )
-        for r in conn.execute(
-            "SELECT file_id, known, desired_hash, pushed, checked_at, retracted "
-            "FROM hydrus_pushed WHERE service_key = ?",
-            (service_key,),
-        )
-    }
     now = time.time()
     report = SyncReport(dry_run=dry_run)
-    todo: list[tuple[FileTagSet, list[str], str]] = []
-    for fs in iter_files(conn, models=cfg.models or None):
-        report.considered += 1
-        desired = desired_tags(fs, cfg)
-        digest = _digest(desired)
-        p = prev.get(fs.file_id)
-        fresh = p is not None and (p.known or now - p.checked_at < cfg.recheck_unknown_after)
-        if p is not None and p.desired_hash == digest and fresh:
-            continue
-        if desired or (cfg.retract and p is not None and p.pushed):
-            todo.append((fs, desired, digest))
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
-        remote = client.file_tags([fs.sha256 for fs, _, _ in batch], service_key)
-        rows: list[tuple[int, str, int, str, str, float, str]] = []
+    total = conn.execute(
+        "SELECT count(*) FROM files f WHERE EXISTS "
+        "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0)"
+    ).fetchone()[0]
+    for batch in _batches(_changed(conn, cfg, service_key, report, now), cfg.batch_size):
+        remote = client.file_tags([fs.sha256 for fs, _, _, _ in batch], service_key)
+        settled: list[tuple[Any, ...]] = []
+        pending: dict[str, _Pending] = {}
         # (action, tags) → hashes; "readd": tags tagd itself removed, past their deletion record
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-        for fs, desired, digest in batch:
+        for fs, desired, digest, p in batch:
             report.checked += 1
-            p = prev.get(fs.file_id)
             pushed = set(p.pushed) if p else set()
             retracted = set(p.retracted) if p else set()
             state = remote.get(fs.sha256)
             if state is None:
                 report.unknown += 1
-                rows.append(
-                    (fs.file_id, service_key, 0, digest, json.dumps(sorted(pushed)), now,
-                     json.dumps(sorted(retracted)))
-                )  # fmt: skip
+                settled.append(
+                    _row(service_key, _Pending(fs.file_id, digest, pushed, retracted, 0), 0, now)
+                )
                 continue
             present, deleted = state
             plan = plan_file(desired, present, deleted, pushed, retracted, cfg.retract)
             report.kept_deleted += plan.kept_deleted
+            calls = 0
             for action, tags in (("add", plan.add), ("readd", plan.readd), ("remove", plan.remove)):
                 if tags:
                     groups.setdefault((action, tuple(tags)), []).append(fs.sha256)
+                    calls += 1
             if plan.add or plan.readd:
                 report.files_updated += 1
                 report.tags_added += len(plan.add) + len(plan.readd)
                 if dry_run:
                     report.planned[fs.sha256] = [*plan.add, *plan.readd]
             report.tags_removed += len(plan.remove)
-            rows.append(
-                (fs.file_id, service_key, 1, digest, json.dumps(sorted(plan.pushed)), now,
-                 json.dumps(sorted(plan.retracted)))
-            )  # fmt: skip
+            record = _Pending(fs.file_id, digest, pushed, retracted, calls)
+            if calls:
+                pending[fs.sha256] = record
+            else:
+                settled.append(_row(service_key, record, 1, now))
         if dry_run:
             if progress:
-                progress(min(start + cfg.batch_size, len(todo)), len(todo))
+                progress(report.considered, total)
             continue
-        for (action, tags), hashes in groups.items():
+        if settled:
+            with db.write(conn):
+                conn.executemany(_UPSERT, settled)
+        for (action, group_tags), hashes in groups.items():
             if action == "remove":
-                client.delete_tags(hashes, service_key, tags)
+                client.delete_tags(hashes, service_key, group_tags)
             else:
-                client.add_tags(hashes, service_key, tags, override_deleted=action == "readd")
-        with db.write(conn):
-            conn.executemany(
-                """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
-                                             checked_at, retracted)
-                   VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
-                       desired_hash = excluded.desired_hash, pushed = excluded.pushed,
-                       checked_at = excluded.checked_at, retracted = excluded.retracted""",
-                rows,
-            )
+                client.add_tags(hashes, service_key, group_tags, override_deleted=action == "readd")
+            rows = []
+            sent = set(group_tags)
+            for sha in hashes:
+                rec = pending[sha]
+                if action == "remove":
+                    rec.pushed -= sent
+                    rec.retracted |= sent
+                else:
+                    rec.pushed |= sent
+                    rec.retracted -= sent
+                rec.calls_left -= 1
+                rows.append(_row(service_key, rec, 1, now))
+            with db.write(conn):
+                conn.executemany(_UPSERT, rows)
         if progress:
-            progress(min(start + cfg.batch_size, len(todo)), len(todo))
+            progress(report.considered, total)
     log.info("%s", report.line())
     return report

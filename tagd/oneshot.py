@@ -1,7 +1,9 @@
 """One-shot tagging for scripts (`tagd tag`): read → decode → predict → select, no daemon.
 
-Uses the daemon's stages (decode.read_file, pipeline.decode_and_prepare, Tagger.predict,
-thresholds.select) so a file gets the same tags either way.
+Uses the daemon's stages (decode.read_file, pipeline.decode_and_prepare,
+Tagger.predict_with_embeddings, results.decide / results.save) so a file gets the same tags
+either way, and `--store` writes exactly the rows a scan writes: the configured thresholds,
+blacklist and aliases decide, and the embedding is kept.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tagd import db, media, store
-from tagd.config import VideoSettings
+from tagd import db, media, results, tagrules
+from tagd.config import TagRules, VideoSettings
 from tagd.decode import DecodeError, FileBytes, read_file
-from tagd.media import frames_of
-from tagd.pipeline import decode_and_prepare, register
+from tagd.media import MediaInfo, frames_of
+from tagd.pipeline import decode_and_prepare, register, store_file
 from tagd.tagger import Tagger
-from tagd.thresholds import groups, select_grouped
 from tagd.workers import draft_size
 
 
@@ -72,56 +73,88 @@ def tag_paths(
     floor: float = 0.05,
     memory_budget: int | None = None,
     max_file_bytes: int | None = None,
+    tag_rules: TagRules | None = None,
 ) -> Iterator[Result]:
-    """Results in input order, batch by batch; with `conn`, also stored like the pipeline does.
+    """Results in input order, batch by batch; with `conn`, also stored as a scan stores them.
 
+    `rules` (a `--threshold` override) decides what is printed; what is stored is decided by
+    the model's configured thresholds, so the index never depends on how a file got there.
     Files are read here, in this process: FIFOs and devices are refused by read_file, and
-    `memory_budget` (header estimate) and `max_file_bytes` bound what one file may cost."""
+    `memory_budget` (header estimate) and `max_file_bytes` bound what one file may cost.
+    """
     record = None
     if conn is not None:
         with db.write(conn):
             record = register(conn, tagger, floor)
     namespaces = tagger.labels.namespaces
-    by_ns = groups(namespaces)
+    # The same rules a scan applies: the config's, the imported ones, the model's own
+    # per-tag thresholds.
+    base_rules = tag_rules if tag_rules is not None else TagRules()
+    resolved = results.resolve_rules(
+        tagger.labels.names,
+        namespaces,
+        tagrules.effective(conn, base_rules) if conn is not None else base_rules,
+        tagger.labels.thresholds,
+    )
     for batch in _batches(paths, batch_size):
         ok: list[_Decoded] = []
-        results: dict[str, Result] = {}
+        out: dict[str, Result] = {}
         for path in batch:
             try:
-                file, w, h, fmt, tensors = _decode(
+                file, w, h, fmt, tensors, info = _decode(
                     path, tagger, max_pixels, max_file_bytes=max_file_bytes, budget=memory_budget
                 )
             except DecodeError as exc:
-                results[path] = Result(path, None, [], exc.reason)
+                out[path] = Result(path, None, [], exc.reason)
                 continue
             except Exception as exc:
-                results[path] = Result(path, None, [], f"decoder error: {type(exc).__name__}")
+                out[path] = Result(path, None, [], f"decoder error: {type(exc).__name__}")
                 continue
-            ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name]))
+            ok.append(_Decoded(path, file, w, h, fmt, tensors[tagger.name], info))
         if ok:
             # Videos and animations carry several frames: aggregated per file (tagd.media).
             owner = np.concatenate([[i] * len(frames_of(d.tensor)) for i, d in enumerate(ok)])
-            frame_probs = tagger.predict(np.concatenate([frames_of(d.tensor) for d in ok]))
-            probs = np.stack(
-                [media.aggregate(frame_probs[owner == i], None, "max")[0] for i in range(len(ok))]
+            frame_probs, frame_embs = tagger.predict_with_embeddings(
+                np.concatenate([frames_of(d.tensor) for d in ok])
             )
-            masks = [select_grouped(row, by_ns, rules) for row in probs]
-            for d, row, mask in zip(ok, probs, masks, strict=True):
-                idx = np.flatnonzero(mask)
-                idx = idx[np.argsort(-row[idx], kind="stable")]
-                tags = [(namespaces[i], tagger.labels.names[i], float(row[i])) for i in idx]
-                results[d.path] = Result(d.path, d.file.sha256, tags)
+            agg = [
+                media.aggregate(
+                    frame_probs[owner == i],
+                    None if frame_embs is None else frame_embs[owner == i],
+                    "max",
+                )
+                for i in range(len(ok))
+            ]
+            probs = [a[0] for a in agg]
+            embs = [a[1] for a in agg]
+            for d, row in zip(ok, probs, strict=True):
+                mask, targets = results.decide(row, rules, resolved)
+                tags = [
+                    (namespaces[i], tagger.labels.names[i], float(row[i]))
+                    for i in np.flatnonzero(mask)
+                ]
+                tags += [(ns, name, score) for (ns, name), score in targets.items()]
+                tags.sort(key=lambda t: -t[2])
+                out[d.path] = Result(d.path, d.file.sha256, tags)
             if conn is not None and record is not None:
                 with db.write(conn):
-                    for d, row, mask in zip(ok, probs, masks, strict=True):
+                    for i, (d, row) in enumerate(zip(ok, probs, strict=True)):
                         f = d.file
-                        fid = store.upsert_file(conn, f.sha256, f.size, d.width, d.height, d.format)
-                        store.upsert_path(conn, d.path, fid, f.size, f.mtime_ns)
-                        store.save_prediction(
-                            conn, file_id=fid, model=record, scores=row, selected=mask, floor=floor
+                        fid = store_file(conn, d.path, f, d.width, d.height, d.format)
+                        if d.media is not None:
+                            media.save_info(conn, fid, d.media)
+                        results.save(
+                            conn,
+                            file_id=fid,
+                            model=record,
+                            scores=row,
+                            thresholds=tagger.thresholds,
+                            rules=resolved,
+                            floor=floor,
+                            embedding=embs[i],
                         )
         for path in batch:
-            yield results[path]
+            yield out[path]
 
 
 def _decode(
@@ -131,7 +164,7 @@ def _decode(
     *,
     max_file_bytes: int | None,
     budget: int | None,
-) -> tuple[FileBytes, int, int, str | None, dict[str, np.ndarray]]:
+) -> tuple[FileBytes, int, int, str | None, dict[str, np.ndarray], MediaInfo | None]:
     """Still images as the daemon reads them; videos hashed in chunks and sampled by path,
     animations sampled from their bytes (default `video:` settings, max per tag)."""
     specs = {tagger.name: tagger.spec}
@@ -143,10 +176,10 @@ def _decode(
         file = read_file(path, max_bytes=max_file_bytes)
         found = media.decode(file.data, specs, max_pixels, VideoSettings(), target)
     if found is not None:
-        w, h, fmt, tensors, _ = found
-        return file, w, h, fmt, tensors
+        w, h, fmt, tensors, info = found
+        return file, w, h, fmt, tensors, info
     w, h, fmt, tensors = decode_and_prepare(file, specs, max_pixels, budget=budget)
-    return file, w, h, fmt, tensors
+    return file, w, h, fmt, tensors, None
 
 
 @dataclass(frozen=True)
@@ -157,3 +190,4 @@ class _Decoded:
     height: int
     format: str | None
     tensor: np.ndarray
+    media: MediaInfo | None = None

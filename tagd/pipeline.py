@@ -87,6 +87,20 @@ def tag_thresholds_setting(values: tuple[float, ...] | None) -> dict[str, object
     return {"tag_thresholds": [None if v != v else v for v in values]}
 
 
+def store_file(
+    conn: sqlite3.Connection,
+    path: str,
+    file: FileBytes,
+    width: int | None,
+    height: int | None,
+    fmt: str | None,
+) -> int:
+    """The file row and its path, as every writer of results records them; returns the id."""
+    file_id = store.upsert_file(conn, file.sha256, file.size, width, height, fmt)
+    store.upsert_path(conn, path, file_id, file.size, file.mtime_ns)
+    return file_id
+
+
 def owner_id() -> str:
     """Lease owner: host, pid and the process's start time (clock ticks since boot), so any
     tagd on this host can tell whether the owner still runs (queue.owner_alive)."""
@@ -372,10 +386,17 @@ class Pipeline:
                 if result is not None:
                     accept(result)
         except BaseException:
-            self._release(unfinished())
+            try:
+                self._release(unfinished())
+            except sqlite3.Error as exc:
+                # The daemon's worker releases them once the database takes writes again.
+                log.debug("jobs not released: %s", exc)
             if writer:
                 writer.finish(raising=False)
-            queue.release(self.conn, self.owner)
+            try:
+                queue.release(self.conn, self.owner)
+            except sqlite3.Error as exc:
+                log.debug("jobs not released: %s", exc)
             raise
         finally:
             if pool is not None and pool is not self._pool:
@@ -484,10 +505,7 @@ class Pipeline:
         by_name = {t.name: t for t in self.taggers}
         with db.write(conn):
             for p in prepared:
-                file_id = store.upsert_file(
-                    conn, p.file.sha256, p.file.size, p.width, p.height, p.format
-                )
-                store.upsert_path(conn, p.job.path, file_id, p.file.size, p.file.mtime_ns)
+                file_id = store_file(conn, p.job.path, p.file, p.width, p.height, p.format)
                 if p.media is not None:
                     media.save_info(conn, file_id, p.media)
                 for name in p.tensors:

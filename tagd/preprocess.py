@@ -52,7 +52,9 @@ class PreprocessSpec:
     # stages: the `stages` below, in order (read from a model's preprocess.json).
     fit: Literal["pad", "stretch", "fit-pad", "fit-edge", "fit-tensor", "stages"] = "pad"
     pad_color: tuple[int, int, int] = (255, 255, 255)
-    alpha_background: tuple[int, int, int] = (255, 255, 255)
+    # None: drop the alpha channel and keep the colour stored under transparent pixels, as
+    # references that decode to 3 channels do (DeepDanbooru, ML-Danbooru).
+    alpha_background: tuple[int, int, int] | None = (255, 255, 255)
     resample: str = "bicubic"
     upscale: bool = True
     scale: float = 1.0
@@ -68,8 +70,8 @@ class PreprocessSpec:
         return replace(self, size=(height, width))
 
 
-def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Any Pillow mode → RGB, compositing transparency onto `background`."""
+def to_rgb(image: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    """Any Pillow mode → RGB, compositing transparency onto `background` (None: drop it)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(image, dtype=np.uint32 if image.mode == "I" else np.uint16)
         peak = 65535 if image.mode != "I" or arr.max() > 255 else 255
@@ -77,6 +79,8 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     elif image.mode == "F":
         arr = np.clip(np.asarray(image, dtype=np.float32), 0.0, 255.0)
         image = Image.fromarray(arr.round().astype(np.uint8))
+    if background is None:
+        return image if image.mode == "RGB" else image.convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("LA", "PA", "La", "RGBa"):

@@ -45,6 +45,11 @@ DEFAULT_MIN_SIM = 0.9
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2}
 SIZE_UNITS |= {"mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "y": 365 * 86400}
+# Limits that keep any text to a result or a QueryError within a second, and the SQL within
+# SQLite's limits (expression depth 1000, 127 arguments to max()).
+MAX_QUERY_CHARS = 4000
+MAX_DEPTH = 10
+MAX_TERMS = 64
 
 
 class QueryError(Exception):
@@ -56,9 +61,16 @@ class QueryError(Exception):
         self.column = column
         self.query = query
 
-    def caret(self) -> str:
-        """The query with a caret under the offending column, for terminals."""
-        return f"{self.query}\n{' ' * self.column}^ {self.message}"
+    def caret(self, width: int = 72) -> str:
+        """The query with a caret under the offending column, for terminals; a long query is
+        cut to the part around the column."""
+        text, col = self.query, self.column
+        if len(text) > width:
+            start = max(0, min(col - width // 2, len(text) - width))
+            end = start + width
+            text = ("…" if start else "") + text[start:end] + ("…" if end < len(text) else "")
+            col = col - start + (1 if start else 0)
+        return f"{text}\n{' ' * col}^ {self.message}"
 
 
 @dataclass(frozen=True)
@@ -231,14 +243,17 @@ def tokenize(query: str) -> list[Token]:
                 break
             del chars[0]
             col += 1
+        # Counted once, not per ')': a word of thousands of ')' must not take quadratic time.
+        opened = sum(1 for ch, q in chars if ch == "(" and not q)
+        closed = sum(1 for ch, q in chars if ch == ")" and not q)
+        text = "".join(c for c, _ in chars)
         while chars and chars[-1] == (")", False):
-            body = "".join(ch for ch, q in chars if not q)
-            if body.count(")") <= body.count("(") or is_kaomoji(
-                _bare("".join(c for c, _ in chars))
-            ):
+            if closed <= opened or is_kaomoji(_bare(text[: len(chars)])):
                 break
             chars.pop()
-            tail.insert(0, Token(")", ")", col + len(chars)))
+            closed -= 1
+            tail.append(Token(")", ")", col + len(chars)))
+        tail.reverse()
         if chars:
             text = "".join(c for c, _ in chars)
             colons = tuple(k for k, (c, q) in enumerate(chars) if c == ":" and not q)
@@ -265,8 +280,16 @@ class _Parser:
     def __init__(self, query: str, namespaces: frozenset[str]) -> None:
         self.query = query
         self.namespaces = namespaces
+        if len(query) > MAX_QUERY_CHARS:
+            raise QueryError(
+                f"query longer than {MAX_QUERY_CHARS} characters: split it into several searches",
+                MAX_QUERY_CHARS,
+                query,
+            )
         self.tokens = tokenize(query)
         self.pos = 0
+        self.depth = 0
+        self.terms = 0
 
     def error(self, message: str, column: int) -> QueryError:
         return QueryError(message, column, self.query)
@@ -308,6 +331,24 @@ class _Parser:
 
     def parse_unary(self) -> Node:
         tok = self.tokens[self.pos]
+        if tok.kind in ("-", "("):
+            if self.depth >= MAX_DEPTH:
+                raise self.error(
+                    f"nested deeper than {MAX_DEPTH} levels of ( ) and -: flatten the query",
+                    tok.column,
+                )
+            self.depth += 1
+            try:
+                return self._nested(tok)
+            finally:
+                self.depth -= 1
+        self.terms += 1
+        if self.terms > MAX_TERMS:
+            raise self.error(f"more than {MAX_TERMS} terms: split the query", tok.column)
+        self.pos += 1
+        return _term(tok, self.query, self.namespaces)
+
+    def _nested(self, tok: Token) -> Node:
         if tok.kind == "-":
             self.pos += 1
             nxt = self.peek()
@@ -325,8 +366,7 @@ class _Parser:
                 raise self.error("unclosed '('", tok.column)
             self.pos += 1
             return inner
-        self.pos += 1
-        return _term(tok, self.query, self.namespaces)
+        raise AssertionError(tok.kind)
 
 
 def parse(query: str, namespaces: frozenset[str] = NAMESPACES) -> Node:

@@ -42,6 +42,7 @@ from tagd.query import (
 SORTS = ("score", "mtime", "path", "random")
 TOPK_FIRST_BATCH = 256
 TOPK_MAX_BATCH = 4096
+MAX_FUNCTION_ARGS = 100  # SQLite's default SQLITE_MAX_FUNCTION_ARG is 127
 DRIVER_COUNT_CAPS = (20_000, 200_000)
 _DEFAULT_DESC = {"score": True, "mtime": True, "path": False, "random": False}
 
@@ -396,9 +397,7 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
             full = [p or Compiled("1") for p in parts]
             if len(full) == 1:
                 return full[0]
-            return Compiled(
-                "max(" + ", ".join(p.sql for p in full) + ")", [x for p in full for x in p.params]
-            )
+            return _greatest(full)
         real = [p for p in parts if p is not None]
         if not real:
             return None
@@ -771,6 +770,21 @@ def _accepted_walk(conn: sqlite3.Connection, tag_id: int) -> Iterator[tuple[floa
     )
 
 
+def _greatest(parts: list[Compiled]) -> Compiled:
+    """max() of many ranks, nested so that no call has more arguments than SQLite allows."""
+    while len(parts) > 1:
+        parts = [
+            Compiled(
+                "max(" + ", ".join(p.sql for p in chunk) + ")" if len(chunk) > 1 else chunk[0].sql,
+                [x for p in chunk for x in p.params],
+            )
+            for chunk in (
+                parts[i : i + MAX_FUNCTION_ARGS] for i in range(0, len(parts), MAX_FUNCTION_ARGS)
+            )
+        ]
+    return parts[0]
+
+
 def _top_k(
     conn: sqlite3.Connection, node: Node, opts: SearchOptions, walk: Iterator[tuple[float, int]]
 ) -> list[tuple]:
@@ -781,6 +795,8 @@ def _top_k(
     enter the page.
     """
     k = (opts.limit or 0) + opts.offset
+    if k == 0:
+        return []
     rows: list[tuple] = []
     seen: set[int] = set()
     batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0

@@ -6,20 +6,77 @@ running, whatever the row last said.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sqlite3
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tagd import db, queue
 from tagd.names import for_humans
+
+if TYPE_CHECKING:
+    from tagd.dberrors import DatabaseTrouble
 
 STATE_KEY = "daemon"
 SCAN_KEY = "scan"
 LAST_ERROR_KEY = "last_error"
 STALE_AFTER_S = 30.0
+HEALTH_SIZE = 4096
+
+
+def health_path(database: str | Path) -> Path:
+    return Path(f"{database}.health")
+
+
+class HealthFile:
+    """The daemon's liveness and database trouble, beside the database but outside it.
+
+    When the disk is full the status row cannot be written, yet `tagd status` must say why
+    the daemon is not tagging. The file is allocated once at start and then overwritten in
+    place, which needs no free space.
+    """
+
+    def __init__(self, database: str | Path) -> None:
+        self.path = health_path(database)
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.posix_fallocate(self.fd, 0, HEALTH_SIZE)
+        except OSError:
+            pass  # a full disk at start: kept open if it exists, written when possible
+
+    def write(self, pid: int, trouble: DatabaseTrouble, *, stopped: bool = False) -> None:
+        if self.fd is None:
+            return
+        record = {
+            "pid": pid,
+            "host": socket.gethostname(),
+            "time": time.time(),
+            "stopped": stopped,
+            "database_error": trouble.error,
+            "since": trouble.since,
+            "retry_in": round(trouble.waiting(), 1),
+        }
+        data = json.dumps(record).encode()[: HEALTH_SIZE - 1]
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, data.ljust(HEALTH_SIZE - 1) + b"\n", 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_health(database: str | Path) -> dict[str, Any]:
+    try:
+        record = json.loads(health_path(database).read_bytes().strip() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def daemon_info(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -103,9 +160,21 @@ def _eta(left: int, rate: float) -> str:
     return eta(left, rate)
 
 
-def report(conn: sqlite3.Connection, roots: list[str] | None = None) -> dict[str, Any]:
-    """`roots`: the configured watch roots, so a missing (unmounted) one is shown."""
+def report(
+    conn: sqlite3.Connection,
+    roots: list[str] | None = None,
+    database: str | Path | None = None,
+) -> dict[str, Any]:
+    """`roots`: the configured watch roots, so a missing (unmounted) one is shown;
+    `database`: its path, to read the health file a daemon keeps when writes fail."""
     info = daemon_info(conn)
+    health = read_health(database) if database is not None else {}
+    live = dict(health, heartbeat=health.get("time", 0))
+    # The status row stops being written when writes fail; the health file goes on.
+    trouble = health.get("database_error") if daemon_running(live) else None
+    if trouble and not daemon_running(info):
+        info = {**info, "pid": health.get("pid"), "heartbeat": live["heartbeat"], "stopped": False}
+        info["healthy"] = False
     running = daemon_running(info)
     models = [
         {"name": r[0], "revision": r[1], "tags": r[2], "files": r[3]}
@@ -129,6 +198,8 @@ def report(conn: sqlite3.Connection, roots: list[str] | None = None) -> dict[str
         "waiting_to_retry": queue.waiting(conn),
         "models": models,
         "last_error": db.get_state(conn, LAST_ERROR_KEY),
+        "database_error": trouble,
+        "database_error_since": health.get("since") if trouble else None,
     }
 
 
@@ -164,6 +235,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"watching:  {for_humans(path)} [{mode}]")
     for path in r.get("missing_roots", []):
         lines.append(f"root:      {for_humans(path)} is missing (unmounted?); waiting for it")
+    if r.get("database_error"):
+        since = time.strftime("%H:%M:%S", time.localtime(r["database_error_since"] or 0))
+        lines.append(f"database:  not tagging since {since}, retrying: {r['database_error']}")
     if r["last_error"]:
         lines.append(f"last error: {for_humans(r['last_error'])}")
     return "\n".join(lines)

@@ -38,6 +38,8 @@ class HydrusState:
     files: dict[str, dict[str, dict[str, set[str]]]] = field(default_factory=dict)
     requests: list[dict[str, Any]] = field(default_factory=list)
     fail: dict[str, int] = field(default_factory=dict)
+    # path → how many calls to it succeed; later ones fail with HTTP 500 (a sync cut short)
+    fail_after: dict[str, int] = field(default_factory=dict)
     delay_s: float = 0.0
 
     def add_file(self, sha256: str) -> None:
@@ -98,6 +100,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(st.delay_s)
         if url.path in st.fail:
             return self._send(st.fail[url.path], {"error": "forced failure"})
+        if len(st.calls(url.path)) > st.fail_after.get(url.path, len(st.requests)):
+            return self._send(500, {"error": "forced failure after earlier calls"})
         if url.path == "/api_version":
             return self._send(200, {"version": 80, "hydrus_version": 640})
         key = self.headers.get(HEADER)

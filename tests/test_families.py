@@ -4,6 +4,7 @@ readers, custom presets from YAML and one-word shortcuts; end to end through rea
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,62 @@ def test_one_word_shortcuts(tmp_path: Path) -> None:
 def test_probe_batch_is_distinct_inputs() -> None:
     batch = graph.probe_batch(families.JTP.preprocess.with_size(32, 32), 3)
     assert batch.shape == (3, 3, 32, 32) and not np.allclose(batch[0], batch[1])
+
+
+def _hidden_colour_sprite() -> Image.Image:
+    """Opaque red square on a transparent surround whose stored colour is blue."""
+    img = Image.new("RGBA", (96, 64), (0, 0, 255, 0))
+    img.paste((255, 0, 0, 255), (32, 16, 64, 48))
+    return img
+
+
+@pytest.mark.parametrize("family", ["deepdanbooru", "ml-danbooru"])
+def test_item19_alpha_fed_as_the_reference_does(tmp_path: Path, family: str) -> None:
+    """DeepDanbooru and ML-Danbooru decode to 3 channels: the colour stored under transparent
+    pixels is what the model sees. Through a real session, tagd's scores equal the model run on
+    the reference preprocessing, and differ from compositing on white."""
+    layout, label_file, head = FAMILY_IO[family]
+    n = 4
+    build(tmp_path / "model.onnx", n, layout=layout, size=48, head=head)
+    names = [f"t{i}" for i in range(n)]
+    label = tmp_path / label_file
+    if label_file == "tags.txt":
+        label.write_text("\n".join(names))
+    else:
+        label.write_text(json.dumps({str(i): t for i, t in enumerate(names)}))
+    fam = families.get(family)
+    tagger = Tagger(
+        ModelConfig(name=family, path=tmp_path, family=family),
+        fam,
+        ModelFiles(tmp_path / "model.onnx", label, "t"),
+        InferenceConfig("cpu"),
+    )
+    img = _hidden_colour_sprite()
+    probs = tagger.predict(prepare(img, tagger.spec)[None])[0]
+    ref_input = (ref_deepdanbooru if family == "deepdanbooru" else ref_mldanbooru)(img, 48)
+    np.testing.assert_allclose(probs, reference(ref_input, layout, n), atol=1e-5)
+    white = prepare(img.copy(), replace(tagger.spec, alpha_background=(255, 255, 255)))
+    assert not np.allclose(tagger.predict(white[None])[0], probs, atol=1e-3)
+    # The override still works, from YAML: composite on white, or `drop` explicitly.
+    conf = cfg.parse(
+        {
+            "families": {
+                "white": {"base": family, "alpha_background": [255, 255, 255]},
+                "dropped": {"base": "wd14", "alpha_background": "drop"},
+            }
+        },
+        base=tmp_path,
+    )
+    assert families.get("white", conf.families).preprocess.alpha_background == (255, 255, 255)
+    assert families.get("dropped", conf.families).preprocess.alpha_background is None
+    with pytest.raises(cfg.ConfigError, match=r"alpha_background: expected \[r, g, b\].*or drop"):
+        cfg.parse({"families": {"x": {"alpha_background": "white"}}}, base=tmp_path)
+
+
+def test_item19_wd_and_jtp_still_composite() -> None:
+    img = _hidden_colour_sprite()
+    wd = prepare(img, families.WD14.preprocess.with_size(32, 32))
+    assert wd[0, 0].tolist() == [255.0, 255.0, 255.0]  # white, BGR
+    assert np.abs(prepare(img, families.JTP.preprocess)[:, 0, 0]).max() < 0.01  # grey
+    dd = prepare(img, families.DEEPDANBOORU.preprocess.with_size(32, 32))
+    assert dd[0, 0].tolist() == [0.0, 0.0, 1.0]  # the stored blue, RGB /255

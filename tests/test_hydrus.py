@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -142,8 +143,14 @@ def test_error_codes_become_one_line_errors(tmp_path: Path, fail: dict, message:
     with HydrusServer(state) as server, pytest.raises(hydrus.HydrusError, match=message) as exc:
         hydrus.sync(conn, _config(tmp_path, server.url))
     assert KEY not in str(exc.value)
-    # a failed push records nothing, so the next sync tries again
-    assert conn.execute("SELECT count(*) FROM hydrus_pushed").fetchone()[0] == 0
+    # a failed push records nothing for its file, so the next sync tries again (files Hydrus
+    # does not know are recorded as checked: that request succeeded)
+    b_row = conn.execute(
+        "SELECT count(*) FROM hydrus_pushed h JOIN files f ON f.id = h.file_id WHERE f.sha256 = ?",
+        (sha_of("/g/b.png"),),
+    ).fetchone()[0]
+    assert b_row == 0
+    assert conn.execute("SELECT count(*) FROM hydrus_pushed WHERE known = 1").fetchone()[0] == 0
 
 
 def test_wrong_key_unknown_service_timeout_and_nobody_listening(tmp_path: Path) -> None:
@@ -260,3 +267,133 @@ def test_tags_no_longer_effective_are_removed_and_may_return(tmp_path: Path) -> 
         quiet = hydrus.sync(conn, _config(tmp_path, server.url, retract=False))
         assert quiet.tags_removed == 0 and len(state.calls("/add_tags/add_tags")) == before
         assert "long hair" in state.tags(a, TAGD_KEY)
+
+
+def test_item16_sync_cut_short_between_groups_keeps_tagds_own_changes(tmp_path: Path) -> None:
+    """Each request's outcome is recorded when Hydrus accepts it: a sync that fails after
+    some groups went out must not later mistake tagd's own adds or deletions for a human's."""
+    conn = make_index(tmp_path / "t.db", FILES)
+    state = HydrusState(access_key=KEY)
+    a, b = sha_of("/g/a.png"), sha_of("/g/b.png")
+    state.add_file(a)
+    state.add_file(b)
+    add_tags = "/add_tags/add_tags"
+
+    def select(sha: str, name: str, on: bool) -> None:
+        conn.execute(
+            "UPDATE scores SET selected = ? WHERE tag_id = (SELECT id FROM tags WHERE name = ?) "
+            "AND file_id = (SELECT id FROM files WHERE sha256 = ?)",
+            (int(on), name, sha),
+        )
+
+    def cut_after(groups: int) -> None:
+        state.fail_after[add_tags] = len(state.calls(add_tags)) + groups
+
+    with HydrusServer(state) as server:
+        cfg = _config(tmp_path, server.url)
+        cut_after(1)  # a's adds go out, b's fail
+        with pytest.raises(hydrus.HydrusError, match="HTTP 500"):
+            hydrus.sync(conn, cfg)
+        assert "long hair" in state.tags(a, TAGD_KEY) and not state.tags(b, TAGD_KEY)
+        state.fail_after.clear()
+        report = hydrus.sync(conn, cfg)
+        assert report.tags_added == 2 and state.tags(b, TAGD_KEY) == {"rating:sensitive", "smile"}
+
+        # tagd added long hair (in the cut-short sync): when it stops being effective, tagd
+        # takes it back, as its own; a human's tag would stay.
+        select(a, "long_hair", False)
+        select(b, "solo", True)  # b gets a new add group after a's remove group
+        conn.execute(
+            "INSERT INTO scores(file_id, model_id, tag_id, score, selected) SELECT f.id, "
+            "s.model_id, t.id, 0.9, 1 FROM files f, tags t, (SELECT model_id FROM scores "
+            "LIMIT 1) s WHERE f.sha256 = ? AND t.name = 'solo' AND NOT EXISTS (SELECT 1 FROM "
+            "scores x WHERE x.file_id = f.id AND x.tag_id = t.id)",
+            (b,),
+        )
+        cut_after(1)  # a's removal goes out, b's add fails
+        with pytest.raises(hydrus.HydrusError, match="HTTP 500"):
+            hydrus.sync(conn, cfg)
+        assert "long hair" not in state.tags(a, TAGD_KEY)
+        assert "long hair" in state.tags(a, TAGD_KEY, "2")
+        state.fail_after.clear()
+        report = hydrus.sync(conn, cfg)
+        assert "solo" in state.tags(b, TAGD_KEY) and report.tags_removed == 0
+
+        # The deletion was tagd's own: long hair comes back when it is effective again.
+        select(a, "long_hair", True)
+        report = hydrus.sync(conn, cfg)
+        assert report.tags_added == 1 and "long hair" in state.tags(a, TAGD_KEY)
+        assert report.kept_deleted == 0
+
+
+def test_item16_sync_streams_in_bounded_batches(tmp_path: Path) -> None:
+    """Many changed files: requests carry at most batch_size hashes each, and every file is
+    recorded; a second sync sends nothing."""
+    many = {f"/g/{i:03d}.png": {"general": 0.9, "solo": 0.9 if i % 2 else 0.1} for i in range(40)}
+    conn = make_index(tmp_path / "t.db", many)
+    state = HydrusState(access_key=KEY)
+    for p in many:
+        state.add_file(sha_of(p))
+    with HydrusServer(state) as server:
+        cfg = _config(tmp_path, server.url, batch_size=7)
+        report = hydrus.sync(conn, cfg)
+        assert report.checked == 40 and report.tags_added == 60
+        metadata = state.calls("/get_files/file_metadata")
+        assert len(metadata) == 6
+        assert max(len(json.loads(c["query"]["hashes"])) for c in metadata) == 7
+        assert conn.execute("SELECT count(*) FROM hydrus_pushed").fetchone()[0] == 40
+        before = len(state.requests)
+        again = hydrus.sync(conn, cfg)
+        assert again.checked == 0 and len(state.requests) == before + 2
+
+
+def test_item17_credentials_in_the_url_never_shown(tmp_path: Path, caplog) -> None:
+    """`http://user:secret@host:port`: the credentials go to Hydrus (or a proxy in front of it)
+    as Basic auth, and no error, CLI line or daemon warning shows them."""
+    import logging
+
+    from tagd.daemon import Daemon
+
+    make_index(tmp_path / "t.db", FILES).close()
+    state = HydrusState(access_key=KEY)
+    state.add_file(sha_of("/g/a.png"))
+    with HydrusServer(state) as server:
+        url = server.url.replace("http://", "http://ann:s3cr%40t@")
+        conf = write_config(
+            tmp_path / "c.yaml",
+            {"database": str(tmp_path / "t.db"), "hydrus": {"url": url, "access_key_env": "HK"}},
+        )
+        r = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": KEY})
+        assert r.returncode == 0, r.stderr
+        assert state.requests[0]["headers"]["authorization"] == "Basic YW5uOnMzY3JAdA=="
+        assert "s3cr" not in r.stderr + r.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    closed = f"http://ann:s3cr%40t@127.0.0.1:{port}"
+    conf = write_config(
+        tmp_path / "c.yaml",
+        {"database": str(tmp_path / "t.db"), "hydrus": {"url": closed, "access_key_env": "HK"}},
+    )
+    r = run_tagd("-c", str(conf), "hydrus", "sync", env={"HK": KEY})
+    assert r.returncode == 3 and f"127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "s3cr" not in r.stderr and "ann:" not in r.stderr
+    for bad in (closed, f"http://ann:s3cr%40t@127.0.0.1:{port}x"):
+        with pytest.raises(hydrus.HydrusError) as exc:
+            hydrus.sync(make_index(tmp_path / "u.db", FILES), _config(tmp_path, bad, timeout=1))
+        assert "s3cr" not in str(exc.value) and "ann:" not in str(exc.value)
+
+    daemon = Daemon(_config(tmp_path, closed, interval=60), [])
+    try:
+        with caplog.at_level(logging.WARNING):
+            daemon._hydrus_sync()
+            daemon._hydrus_sync()
+    finally:
+        daemon.conn.close()
+        daemon.health.close()
+    warnings = [r.getMessage() for r in caplog.records if "hydrus sync failed" in r.getMessage()]
+    assert len(warnings) == 2 and all("s3cr" not in w and "ann:" not in w for w in warnings)
+    assert (
+        hydrus.redact("see https://u:p@h:1/x and ftp://x@y")
+        == "see https://***@h:1/x and ftp://***@y"
+    )

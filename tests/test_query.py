@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tagd.query import And, Not, QueryError, Tag, parse
@@ -154,3 +156,67 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
         assert exc.caret().splitlines()[-1].lstrip().startswith("^")
     else:
         assert node is not None
+
+
+# -- item 12: limits, so that any text gives a tree or a QueryError within a second -------
+
+from tagd.query import MAX_DEPTH, MAX_QUERY_CHARS, MAX_TERMS  # noqa: E402
+
+
+def _timed_parse(text: str) -> tuple[object, float]:
+    start = time.perf_counter()
+    try:
+        result: object = parse(text)
+    except QueryError as exc:
+        assert 0 <= exc.column <= len(text), (exc.column, len(text))
+        lines = exc.caret().splitlines()
+        assert len(lines) == 2 and len(lines[0]) <= 80 and lines[1].lstrip().startswith("^")
+        result = exc
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("(" * 500 + "a" + ")" * 500, "nested deeper than"),
+        ("(" * 60_000 + "a" + ")" * 60_000, "longer than"),
+        (" ".join(["a"] * 100_000), "longer than"),
+        (" | ".join(["a"] * 50_000), "longer than"),
+        ("(" * (MAX_DEPTH + 1) + "a" + ")" * (MAX_DEPTH + 1), "nested deeper than"),
+        ("a " + "-(" * (MAX_DEPTH // 2 + 1) + "b" + ")" * (MAX_DEPTH // 2 + 1), "nested deeper"),
+        (" ".join(["a"] * (MAX_TERMS + 1)), f"more than {MAX_TERMS} terms"),
+        (" | ".join(["a"] * (MAX_TERMS + 1)), f"more than {MAX_TERMS} terms"),
+        ("a" + ")" * (MAX_QUERY_CHARS - 1), "unmatched ')'"),
+        ("-" * (MAX_QUERY_CHARS - 1) + "a", "'-' needs a tag"),
+    ],
+)
+def test_item12_pathological_queries_fail_fast_with_a_column(text: str, message: str) -> None:
+    result, took = _timed_parse(text)
+    assert isinstance(result, QueryError) and message in result.message, result
+    assert took < 1.0, took
+
+
+def test_item12_queries_at_the_limits_parse() -> None:
+    deep = "(" * MAX_DEPTH + "a" + ")" * MAX_DEPTH
+    assert parse(deep) == Tag("a", None, MAX_DEPTH)
+    assert len(parse(" ".join(["a"] * MAX_TERMS)).terms) == MAX_TERMS  # type: ignore[union-attr]
+    assert isinstance(parse("x" * MAX_QUERY_CHARS), Tag)
+
+
+NESTED = st.recursive(
+    st.sampled_from(["a", "b*", "rating:general", "-c", "x:>0.5", '"d e"', "(o)_(o)"]),
+    lambda inner: st.one_of(
+        st.builds(lambda x: f"({x})", inner),
+        st.builds(lambda x: f"-({x})", inner),
+        st.builds(lambda x, y: f"{x} | {y}", inner, inner),
+        st.builds(lambda x, y: f"{x} {y}", inner, inner),
+    ),
+    max_leaves=300,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(NESTED, st.text(ALPHABET, min_size=500, max_size=MAX_QUERY_CHARS + 500)))
+def test_item12_long_and_deep_text_parses_or_fails_within_a_second(text: str) -> None:
+    _, took = _timed_parse(text)
+    assert took < 1.0, took

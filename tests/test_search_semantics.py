@@ -412,3 +412,53 @@ def test_ranked_page_equals_full_ranking(
         (h.path, h.rank) for h in iter_search(conn, node, SearchOptions(limit=limit, offset=offset))
     ]
     assert page == full[offset : offset + limit]
+
+
+# -- item 12: long and deeply nested queries, against the reference, with a time bound --------
+
+
+@st.composite
+def deep_queries(draw, depth: int = 0) -> str:  # type: ignore[no-untyped-def]
+    """Nesting up to (and past) MAX_DEPTH, with wide ORs and ANDs along the way."""
+    from tagd.query import MAX_DEPTH
+
+    if depth >= MAX_DEPTH + 2 or (depth > 2 and draw(st.integers(0, 5)) == 0):
+        return draw(st.sampled_from(ATOMS))
+    inner = draw(deep_queries(depth + 1))
+    siblings = draw(st.lists(st.sampled_from(ATOMS), max_size=6))
+    joined = (" | " if draw(st.booleans()) else " ").join([inner, *siblings])
+    return f"solo -({joined})" if draw(st.integers(0, 3)) == 0 else f"({joined})"
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=deep_queries())
+def test_item12_deep_queries_match_reference_in_time(index: Index, conn, text: str) -> None:
+    from tagd.query import QueryError
+
+    start = time.perf_counter()
+    try:
+        node = parse(text)
+    except QueryError as exc:
+        assert 0 <= exc.column <= len(text)
+        assert time.perf_counter() - start < 1.0
+        return
+    assert sql_result(conn, node) == reference(index, node)
+    page = list(iter_search(conn, node, SearchOptions(limit=3)))
+    assert len(page) <= 3
+    assert time.perf_counter() - start < 5.0  # generous: two shared cores, three SQL runs
+
+
+def test_item12_widest_query_runs(index: Index, conn) -> None:
+    """At the term limit, and an OR wider than SQLite's 127 arguments to max() (built
+    directly, past the parser's limit): results, not an SQLite error."""
+    from tagd.query import MAX_TERMS
+
+    wide = parse(" | ".join(["smile:>0.1", "hat*", "1girl"] * (MAX_TERMS // 3)))
+    assert sql_result(conn, wide) == reference(index, wide)
+    tags = [Tag(name, None, 0) for name in ("1girl", "solo", "smile", "hat")] * 50
+    very_wide = Or(tuple(tags))
+    assert sql_result(conn, very_wide) == reference(index, very_wide)
+    ranked = list(iter_search(conn, very_wide, SearchOptions(limit=5)))
+    assert len(ranked) == 5

@@ -71,7 +71,10 @@ class Context:
             try:
                 self._conn = connect(self.config.database, readonly=readonly)
             except (DatabaseError, sqlite3.Error) as exc:
-                raise UserError(f"database {self.config.database}: {exc}") from None
+                where = str(self.config.database)
+                raise UserError(
+                    str(exc) if where in str(exc) else f"database {where}: {exc}"
+                ) from None
         return self._conn
 
     def close(self) -> None:

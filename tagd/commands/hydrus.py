@@ -52,7 +52,7 @@ def run_sync(ctx: Context) -> int:
     except hydrus.HydrusError as exc:
         raise UserError(str(exc), 3) from None
     except ValueError as exc:
-        raise UserError(str(exc), 2) from None
+        raise UserError(hydrus.redact(str(exc)), 2) from None
     if ctx.args.json:
         json.dump(dataclasses.asdict(report), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from tagd.search import Hit
 
 FORMATS = ("paths", "json", "jsonl", "tsv")
+MAX_ROWS = 2**63 - 1  # SQLite's largest integer
 NUL_FLAG = "-0"
 
 SYNTAX = """query syntax:
@@ -92,8 +93,14 @@ def run(ctx: Context) -> int:
     words, nul = split_flags(args.query)
     nul = nul or args.null
     text = " ".join(words)
-    if (args.limit is not None and args.limit < 0) or args.offset < 0:
-        raise UserError("--limit and --offset take numbers >= 0", 2)
+    if args.limit is not None and not 1 <= args.limit <= MAX_ROWS:
+        raise UserError(
+            f"--limit {args.limit}: give a number from 1 to {MAX_ROWS}, or leave --limit out "
+            "for every match",
+            2,
+        )
+    if not 0 <= args.offset <= MAX_ROWS:
+        raise UserError(f"--offset {args.offset}: give a number from 0 to {MAX_ROWS}", 2)
     try:
         node = parse(text)
     except QueryError as exc:

@@ -23,6 +23,6 @@ def run(ctx: Context) -> int:
     from tagd.status import format_report, report
 
     roots = [str(root.path) for root in ctx.config.watch]
-    r = report(ctx.db(readonly=True), roots)
+    r = report(ctx.db(readonly=True), roots, ctx.config.database)
     print(json.dumps(r, indent=2) if ctx.args.format == "json" else format_report(r))
     return 0

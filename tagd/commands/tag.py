@@ -131,6 +131,7 @@ def run(ctx: Context) -> int:
         floor=config.floor_for(model),
         memory_budget=worker_memory(config.inference, 1),
         max_file_bytes=config.inference.max_file_mb << 20,
+        tag_rules=config.tags,
     ):
         if r.error is not None:
             failed += 1
