@@ -477,7 +477,7 @@ def test_item10_daemon_rides_out_a_lock_held_past_the_busy_timeout(
         holder.execute("ROLLBACK")
         reader = sqlite3.connect(f"file:{config.database}?mode=ro", uri=True)
         reader.row_factory = sqlite3.Row
-        report = status.report(reader, config.database)
+        report = status.report(reader, database=config.database)
         reader.close()
         assert report["daemon"] == "running" and "database is locked" in report["database_error"]
         wait_for(lambda: daemon.supervise_database(time.monotonic()) is not None, timeout=10)

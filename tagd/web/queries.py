@@ -280,7 +280,8 @@ def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
     """Daemon status, backlog, recent rate and ETA, the latest failures."""
     from tagd import queue, status
 
-    report = status.report(conn)
+    main = conn.execute("PRAGMA database_list").fetchone()
+    report = status.report(conn, database=main[2] if main and main[2] else None)
     now = time.time()
     recent = conn.execute(
         "SELECT count(*) FROM jobs WHERE state = 'done' AND updated_at > ?", (now - 600,)
