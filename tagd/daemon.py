@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tagd import db, queue, scanner
+from tagd import cluster, db, queue, scanner
 from tagd.config import Config, ConfigError, WatchRoot
 from tagd.config import load as load_config
 from tagd.notify import Notifier
@@ -163,7 +163,7 @@ class Daemon:
         if reaped:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
         worker_conn = db.connect(config.database)
-        pipeline = Pipeline(worker_conn, config, self.taggers, owner=self.owner)
+        pipeline = cluster.pipeline_for(worker_conn, config, self.taggers, owner=self.owner)
         self.worker = Worker(pipeline, config)
         self.watcher = Watcher(
             config.database,

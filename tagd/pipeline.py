@@ -29,7 +29,7 @@ from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
 from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
 
-__all__ = ["Outcome", "Pipeline", "Prepared", "decode_and_prepare", "owner_id"]
+__all__ = ["Outcome", "Pipeline", "Prepared", "decode_and_prepare", "infer_tensors", "owner_id"]
 
 log = logging.getLogger(__name__)
 
@@ -362,18 +362,9 @@ class Pipeline:
 
         On a GPU a short batch is padded to the full batch size (one input shape per session).
         """
-        out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
-        for tagger in self.taggers:
-            items = [p for p in prepared if tagger.name in p.tensors]
-            size = tagger.config.batch_size or self.batch_size
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
-                batch = np.stack([p.tensors[tagger.name] for p in chunk])
-                pad = size if tagger.on_gpu else None
-                probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
-                for i, p in enumerate(chunk):
-                    out[(p.job.id, tagger.name)] = (probs[i], None if emb is None else emb[i])
-        return out
+        return infer_tensors(
+            self.taggers, [(p.job.id, p.tensors) for p in prepared], self.batch_size
+        )
 
     def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
         if isinstance(item, _Batch):
@@ -458,6 +449,26 @@ class Pipeline:
         else:
             outcome.retrying += 1
             log.info("will retry: %s: %s", job.path, reason)
+
+
+def infer_tensors(
+    taggers: Sequence[Tagger],
+    items: Sequence[tuple[int, dict[str, np.ndarray]]],
+    batch_size: int,
+) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]]:
+    """The batching both the local pipeline and a cluster worker run, so results match."""
+    out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+    for tagger in taggers:
+        mine = [(key, tensors) for key, tensors in items if tagger.name in tensors]
+        size = tagger.config.batch_size or batch_size
+        for start in range(0, len(mine), size):
+            chunk = mine[start : start + size]
+            batch = np.stack([tensors[tagger.name] for _, tensors in chunk])
+            pad = size if tagger.on_gpu else None
+            probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
+            for i, (key, _) in enumerate(chunk):
+                out[(key, tagger.name)] = (probs[i], None if emb is None else emb[i])
+    return out
 
 
 def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileBytes]:

@@ -44,11 +44,10 @@ def run(ctx: Context) -> int:
     log.info("found %d images, %d new or changed", result.seen, result.queued)
     if ctx.args.no_tag:
         return 0
-    from tagd import queue
-    from tagd.pipeline import Pipeline
+    from tagd import cluster, queue
     from tagd.progress import Progress
 
-    pipeline = Pipeline(conn, config, taggers)
+    pipeline = cluster.pipeline_for(conn, config, taggers)
     extra = scanner.queue_untagged(conn, pipeline.model_ids)
     if extra:
         log.info("%d known images lack results from a configured model", extra)
