@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import logging
 import socket
@@ -53,6 +54,8 @@ class _Actor:
     lost_in_row: int = 0
     first_ship: float | None = None
     state: str = "ready"
+    probe: Any = None
+    charged: int = -1
 
 
 @dataclass
@@ -69,6 +72,7 @@ class _Shipment:
 class _Flight:
     actor: _Actor
     items: list[_Shipment]
+    seq: int = 0
     sent: float = field(default_factory=time.monotonic)
 
 
@@ -96,6 +100,7 @@ class ClusterPipeline(Pipeline):
         self._started = False
         self._published = 0.0
         self._spawn_args: dict[str, float] = {}
+        self._owns_ray = False
 
     # -- cluster lifetime -------------------------------------------------------------------
 
@@ -105,7 +110,7 @@ class ClusterPipeline(Pipeline):
             return
         c = self.cluster
         try:
-            rb.connect(c.address, object_store_bytes=LOCAL_OBJECT_STORE)
+            self._owns_ray = rb.connect(c.address, object_store_bytes=LOCAL_OBJECT_STORE)
         except Exception as exc:
             raise ClusterError(
                 f"cluster.address {c.address}: cannot join the Ray cluster ({_first_line(exc)}); "
@@ -235,7 +240,7 @@ class ClusterPipeline(Pipeline):
                     except Exception as exc:
                         log.debug("killing a worker: %s", exc)
             self.publish(force=True, stopped=True)
-            if self.cluster.address == "local":
+            if self._owns_ray:
                 rb.shutdown()
             self._started = False
         super().close()
@@ -306,6 +311,7 @@ class ClusterPipeline(Pipeline):
         retry: collections.deque[list[_Shipment]] = collections.deque()
         flights: dict[Any, _Flight] = {}
         losses: dict[int, int] = collections.defaultdict(int)
+        seq = itertools.count()
         exhausted = False
         lease = self.config.daemon.lease_seconds
         beat = time.monotonic()
@@ -330,18 +336,21 @@ class ClusterPipeline(Pipeline):
                 return None
             return _Shipment(job, file, None, todo)
 
-        def ship(items: list[_Shipment]) -> None:
+        def ship(items: list[_Shipment]) -> bool:
             live = [a for a in self.actors if a.state == "ready"]
             if not live:
-                raise ClusterError("every cluster worker is gone; tagging stopped")
+                if all(a.state == "failed" for a in self.actors):
+                    raise ClusterError("every cluster worker is gone; tagging stopped")
+                return False
             actor = min(live, key=lambda a: a.outstanding / a.batch)
             payload = [(i.job.id, i.file.data if i.file else None, i.path, i.models) for i in items]
             ref = actor.handle.tag.remote(payload)
             actor.outstanding += 1
             actor.first_ship = actor.first_ship or time.monotonic()
-            flights[ref] = _Flight(actor, items)
+            flights[ref] = _Flight(actor, items, next(seq))
             self.files_shipped += len(items)
             self.bytes_shipped += sum(len(i.file.data) for i in items if i.file)
+            return True
 
         try:
             while True:
@@ -357,25 +366,39 @@ class ClusterPipeline(Pipeline):
                     retry.clear()
                     flights.clear()
                     break
-                if not exhausted and len(claimed) + batch <= claim_limit:
-                    jobs = take(batch)
-                    exhausted = not jobs
-                    for job in jobs:
-                        claimed[job.id] = job
-                        item = read(job)
-                        if item is not None:
-                            pending.append(item)
-                while len(flights) < flight_limit and (
-                    retry or len(pending) >= batch or (pending and exhausted)
-                ):
-                    if retry:
-                        ship(retry.popleft())
-                        self.resubmitted += 1
-                    else:
-                        ship([pending.popleft() for _ in range(min(batch, len(pending)))])
+                progressed = True
+                while progressed:
+                    progressed = False
+                    while len(flights) < flight_limit and (
+                        retry or len(pending) >= batch or (pending and exhausted)
+                    ):
+                        if retry:
+                            if not ship(retry[0]):
+                                break
+                            retry.popleft()
+                            self.resubmitted += 1
+                        else:
+                            chunk = [pending[i] for i in range(min(batch, len(pending)))]
+                            if not ship(chunk):
+                                break
+                            for _ in chunk:
+                                pending.popleft()
+                    if not exhausted and len(claimed) + batch <= claim_limit:
+                        jobs = take(batch)
+                        exhausted = not jobs
+                        progressed = bool(jobs)
+                        for job in jobs:
+                            claimed[job.id] = job
+                            item = read(job)
+                            if item is not None:
+                                pending.append(item)
                 if exhausted and not flights and not pending and not retry:
                     break
+                self._check_probes()
                 if not flights:
+                    probes = [a.probe for a in self.actors if a.probe is not None]
+                    if probes:
+                        rb.ray.wait(probes, num_returns=1, timeout=0.5)
                     continue
                 done, _ = rb.ray.wait(list(flights), num_returns=1, timeout=0.5)
                 for ref in done:
@@ -387,7 +410,7 @@ class ClusterPipeline(Pipeline):
                         self._broken(flight.actor, _first_line(exc.cause or exc))
                         self._lost(flight, losses, retry, write, finish)
                     except rb.ray.exceptions.RayError as exc:
-                        self._died(flight.actor, exc)
+                        self._died(flight, exc, flights)
                         self._lost(flight, losses, retry, write, finish)
                     else:
                         flight.actor.lost_in_row = 0
@@ -438,21 +461,55 @@ class ClusterPipeline(Pipeline):
         if prepared or unchanged:
             write(_Batch(prepared, scores, unchanged))
 
-    def _died(self, actor: _Actor, exc: BaseException) -> None:
-        self.deaths += 1
-        actor.deaths += 1
-        actor.lost_in_row += 1
-        log.error(
-            "cluster worker on %s (pid %s) died (%s); its files go to a worker again",
-            actor.info.get("host"),
-            actor.info.get("pid"),
-            type(exc).__name__,
-        )
-        if actor.lost_in_row >= 5:
-            self._broken(actor, f"lost {actor.lost_in_row} batches in a row")
+    def _died(self, flight: _Flight, exc: BaseException, flights: dict[Any, _Flight]) -> None:
+        """The worker process is gone (Ray restarts it). Its batches come back as errors;
+        only the oldest, the one it was running, counts against its files (`_lost`)."""
+        actor = flight.actor
+        if actor.state == "ready":
+            self.deaths += 1
+            actor.deaths += 1
+            actor.lost_in_row += 1
+            mine = [f.seq for f in flights.values() if f.actor is actor]
+            actor.charged = min([flight.seq, *mine])
+            log.error(
+                "cluster worker on %s (pid %s) died (%s); its files go to a worker again",
+                actor.info.get("host"),
+                actor.info.get("pid"),
+                type(exc).__name__,
+            )
+            if actor.lost_in_row >= 5:
+                self._broken(actor, f"died {actor.lost_in_row} times without finishing a batch")
+            else:
+                actor.state = "restarting"
+                actor.probe = actor.handle.ready.remote()
+
+    def _check_probes(self) -> None:
+        """A restarted worker takes work again once it has loaded its models."""
+        for actor in self.actors:
+            if actor.probe is None:
+                continue
+            done, _ = rb.ray.wait([actor.probe], num_returns=1, timeout=0)
+            if not done:
+                continue
+            try:
+                info = rb.ray.get(done[0])
+            except rb.ray.exceptions.RayActorError:
+                actor.probe = actor.handle.ready.remote()
+                continue
+            except rb.ray.exceptions.RayError as exc:
+                actor.probe = None
+                self._broken(actor, _first_line(exc))
+                continue
+            actor.probe = None
+            if info.get("error") or info.get("missing"):
+                self._broken(actor, info.get("error") or "; ".join(info["missing"].values()))
+                continue
+            actor.info = info
+            actor.state = "ready"
+            log.info("cluster worker on %s is back (pid %s)", info["host"], info["pid"])
 
     def _broken(self, actor: _Actor, reason: str) -> None:
-        if actor.state != "ready":
+        if actor.state == "failed":
             return
         actor.state = "failed"
         line = f"cluster worker on {actor.info.get('host')} (pid {actor.info.get('pid')}): {reason}"
@@ -473,8 +530,9 @@ class ClusterPipeline(Pipeline):
     ) -> None:
         """Ship a lost batch again; after a second loss file by file, to find the culprit."""
         again: list[_Shipment] = []
+        charged = flight.seq == flight.actor.charged or flight.actor.state == "failed"
         for item in flight.items:
-            losses[item.job.id] += 1
+            losses[item.job.id] += int(charged)
             if losses[item.job.id] >= MAX_LOSSES:
                 finish(item.job)
                 reason = f"the cluster worker stopped {MAX_LOSSES} times while tagging this file"

@@ -41,10 +41,10 @@ class ModelPayload:
     revision: str
 
 
-def connect(address: str, *, object_store_bytes: int | None = None) -> None:
-    """Join (or with `local`, start) the cluster; a second call in one process is a no-op."""
+def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
+    """Join (or with `local`, start) the cluster; False when this process already had one."""
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address == "local":
@@ -54,6 +54,7 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> None:
         ray.init(**kwargs)
     else:
         ray.init(address=address, **kwargs)
+    return True
 
 
 def cluster_gpus() -> float:
