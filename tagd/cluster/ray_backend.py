@@ -166,6 +166,7 @@ class TagActor:
         return {
             "host": socket.gethostname(),
             "node": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "tagd": tagd.__version__,
             "ray": ray.__version__,
