@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import corpus, log, measure_tagd, model_dir, open_tagger, pipeline_config
-from tagd import db, scanner, sizing
+from tagd import db, scanner, sizing, tagger
 from tagd.config import ClusterConfig, InferenceConfig
 
 GBE1 = 117e6  # usable bytes/s of 1 GbE after TCP/IP overhead
@@ -58,8 +58,7 @@ def measure_cluster(
         Path(f"{config.database}{suffix}").unlink(missing_ok=True)
     conn = db.connect(config.database)
     queued = scanner.scan(conn, config).queued
-    tagger = open_tagger(model, inference, 1)
-    pipeline = ClusterPipeline(conn, config, [tagger])
+    pipeline = ClusterPipeline(conn, config, tagger.load_all(config))
     pipeline.start()
     cpu0, start = cpu_s(), time.perf_counter()
     outcome = pipeline.run()

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import wait_for, write_config
+from conftest import run_tagd, wait_for, write_config
 from onnx_models import build_wd_folder
 from PIL import Image
 
@@ -280,6 +280,7 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
     assert queue.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
     writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
     assert len(writes) == 24 and {n for _, n in writes} == {1}
+
     # Ray restarted the killed worker with its models: it takes work again.
     def restarted_pid() -> int | None:
         try:
@@ -370,4 +371,29 @@ def test_coordinator_sigkill_then_restart_completes_the_work(
     assert states == {"done": 24, "failed": 1}
     writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
     assert len(writes) == 24 and {n for _, n in writes} == {1}
+    conn.close()
+
+
+@pytest.mark.slow
+def test_unreachable_head_is_a_one_line_error_and_jobs_stay_queued(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    gallery = tmp_path / "g"
+    _noise_images(gallery, 2, (64, 48))
+    cfg = write_config(
+        tmp_path / "u.yaml",
+        {
+            "database": str(tmp_path / "u.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"address": "127.0.0.1:1"},
+        },
+    )
+    out = run_tagd("--config", str(cfg), "scan")
+    assert out.returncode == 3
+    assert "cluster.address 127.0.0.1:1: cannot join the Ray cluster" in out.stderr
+    assert "Traceback" not in out.stderr
+    conn = db.connect(tmp_path / "u.db")
+    assert queue.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
     conn.close()

@@ -47,6 +47,8 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
         return False
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address not in ("local", "auto"):
+        reachable(address)
     if address == "local":
         kwargs["include_dashboard"] = False
         if object_store_bytes:
@@ -55,6 +57,17 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
     else:
         ray.init(address=address, **kwargs)
     return True
+
+
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not after Ray's minutes of retries, when nothing listens there."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {hostport} ({exc})") from None
 
 
 def cluster_gpus() -> float:
