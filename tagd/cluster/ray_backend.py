@@ -276,7 +276,9 @@ def spawn(
         "max_concurrency": 1,
     }
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
-    return cls.options(**options).remote(config, threads, payloads)
+    # Workers get the models and their settings, never secrets such as the Hydrus key.
+    private = replace(config, hydrus=None)
+    return cls.options(**options).remote(private, threads, payloads)
 
 
 def payload_for(files: Any) -> ModelPayload:
