@@ -324,6 +324,33 @@ def test_worker_whose_model_fails_to_load_is_reported_and_others_continue(
     conn.close()
 
 
+@pytest.mark.slow
+def test_worker_without_the_model_gets_it_from_the_coordinator(
+    tmp_path: Path, corpus: tuple[Path, Path], ray_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    # The workers look for the model folder where no such folder exists on their side.
+    cluster = {
+        "actors": 1,
+        "num_cpus": 0.5,
+        "path_map": {str(model): str(tmp_path / "not-mounted")},
+    }
+    cfg = _config(tmp_path, gallery, model, "ship", cluster=cluster)
+    conn = _scan(cfg)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg))
+    try:
+        with caplog.at_level("INFO", logger="tagd.cluster.coordinator"):
+            outcome = cp.run()
+    finally:
+        cp.close()
+    assert "cannot fetch probe; sending the model files" in caplog.text
+    assert outcome.done == 24
+    assert queue.counts(conn)["done"] == 24
+    conn.close()
+
+
 # -- the coordinator process killed and restarted ---------------------------------------------
 
 

@@ -146,7 +146,7 @@ class ClusterPipeline(Pipeline):
             num_gpus,
         )
         self._spawn_args = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        return [rb.spawn(self.config, **self._spawn_args) for _ in range(count)]
+        return [rb.spawn(self.config, num_cpus=num_cpus, num_gpus=num_gpus) for _ in range(count)]
 
     def _await_ready(self, handles: list[Any]) -> list[_Actor]:
         """Keep the workers that loaded every model; ship model files to those lacking them."""
@@ -182,7 +182,10 @@ class ClusterPipeline(Pipeline):
                     )
                     rb.ray.kill(handle)
                     new = rb.spawn(
-                        self.config, **self._spawn_args, payloads=self._payloads(info["missing"])
+                        self.config,
+                        num_cpus=self._spawn_args["num_cpus"],
+                        num_gpus=self._spawn_args["num_gpus"],
+                        payloads=self._payloads(info["missing"]),
                     )
                     pending[new.ready.remote()] = new
                     continue

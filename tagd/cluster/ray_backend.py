@@ -231,7 +231,12 @@ class TagActor:
                 file = read_file(path)
             except DecodeError as exc:
                 return ("failed", task_id, exc.reason, exc.transient, exc.gone)
-            data, identity = file.data, (file.sha256, file.size, file.mtime_ns)
+            data = file.data
+            identity: tuple[str | None, int | None, int | None] = (
+                file.sha256,
+                file.size,
+                file.mtime_ns,
+            )
         else:
             identity = (None, None, None)
         specs = {t.name: t.spec for t in self.taggers if t.name in models}
