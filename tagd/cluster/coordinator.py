@@ -101,12 +101,28 @@ class ClusterPipeline(Pipeline):
         self._published = 0.0
         self._spawn_args: dict[str, float] = {}
         self._owns_ray = False
+        self._connected = False
+        # Here rather than in run(): the daemon runs the pipeline in a thread, and only the
+        # main thread can put tagd's signal handlers back after ray.init.
+        self._connect()
 
     # -- cluster lifetime -------------------------------------------------------------------
 
     def start(self) -> None:
         """Connect, start the actors and wait until they have loaded the models."""
         if self._started:
+            return
+        self._connect()
+        handles = self._given if self._given is not None else self._spawn_all()
+        self.actors = self._await_ready(handles)
+        self._started = True
+        reaped = queue.reap_orphans(self.conn, self.owner, socket.gethostname())
+        if reaped:
+            log.info("%d jobs left running by a stopped tagd are queued again", reaped)
+        self.publish(force=True)
+
+    def _connect(self) -> None:
+        if self._connected:
             return
         c = self.cluster
         try:
@@ -116,13 +132,7 @@ class ClusterPipeline(Pipeline):
                 f"cluster.address {c.address}: cannot join the Ray cluster ({_first_line(exc)}); "
                 "start it with `ray start --head` or use address: local"
             ) from None
-        handles = self._given if self._given is not None else self._spawn_all()
-        self.actors = self._await_ready(handles)
-        self._started = True
-        reaped = queue.reap_orphans(self.conn, self.owner, socket.gethostname())
-        if reaped:
-            log.info("%d jobs left running by a stopped tagd are queued again", reaped)
-        self.publish(force=True)
+        self._connected = True
 
     def _spawn_all(self) -> list[Any]:
         c = self.cluster
@@ -243,9 +253,10 @@ class ClusterPipeline(Pipeline):
                     except Exception as exc:
                         log.debug("killing a worker: %s", exc)
             self.publish(force=True, stopped=True)
-            if self._owns_ray:
-                rb.shutdown()
             self._started = False
+        if self._owns_ray:
+            rb.shutdown()
+            self._owns_ray = self._connected = False
         super().close()
 
     # -- status -----------------------------------------------------------------------------

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -49,6 +51,8 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address not in ("local", "auto"):
         reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     if address == "local":
         kwargs["include_dashboard"] = False
         if object_store_bytes:
@@ -56,6 +60,11 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
         ray.init(**kwargs)
     else:
         ray.init(address=address, **kwargs)
+    # ray.init installs a C++ handler that dumps a stack trace on SIGTERM and aborts the
+    # process at exit; tagd's own handlers (a clean `systemctl stop`) must stay in charge.
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     return True
 
 

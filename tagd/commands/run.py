@@ -64,5 +64,7 @@ def run(ctx: Context) -> int:
     signal.signal(signal.SIGHUP, daemon.request_reload)
     try:
         return daemon.run()
+    except ModelError as exc:  # a cluster that cannot be joined (tagd/cluster)
+        raise UserError(str(exc)) from None
     finally:
         os.close(lock)

@@ -47,7 +47,10 @@ def run(ctx: Context) -> int:
     from tagd import cluster, queue
     from tagd.progress import Progress
 
-    pipeline = cluster.pipeline_for(conn, config, taggers)
+    try:
+        pipeline = cluster.pipeline_for(conn, config, taggers)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
     extra = scanner.queue_untagged(conn, pipeline.model_ids)
     if extra:
         log.info("%d known images lack results from a configured model", extra)
