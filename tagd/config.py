@@ -160,6 +160,20 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """`cluster:`: tag on a Ray cluster; the coordinator keeps SQLite and the queue."""
+
+    engine: str = "ray"
+    address: str = "auto"
+    actors: int | None = None
+    num_gpus: float | None = None
+    num_cpus: float | None = None
+    path_map: tuple[tuple[str, str], ...] = ()
+    max_in_flight: int | None = None
+    ship_models: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     database: Path
     watch: tuple[WatchRoot, ...] = ()
@@ -177,6 +191,7 @@ class Config:
     hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
     video: VideoSettings = VideoSettings()
     web: WebConfig | None = None
+    cluster: ClusterConfig | None = None
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -256,6 +271,7 @@ _TOP_KEYS = (
     "tags",
     "video",
     "web",
+    "cluster",
 )
 
 
@@ -307,6 +323,7 @@ def _parse(data: Any, base: Path, source: Path | None) -> Config:
         hydrus=_hydrus(d.get("hydrus", {}), base),
         video=_video(d.get("video") or {}, "video"),
         web=_web(d["web"] or {}, "web", base) if "web" in d else None,
+        cluster=_cluster(d["cluster"], "cluster") if d.get("cluster") is not None else None,
     )
 
 
@@ -634,6 +651,58 @@ def _inference(value: Any, key: str) -> InferenceConfig:
         decode_timeout=_number(d.get("decode_timeout", 60.0), f"{key}.decode_timeout", 1.0),
         worker_memory_mb=None if memory is None else _int(memory, f"{key}.worker_memory_mb", 64),
         max_file_mb=_int(d.get("max_file_mb", 512), f"{key}.max_file_mb", 1),
+    )
+
+
+_CLUSTER_KEYS = (
+    "engine",
+    "address",
+    "actors",
+    "num_gpus",
+    "num_cpus",
+    "path_map",
+    "max_in_flight",
+    "ship_models",
+)
+
+
+def _cluster(value: Any, key: str) -> ClusterConfig:
+    d = _mapping(value, key, _CLUSTER_KEYS)
+    engine = d.get("engine", "ray")
+    if engine != "ray":
+        raise ConfigError(f"{key}.engine: {engine!r} is not supported; the engine is `ray`")
+    address = d.get("address", "auto")
+    if not isinstance(address, str) or not (
+        address in ("auto", "local") or address.startswith("ray://") or ":" in address
+    ):
+        raise ConfigError(
+            f"{key}.address: expected auto (a `ray start --head` on this machine), local (a "
+            f"cluster tagd starts itself), ray://host:10001 or host:6379, got {address!r}"
+        )
+    actors, gpus, flight = d.get("actors"), d.get("num_gpus"), d.get("max_in_flight")
+    cpus = d.get("num_cpus")
+    path_map: list[tuple[str, str]] = []
+    raw_map = d.get("path_map", {})
+    if not isinstance(raw_map, dict) or not all(
+        isinstance(a, str) and isinstance(b, str) and a and b for a, b in raw_map.items()
+    ):
+        raise ConfigError(
+            f"{key}.path_map: expected a mapping of this machine's folder to the workers' "
+            "folder, e.g. {/srv/gallery: /mnt/nas/gallery}"
+        )
+    for src, dst in raw_map.items():
+        if not os.path.isabs(src) or not os.path.isabs(dst):
+            raise ConfigError(f"{key}.path_map: {src!r}: {dst!r}: both sides must be absolute")
+        path_map.append((src.rstrip("/") or "/", dst.rstrip("/") or "/"))
+    return ClusterConfig(
+        engine=engine,
+        address=address,
+        actors=None if actors in (None, "auto") else _int(actors, f"{key}.actors", 1),
+        num_gpus=None if gpus in (None, "auto") else _number(gpus, f"{key}.num_gpus", 0.0),
+        num_cpus=None if cpus in (None, "auto") else _number(cpus, f"{key}.num_cpus", 0.0),
+        path_map=tuple(sorted(path_map, key=lambda p: -len(p[0]))),
+        max_in_flight=None if flight is None else _int(flight, f"{key}.max_in_flight", 1),
+        ship_models=_bool(d.get("ship_models", True), f"{key}.ship_models"),
     )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tagd import db, queue, scanner
+from tagd import cluster, db, queue, scanner
 from tagd.config import Config, ConfigError, WatchRoot
 from tagd.config import load as load_config
 from tagd.dberrors import DatabaseTrouble
@@ -190,7 +190,7 @@ class Daemon:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
         worker_conn = db.connect(config.database)
         try:
-            pipeline = Pipeline(worker_conn, config, self.taggers, owner=self.owner)
+            pipeline = cluster.pipeline_for(worker_conn, config, self.taggers, owner=self.owner)
         except BaseException:
             worker_conn.close()
             raise

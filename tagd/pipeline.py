@@ -31,7 +31,7 @@ from tagd.preprocess import PreprocessSpec
 from tagd.tagger import Tagger
 from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
 
-__all__ = ["Outcome", "Pipeline", "Prepared", "decode_and_prepare", "owner_id"]
+__all__ = ["Outcome", "Pipeline", "Prepared", "decode_and_prepare", "infer_tensors", "owner_id"]
 
 log = logging.getLogger(__name__)
 
@@ -446,35 +446,12 @@ class Pipeline:
 
         On a GPU a short batch is padded to the full batch size (one input shape per session).
         """
-        out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
-        for tagger in self.taggers:
-            items = [p for p in prepared if tagger.name in p.tensors]
-            size = tagger.config.batch_size or self.batch_size
-            # Videos and animations carry several frames: batches are of frames, and each
-            # file's frames are aggregated afterwards (tagd.media.aggregate).
-            rows = [(i, f) for i, p in enumerate(items) for f in frames_of(p.tensors[tagger.name])]
-            owner = np.asarray([i for i, _ in rows], dtype=np.int64)
-            probs_parts: list[np.ndarray] = []
-            emb_parts: list[np.ndarray | None] = []
-            for start in range(0, len(rows), size):
-                batch = np.stack([f for _, f in rows[start : start + size]])
-                pad = size if tagger.on_gpu else None
-                probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
-                probs_parts.append(probs)
-                emb_parts.append(emb)
-            if not rows:
-                continue
-            all_probs = np.concatenate(probs_parts)
-            embs = [e for e in emb_parts if e is not None]
-            all_emb = np.concatenate(embs) if len(embs) == len(emb_parts) else None
-            for i, p in enumerate(items):
-                sel = owner == i
-                out[(p.job.id, tagger.name)] = media.aggregate(
-                    all_probs[sel],
-                    None if all_emb is None else all_emb[sel],
-                    self.config.video.aggregate,
-                )
-        return out
+        return infer_tensors(
+            self.taggers,
+            [(p.job.id, p.tensors) for p in prepared],
+            self.batch_size,
+            aggregate=self.config.video.aggregate,
+        )
 
     def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
         if isinstance(item, _Batch):
@@ -570,6 +547,44 @@ class Pipeline:
         except OSError:
             return False
         return time.time() - mtime > self.config.daemon.settle_seconds
+
+
+def infer_tensors(
+    taggers: Sequence[Tagger],
+    items: Sequence[tuple[int, dict[str, np.ndarray]]],
+    batch_size: int,
+    *,
+    aggregate: str = "max",
+) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]]:
+    """The batching both the local pipeline and a cluster worker run, so results match.
+
+    Videos and animations carry several frames: batches are of frames, and each file's
+    frames are aggregated afterwards (tagd.media.aggregate)."""
+    out: dict[tuple[int, str], tuple[np.ndarray, np.ndarray | None]] = {}
+    for tagger in taggers:
+        mine = [(key, tensors[tagger.name]) for key, tensors in items if tagger.name in tensors]
+        size = tagger.config.batch_size or batch_size
+        rows = [(i, f) for i, (_, t) in enumerate(mine) for f in frames_of(t)]
+        if not rows:
+            continue
+        owner = np.asarray([i for i, _ in rows], dtype=np.int64)
+        probs_parts: list[np.ndarray] = []
+        emb_parts: list[np.ndarray | None] = []
+        for start in range(0, len(rows), size):
+            batch = np.stack([f for _, f in rows[start : start + size]])
+            pad = size if tagger.on_gpu else None
+            probs, emb = tagger.predict_with_embeddings(batch, pad_to=pad)
+            probs_parts.append(probs)
+            emb_parts.append(emb)
+        all_probs = np.concatenate(probs_parts)
+        embs = [e for e in emb_parts if e is not None]
+        all_emb = np.concatenate(embs) if len(embs) == len(emb_parts) else None
+        for i, (key, _) in enumerate(mine):
+            sel = owner == i
+            out[(key, tagger.name)] = media.aggregate(
+                all_probs[sel], None if all_emb is None else all_emb[sel], aggregate
+            )
+    return out
 
 
 def _prepared(job: queue.Job, d: Decoded) -> Prepared | tuple[queue.Job, FileBytes]:

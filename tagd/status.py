@@ -200,7 +200,18 @@ def report(
         "last_error": db.get_state(conn, LAST_ERROR_KEY),
         "database_error": trouble,
         "database_error_since": health.get("since") if trouble else None,
+        "cluster": cluster_info(conn),
     }
+
+
+def cluster_info(conn: sqlite3.Connection) -> dict[str, Any] | None:
+    """What the last cluster coordinator published (tagd/cluster/coordinator.py)."""
+    raw = db.get_state(conn, "cluster")
+    try:
+        info = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -238,6 +249,21 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("database_error"):
         since = time.strftime("%H:%M:%S", time.localtime(r["database_error_since"] or 0))
         lines.append(f"database:  not tagging since {since}, retrying: {r['database_error']}")
+    cluster = r.get("cluster")
+    if cluster:
+        ago = time.time() - float(cluster.get("updated", 0))
+        when = "finished" if cluster.get("stopped") else "running"
+        lines.append(
+            f"cluster:   {cluster.get('address')} ({when}, updated {ago:.0f} s ago), "
+            f"{cluster.get('worker_deaths', 0)} worker deaths"
+        )
+        for w in cluster.get("workers", []):
+            gpus = ",".join(w.get("gpus") or []) or "-"
+            lines.append(
+                f"worker:    {w.get('host')} ({w.get('node')}) pid {w.get('pid')} "
+                f"{w.get('device')} gpu {gpus}: {w.get('state')}, {w.get('done')} files, "
+                f"{w.get('rate')} img/s"
+            )
     if r["last_error"]:
         lines.append(f"last error: {for_humans(r['last_error'])}")
     return "\n".join(lines)

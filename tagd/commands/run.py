@@ -68,6 +68,8 @@ def run(ctx: Context) -> int:
         if web is not None:
             web.start()
         return daemon.run()
+    except ModelError as exc:  # a cluster that cannot be joined (tagd/cluster)
+        raise UserError(str(exc)) from None
     finally:
         if web is not None:
             web.stop()

@@ -61,11 +61,13 @@ def run(ctx: Context) -> int:
     )
     if ctx.args.no_tag:
         return 0
-    from tagd import queue
-    from tagd.pipeline import Pipeline
+    from tagd import cluster, queue
     from tagd.progress import Progress
 
-    pipeline = Pipeline(conn, config, taggers)
+    try:
+        pipeline = cluster.pipeline_for(conn, config, taggers)
+    except ModelError as exc:
+        raise UserError(str(exc)) from None
     extra = scanner.queue_untagged(conn, pipeline.model_ids)
     if extra:
         log.info("%d known images lack results from a configured model", extra)

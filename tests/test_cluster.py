@@ -1,0 +1,426 @@
+"""Tagging on a Ray cluster: config, identical results, worker and coordinator faults.
+
+One local Ray cluster serves the in-process tests of this module (2 CPUs, no dashboard, a
+small object store); the coordinator-kill test runs `tagd scan` subprocesses that start their
+own (`address: local`), as a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import run_tagd, wait_for, write_config
+from onnx_models import build_wd_folder
+from PIL import Image
+
+from tagd import config as cfgmod
+from tagd import db, queue, scanner, tagger
+from tagd.config import ConfigError
+from tagd.pipeline import Pipeline
+
+pytest.importorskip("ray")
+
+
+def _noise_images(folder: Path, n: int, size: tuple[int, int] = (900, 700)) -> list[Path]:
+    """Distinct PNGs that take a few tens of ms each to decode, so a batch is in flight long
+    enough to be killed mid-way."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        path = folder / f"img{i:03d}.png"
+        Image.fromarray(arr).save(path, compress_level=1)
+        out.append(path)
+    return out
+
+
+def _config(
+    tmp: Path, gallery: Path, model: Path, name: str, batch: int = 2, **extra: Any
+) -> cfgmod.Config:
+    data: dict[str, Any] = {
+        "database": str(tmp / f"{name}.db"),
+        "watch": [{"path": str(gallery)}],
+        "models": [{"name": "probe", "path": str(model)}],
+        "inference": {"device": "cpu", "batch_size": batch, "threads": 1},
+        **extra,
+    }
+    return cfgmod.parse(data, base=tmp)
+
+
+# -- config (no Ray needed) -------------------------------------------------------------------
+
+
+def test_cluster_section_parses_and_bad_values_name_the_key(tmp_path: Path) -> None:
+    base = {"database": str(tmp_path / "t.db")}
+    assert cfgmod.parse(base, base=tmp_path).cluster is None
+    c = cfgmod.parse(
+        {
+            **base,
+            "cluster": {
+                "address": "ray://nas:10001",
+                "num_gpus": 1,
+                "actors": 3,
+                "path_map": {"/srv/gallery": "/mnt/nas/gallery/"},
+                "max_in_flight": 6,
+            },
+        },
+        base=tmp_path,
+    ).cluster
+    assert c is not None
+    assert (c.engine, c.address, c.num_gpus, c.actors, c.max_in_flight) == (
+        "ray",
+        "ray://nas:10001",
+        1.0,
+        3,
+        6,
+    )
+    assert c.path_map == (("/srv/gallery", "/mnt/nas/gallery"),)
+    bad = [
+        ({"engine": "dask"}, "cluster.engine"),
+        ({"address": "nas"}, "cluster.address"),
+        ({"path_map": {"rel": "/x"}}, "cluster.path_map"),
+        ({"num_gpus": -1}, "cluster.num_gpus"),
+        ({"max_in_flight": 0}, "cluster.max_in_flight"),
+        ({"nodes": 2}, "cluster.nodes"),
+    ]
+    for value, key in bad:
+        with pytest.raises(ConfigError) as err:
+            cfgmod.parse({**base, "cluster": value}, base=tmp_path)
+        assert key in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_no_ray_import_without_cluster(tmp_path: Path, probe_model: Path) -> None:
+    gallery = tmp_path / "g"
+    _noise_images(gallery, 2, (64, 48))
+    plain = write_config(
+        tmp_path / "plain.yaml",
+        {
+            "database": str(tmp_path / "plain.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu"},
+        },
+    )
+    code = (
+        "import sys\nfrom tagd import cli\n"
+        f"rc = cli.main(['--config', {str(plain)!r}, 'scan'])\n"
+        "print('RC', rc, 'RAY', 'ray' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
+    assert "RC 0 RAY False" in out.stdout, out.stderr
+    conn = db.connect(tmp_path / "plain.db")
+    assert queue.counts(conn)["done"] == 2
+    conn.close()
+
+
+# -- on a local Ray cluster -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[Any]:
+    os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # noqa: SIM112 (Ray spells it so)
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024 * 1024,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cluster")
+    model = build_wd_folder(root / "probe")
+    gallery = root / "gallery"
+    _noise_images(gallery, 24)
+    (gallery / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return gallery, model
+
+
+@pytest.fixture(scope="module")
+def actors(ray_cluster: Any, corpus: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Two workers shared by the in-process tests (half a CPU each, so a third fits)."""
+    from tagd.cluster import ray_backend as rb
+
+    gallery, model = corpus
+    cfg = _config(tmp_path_factory.mktemp("actors"), gallery, model, "x", batch=1, cluster={})
+    handles = [rb.spawn(cfg, num_cpus=0.5, num_gpus=0) for _ in range(2)]
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            ray_cluster.kill(h)
+
+
+def _scan(cfg: cfgmod.Config) -> sqlite3.Connection:
+    conn = db.connect(cfg.database)
+    scanner.scan(conn, cfg)
+    return conn
+
+
+def _rows(conn: sqlite3.Connection) -> dict[str, Any]:
+    scores = conn.execute(
+        """SELECT f.sha256, t.name, s.score, s.selected FROM scores s
+           JOIN files f ON f.id = s.file_id JOIN tags t ON t.id = s.tag_id
+           ORDER BY 1, 2"""
+    ).fetchall()
+    emb = conn.execute(
+        """SELECT f.sha256, e.dim, e.dtype, e.vector FROM embeddings e
+           JOIN files f ON f.id = e.file_id ORDER BY 1"""
+    ).fetchall()
+    files = conn.execute("SELECT sha256, size, width, height, format FROM files ORDER BY 1")
+    return {
+        "scores": [tuple(r) for r in scores],
+        "embeddings": [tuple(r) for r in emb],
+        "files": [tuple(r) for r in files.fetchall()],
+        "jobs": queue.counts(conn),
+    }
+
+
+def _count_taggings(conn: sqlite3.Connection) -> None:
+    """Every insert or update of a file's tagging lands in `writes`: stored exactly once means
+    one row per file."""
+    conn.executescript(
+        """CREATE TABLE IF NOT EXISTS writes(file_id INTEGER);
+           CREATE TRIGGER IF NOT EXISTS w_ins AFTER INSERT ON taggings
+               BEGIN INSERT INTO writes VALUES (NEW.file_id); END;
+           CREATE TRIGGER IF NOT EXISTS w_upd AFTER UPDATE ON taggings
+               BEGIN INSERT INTO writes VALUES (NEW.file_id); END;"""
+    )
+
+
+@pytest.mark.slow
+def test_cluster_rows_equal_local_pipeline(
+    tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any]
+) -> None:
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    # Batch 1 on both sides: ONNX Runtime's CPU reductions differ in the 5th decimal between
+    # a batch of 1 and of 2, and which files share a batch depends on decode timing (in the
+    # local pipeline too). With the batch fixed, the rows must be bit-for-bit the same.
+    local_cfg = _config(tmp_path, gallery, model, "local", batch=1)
+    conn = _scan(local_cfg)
+    with Pipeline(conn, local_cfg, tagger.load_all(local_cfg)) as p:
+        p.run()
+    local = _rows(conn)
+    conn.close()
+
+    cluster_cfg = _config(tmp_path, gallery, model, "cluster", batch=1, cluster={})
+    conn = _scan(cluster_cfg)
+    cp = ClusterPipeline(conn, cluster_cfg, tagger.load_all(cluster_cfg), actors=actors)
+    try:
+        outcome = cp.run()
+    finally:
+        cp.close()
+    remote = _rows(conn)
+    assert outcome.done == 24 and outcome.failed == 1
+    assert local["jobs"] == remote["jobs"] == {"queued": 0, "running": 0, "done": 24, "failed": 1}
+    assert remote["files"] == local["files"] and len(remote["files"]) == 24
+    assert remote["scores"] == local["scores"] and remote["scores"]
+    assert remote["embeddings"] == local["embeddings"]
+    # The coordinator shipped the compressed files, never tensors.
+    assert cp.bytes_shipped == sum(p.stat().st_size for p in gallery.iterdir())
+    conn.close()
+
+
+@pytest.mark.slow
+def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
+    tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any], ray_cluster: Any
+) -> None:
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    cfg = _config(tmp_path, gallery, model, "kill", cluster={"max_in_flight": 4})
+    conn = _scan(cfg)
+    _count_taggings(conn)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg), actors=actors)
+    result: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            result["outcome"] = cp.run()
+        except BaseException as exc:
+            result["error"] = exc
+
+    cp.start()
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        victim = wait_for(
+            lambda: next((a for a in cp.actors if a.outstanding >= 2), None), timeout=60
+        )
+        os.kill(victim.info["pid"], signal.SIGKILL)
+        thread.join(90)
+        assert not thread.is_alive()
+    finally:
+        cp.close()
+    assert "error" not in result, result.get("error")
+    assert cp.deaths >= 1 and cp.resubmitted >= 1
+    assert result["outcome"].done == 24
+    assert queue.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
+    writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
+    assert len(writes) == 24 and {n for _, n in writes} == {1}
+
+    # Ray restarted the killed worker with its models: it takes work again.
+    def restarted_pid() -> int | None:
+        try:
+            return ray_cluster.get(victim.handle.pid.remote(), timeout=30)
+        except ray_cluster.exceptions.ActorUnavailableError:
+            return None
+
+    assert wait_for(restarted_pid, timeout=60) != victim.info["pid"]
+    conn.close()
+
+
+@pytest.mark.slow
+def test_worker_whose_model_fails_to_load_is_reported_and_others_continue(
+    tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any], ray_cluster: Any
+) -> None:
+    from tagd.cluster import ray_backend as rb
+    from tagd.cluster.coordinator import ClusterPipeline
+    from tagd.status import format_report, report
+
+    gallery, model = corpus
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"truncated download")
+    (broken / "selected_tags.csv").write_bytes((model / "selected_tags.csv").read_bytes())
+    bad_cfg = _config(tmp_path, gallery, broken, "bad", cluster={})
+    bad = rb.spawn(bad_cfg, num_cpus=0.5, num_gpus=0)
+    cfg = _config(tmp_path, gallery, model, "one-bad", cluster={})
+    conn = _scan(cfg)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg), actors=[bad, actors[0]])
+    try:
+        outcome = cp.run()
+    finally:
+        cp.close()
+        ray_cluster.kill(bad)
+    assert len(cp.actors) == 1 and outcome.done == 24
+    assert queue.counts(conn)["done"] == 24
+    status = report(conn)
+    assert "cannot be loaded by ONNX Runtime" in (status["last_error"] or "")
+    text = format_report(status)
+    assert "cluster:" in text and "worker:" in text and "24 files" in text
+    conn.close()
+
+
+@pytest.mark.slow
+def test_worker_without_the_model_gets_it_from_the_coordinator(
+    tmp_path: Path, corpus: tuple[Path, Path], ray_cluster: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    # The workers look for the model folder where no such folder exists on their side.
+    cluster = {
+        "actors": 1,
+        "num_cpus": 0.5,
+        "path_map": {str(model): str(tmp_path / "not-mounted")},
+    }
+    cfg = _config(tmp_path, gallery, model, "ship", cluster=cluster)
+    conn = _scan(cfg)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg))
+    try:
+        with caplog.at_level("INFO", logger="tagd.cluster.coordinator"):
+            outcome = cp.run()
+    finally:
+        cp.close()
+    assert "cannot fetch probe; sending the model files" in caplog.text
+    assert outcome.done == 24
+    assert queue.counts(conn)["done"] == 24
+    conn.close()
+
+
+# -- the coordinator process killed and restarted ---------------------------------------------
+
+
+@pytest.mark.slow
+def test_coordinator_sigkill_then_restart_completes_the_work(
+    tmp_path: Path, corpus: tuple[Path, Path]
+) -> None:
+    gallery, model = corpus
+    cfg_path = write_config(
+        tmp_path / "c.yaml",
+        {
+            "database": str(tmp_path / "c.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"engine": "ray", "address": "local", "num_cpus": 0.5},
+        },
+    )
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    env.pop("TAGD_CONFIG", None)
+    args = [sys.executable, "-m", "tagd", "--config", str(cfg_path), "scan"]
+    conn = db.connect(tmp_path / "c.db")
+    _count_taggings(conn)
+
+    def done() -> int:
+        return conn.execute("SELECT count(*) FROM jobs WHERE state = 'done'").fetchone()[0]
+
+    first = subprocess.Popen(
+        args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for(lambda: done() >= 2 or first.poll() is not None, timeout=90)
+        assert first.poll() is None, "the first scan finished before it could be killed"
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+    assert done() < 24
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=100)
+    assert second.returncode == 0, second.stderr
+    assert "jobs left running by a stopped tagd are queued again" in second.stderr
+    states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+    assert states == {"done": 24, "failed": 1}
+    writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
+    assert len(writes) == 24 and {n for _, n in writes} == {1}
+    conn.close()
+
+
+@pytest.mark.slow
+def test_unreachable_head_is_a_one_line_error_and_jobs_stay_queued(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    gallery = tmp_path / "g"
+    _noise_images(gallery, 2, (64, 48))
+    cfg = write_config(
+        tmp_path / "u.yaml",
+        {
+            "database": str(tmp_path / "u.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(probe_model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"address": "127.0.0.1:1"},
+        },
+    )
+    out = run_tagd("--config", str(cfg), "scan")
+    assert out.returncode == 3
+    assert "cluster.address 127.0.0.1:1: cannot join the Ray cluster" in out.stderr
+    assert "Traceback" not in out.stderr
+    conn = db.connect(tmp_path / "u.db")
+    assert queue.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
+    conn.close()
