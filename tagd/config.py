@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,7 +189,7 @@ class Config:
     families: dict[str, dict[str, Any]] = field(default_factory=dict)
     tags: TagRules = TagRules()
     source: Path | None = None
-    hydrus: Any = None  # tagd.hydrus.HydrusConfig; parsed there to keep this module small
+    hydrus: HydrusConfig = field(default_factory=lambda: HydrusConfig())
     video: VideoSettings = VideoSettings()
     web: WebConfig | None = None
     cluster: ClusterConfig | None = None
@@ -376,10 +377,8 @@ def _web(value: Any, key: str, base: Path) -> WebConfig:
     )
 
 
-def _hydrus(value: Any, base: Path) -> Any:
-    from tagd.hydrus import parse_config
-
-    return parse_config(value, "hydrus", base)
+def _hydrus(value: Any, base: Path) -> HydrusConfig:
+    return parse_hydrus(value, "hydrus", base)
 
 
 def _watch_root(item: Any, key: str, base: Path) -> WatchRoot:
@@ -803,3 +802,97 @@ def _fraction(value: Any, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ConfigError(f"{key}: expected a number from 0 to 1, got {value!r}")
     return float(value)
+
+
+# Hydrus sync (tagd.hydrus): the schema lives here so every section has one home.
+DEFAULT_URL = "http://127.0.0.1:45869"
+DEFAULT_KEY_ENV = "TAGD_HYDRUS_ACCESS_KEY"
+
+DEFAULT_NAMESPACES = {
+    "general": "",
+    "character": "character",
+    "rating": "rating",
+    "artist": "creator",
+    "copyright": "series",
+    "meta": "meta",
+}
+
+
+@dataclass(frozen=True)
+class HydrusConfig:
+    enabled: bool = False
+    url: str = DEFAULT_URL
+    access_key_file: Path | None = None
+    access_key_env: str = DEFAULT_KEY_ENV
+    service: str = "tagd"
+    models: tuple[str, ...] = ()
+    namespaces: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
+    tag_template: str = "{tag}"
+    batch_size: int = 256
+    timeout: float = 10.0
+    interval: float = 900.0
+    recheck_unknown_after: float = 86400.0
+    retract: bool = True
+
+
+_HYDRUS_KEYS = (
+    "enabled",
+    "url",
+    "access_key_file",
+    "access_key_env",
+    "service",
+    "models",
+    "namespaces",
+    "tag_template",
+    "batch_size",
+    "timeout",
+    "interval",
+    "recheck_unknown_after",
+    "retract",
+)
+
+
+def parse_hydrus(value: Any, key: str, base: Path) -> HydrusConfig:
+    d = _mapping(value, key, _HYDRUS_KEYS)
+    url = d.get("url", DEFAULT_URL)
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}.url: expected an http(s) URL such as {DEFAULT_URL}")
+    namespaces = d.get("namespaces", DEFAULT_NAMESPACES)
+    if not isinstance(namespaces, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | None) for k, v in namespaces.items()
+    ):
+        raise ConfigError(
+            f"{key}.namespaces: expected a mapping of tagd namespace to Hydrus namespace, "
+            "e.g. {general: '', character: character, artist: creator}"
+        )
+    template = d.get("tag_template", "{tag}")
+    if not isinstance(template, str) or "{tag}" not in template:
+        raise ConfigError(f"{key}.tag_template: expected text containing {{tag}}, e.g. '{{tag}}'")
+    try:
+        template.format(tag="x")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"{key}.tag_template: only {{tag}} may appear in braces") from None
+    for name in ("service", "access_key_env"):
+        if name in d and (not isinstance(d[name], str) or not d[name].strip()):
+            raise ConfigError(f"{key}.{name}: expected a non-empty name")
+    models = _list(d.get("models", []), f"{key}.models")
+    if not all(isinstance(m, str) for m in models):
+        raise ConfigError(f"{key}.models: expected a list of model names")
+    kf = d.get("access_key_file")
+    return HydrusConfig(
+        enabled=_bool(d.get("enabled", False), f"{key}.enabled"),
+        url=url.rstrip("/"),
+        access_key_file=_path(kf, f"{key}.access_key_file", base) if kf else None,
+        access_key_env=d.get("access_key_env", DEFAULT_KEY_ENV).strip(),
+        service=d.get("service", "tagd").strip(),
+        models=tuple(models),
+        namespaces={k: (v or "") for k, v in namespaces.items()},
+        tag_template=template,
+        batch_size=_int(d.get("batch_size", 256), f"{key}.batch_size", 1),
+        timeout=_number(d.get("timeout", 10.0), f"{key}.timeout", 0.1),
+        interval=_number(d.get("interval", 900.0), f"{key}.interval", 10),
+        recheck_unknown_after=_number(
+            d.get("recheck_unknown_after", 86400.0), f"{key}.recheck_unknown_after", 0
+        ),
+        retract=_bool(d.get("retract", True), f"{key}.retract"),
+    )

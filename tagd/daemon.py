@@ -265,8 +265,8 @@ class Daemon:
             id="rank-cache",
             next_run_time=now,
         )
-        hydrus = getattr(self.config, "hydrus", None)
-        if getattr(hydrus, "enabled", False):
+        hydrus = self.config.hydrus
+        if hydrus.enabled:
             scheduler.add_job(
                 self._hydrus_sync,
                 "interval",

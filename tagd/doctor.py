@@ -168,10 +168,10 @@ def check_hydrus(config: Config) -> Check | None:
     cfg = config.hydrus
     if cfg is None or not cfg.enabled:
         return None
-    from tagd.hydrus import Client, HydrusError
+    from tagd.hydrus import Client, HydrusError, access_key
 
     try:
-        client = Client(cfg.url, cfg.access_key(), timeout=min(cfg.timeout, 5.0))
+        client = Client(cfg.url, access_key(cfg), timeout=min(cfg.timeout, 5.0))
         version = client.api_version()
         client.verify_access_key()
     except HydrusError as exc:

@@ -20,30 +20,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tagd import db
-from tagd.config import ConfigError, _bool, _int, _list, _mapping, _number, _path
+from tagd.config import DEFAULT_NAMESPACES, HydrusConfig
 from tagd.effective import FileTagSet, iter_files
-from tagd.tagtext import with_spaces
+from tagd.tagtext import hydrus_tag
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DEFAULT_NAMESPACES", "HydrusConfig", "access_key", "hydrus_tag"]
+
 KEY_HEADER = "Hydrus-Client-API-Access-Key"
-DEFAULT_URL = "http://127.0.0.1:45869"
-DEFAULT_KEY_ENV = "TAGD_HYDRUS_ACCESS_KEY"
 LOCAL_TAG_SERVICE = 5
-DEFAULT_NAMESPACES = {
-    "general": "",
-    "character": "character",
-    "rating": "rating",
-    "artist": "creator",
-    "copyright": "series",
-    "meta": "meta",
-}
 CURRENT, PENDING, DELETED = "0", "1", "2"  # storage statuses in file metadata
 ADD, DELETE = "0", "1"  # content actions on a local tag service
 
@@ -81,119 +72,25 @@ def split_userinfo(url: str) -> tuple[str, str | None]:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
-@dataclass(frozen=True)
-class HydrusConfig:
-    enabled: bool = False
-    url: str = DEFAULT_URL
-    access_key_file: Path | None = None
-    access_key_env: str = DEFAULT_KEY_ENV
-    service: str = "tagd"
-    models: tuple[str, ...] = ()
-    namespaces: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_NAMESPACES))
-    tag_template: str = "{tag}"
-    batch_size: int = 256
-    timeout: float = 10.0
-    interval: float = 900.0
-    recheck_unknown_after: float = 86400.0
-    retract: bool = True
-
-    def access_key(self) -> str:
-        """The key from access_key_file, else $access_key_env; a HydrusError if neither."""
-        if self.access_key_file is not None:
-            try:
-                key = self.access_key_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise HydrusError(
-                    f"hydrus.access_key_file: cannot read {self.access_key_file}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            if not key:
-                raise HydrusError(f"hydrus.access_key_file: {self.access_key_file} is empty")
-            return key
-        key = os.environ.get(self.access_key_env, "").strip()
-        if not key:
+def access_key(cfg: HydrusConfig) -> str:
+    """The key from access_key_file, else $access_key_env; a HydrusError if neither."""
+    if cfg.access_key_file is not None:
+        try:
+            key = cfg.access_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
             raise HydrusError(
-                f"no Hydrus access key: set hydrus.access_key_file or ${self.access_key_env} "
-                "(Hydrus: services > review services > client api > add)"
-            )
+                f"hydrus.access_key_file: cannot read {cfg.access_key_file}: {exc.strerror or exc}"
+            ) from None
+        if not key:
+            raise HydrusError(f"hydrus.access_key_file: {cfg.access_key_file} is empty")
         return key
-
-
-_HYDRUS_KEYS = (
-    "enabled",
-    "url",
-    "access_key_file",
-    "access_key_env",
-    "service",
-    "models",
-    "namespaces",
-    "tag_template",
-    "batch_size",
-    "timeout",
-    "interval",
-    "recheck_unknown_after",
-    "retract",
-)
-
-
-def parse_config(value: Any, key: str, base: Path) -> HydrusConfig:
-    d = _mapping(value, key, _HYDRUS_KEYS)
-    url = d.get("url", DEFAULT_URL)
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{key}.url: expected an http(s) URL such as {DEFAULT_URL}")
-    namespaces = d.get("namespaces", DEFAULT_NAMESPACES)
-    if not isinstance(namespaces, dict) or not all(
-        isinstance(k, str) and isinstance(v, str | None) for k, v in namespaces.items()
-    ):
-        raise ConfigError(
-            f"{key}.namespaces: expected a mapping of tagd namespace to Hydrus namespace, "
-            "e.g. {general: '', character: character, artist: creator}"
+    key = os.environ.get(cfg.access_key_env, "").strip()
+    if not key:
+        raise HydrusError(
+            f"no Hydrus access key: set hydrus.access_key_file or ${cfg.access_key_env} "
+            "(Hydrus: services > review services > client api > add)"
         )
-    template = d.get("tag_template", "{tag}")
-    if not isinstance(template, str) or "{tag}" not in template:
-        raise ConfigError(f"{key}.tag_template: expected text containing {{tag}}, e.g. '{{tag}}'")
-    try:
-        template.format(tag="x")
-    except (KeyError, IndexError, ValueError):
-        raise ConfigError(f"{key}.tag_template: only {{tag}} may appear in braces") from None
-    for name in ("service", "access_key_env"):
-        if name in d and (not isinstance(d[name], str) or not d[name].strip()):
-            raise ConfigError(f"{key}.{name}: expected a non-empty name")
-    models = _list(d.get("models", []), f"{key}.models")
-    if not all(isinstance(m, str) for m in models):
-        raise ConfigError(f"{key}.models: expected a list of model names")
-    kf = d.get("access_key_file")
-    return HydrusConfig(
-        enabled=_bool(d.get("enabled", False), f"{key}.enabled"),
-        url=url.rstrip("/"),
-        access_key_file=_path(kf, f"{key}.access_key_file", base) if kf else None,
-        access_key_env=d.get("access_key_env", DEFAULT_KEY_ENV).strip(),
-        service=d.get("service", "tagd").strip(),
-        models=tuple(models),
-        namespaces={k: (v or "") for k, v in namespaces.items()},
-        tag_template=template,
-        batch_size=_int(d.get("batch_size", 256), f"{key}.batch_size", 1),
-        timeout=_number(d.get("timeout", 10.0), f"{key}.timeout", 0.1),
-        interval=_number(d.get("interval", 900.0), f"{key}.interval", 10),
-        recheck_unknown_after=_number(
-            d.get("recheck_unknown_after", 86400.0), f"{key}.recheck_unknown_after", 0
-        ),
-        retract=_bool(d.get("retract", True), f"{key}.retract"),
-    )
-
-
-def hydrus_tag(
-    namespace: str, name: str, namespaces: Mapping[str, str], template: str
-) -> str | None:
-    """One tagd tag as Hydrus text, or None when its namespace is not sent."""
-    if namespace not in namespaces:
-        return None
-    text = template.format(tag=with_spaces(name)).strip().lower()
-    ns = namespaces[namespace].strip().lower()
-    if ns:
-        return f"{ns}:{text}"
-    # Hydrus reads a leading ':' as an empty namespace and stores ':d' as '::d'.
-    return f":{text}" if text.startswith(":") else text
+    return key
 
 
 def desired_tags(fs: FileTagSet, cfg: HydrusConfig) -> list[str]:
@@ -523,7 +420,7 @@ def sync(
     stops mid-sync.
     """
     cfg: HydrusConfig = config.hydrus if isinstance(config.hydrus, HydrusConfig) else HydrusConfig()
-    client = client or Client(cfg.url, cfg.access_key(), cfg.timeout)
+    client = client or Client(cfg.url, access_key(cfg), cfg.timeout)
     client.api_version()
     service_key = client.tag_service_key(cfg.service)
     now = time.time()

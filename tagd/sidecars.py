@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tagd.atomic import write_atomic
-from tagd.hydrus import DEFAULT_NAMESPACES, hydrus_tag
+from tagd.config import DEFAULT_NAMESPACES
 from tagd.names import AS_TEXT, json_path, to_db
-from tagd.tagtext import escape_parentheses, with_spaces, with_underscores
+from tagd.tagtext import escape_parentheses, hydrus_tag, with_spaces, with_underscores
 
 STYLES = ("hydrus", "kohya", "json")
 NAMESPACE_ORDER = ("rating", "character", "copyright", "artist", "general", "meta")

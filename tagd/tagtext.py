@@ -7,6 +7,8 @@ part of the face.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 # The kaomoji list used by toriato's webui tagger, WDMassTagger and SmilingWolf's Space.
 KAOMOJI = frozenset(
     {
@@ -50,3 +52,17 @@ def with_underscores(text: str) -> str:
 def escape_parentheses(text: str) -> str:
     """For Stable Diffusion captions, where `(` and `)` are emphasis syntax."""
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def hydrus_tag(
+    namespace: str, name: str, namespaces: Mapping[str, str], template: str
+) -> str | None:
+    """One tagd tag as Hydrus text, or None when its namespace is not sent."""
+    if namespace not in namespaces:
+        return None
+    text = template.format(tag=with_spaces(name)).strip().lower()
+    ns = namespaces[namespace].strip().lower()
+    if ns:
+        return f"{ns}:{text}"
+    # Hydrus reads a leading ':' as an empty namespace and stores ':d' as '::d'.
+    return f":{text}" if text.startswith(":") else text

@@ -85,7 +85,7 @@ def _hydrus_truth(ctx: Context) -> Lookup:
 
     cfg = ctx.config.hydrus
     try:
-        client = hydrus.Client(cfg.url, cfg.access_key(), cfg.timeout)
+        client = hydrus.Client(cfg.url, hydrus.access_key(cfg), cfg.timeout)
         key = client.tag_service_key(ctx.args.truth_service)
     except hydrus.HydrusError as exc:
         raise UserError(str(exc), 3) from None

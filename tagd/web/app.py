@@ -366,7 +366,7 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
             return PlainTextResponse("no such file in the index", status_code=404)
         hydrus = config.hydrus
         hydrus_url = None
-        if getattr(hydrus, "enabled", False) and queries.hydrus_known(conn, info.file_id):
+        if hydrus.enabled and queries.hydrus_known(conn, info.file_id):
             hydrus_url = f"{hydrus.url.rstrip('/')}/get_files/file?hash={sha}"
         try:
             pos = int_param(request, "i", -1)
