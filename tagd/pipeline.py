@@ -293,12 +293,14 @@ class Pipeline:
     def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
         """Claim and process jobs until the queue has nothing runnable (or `stop()`)."""
 
-        queue.reap_orphans(
+        reaped = queue.reap_orphans(
             self.conn,
             self.owner,
             socket.gethostname(),
             max_attempts=self.config.daemon.max_attempts,
         )
+        if reaped:
+            log.info("%d jobs left running by a stopped tagd are queued again", reaped)
 
         def take(room: int) -> list[queue.Job]:
             if stop():

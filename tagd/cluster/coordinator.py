@@ -116,7 +116,12 @@ class ClusterPipeline(Pipeline):
         handles = self._given if self._given is not None else self._spawn_all()
         self.actors = self._await_ready(handles)
         self._started = True
-        reaped = queue.reap_orphans(self.conn, self.owner, socket.gethostname())
+        reaped = queue.reap_orphans(
+            self.conn,
+            self.owner,
+            socket.gethostname(),
+            max_attempts=self.config.daemon.max_attempts,
+        )
         if reaped:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
         self.publish(force=True)
