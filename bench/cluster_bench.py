@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.throughput import corpus, log, measure_tagd, model_dir, open_tagger, pipeline_config
-from tagd import db, scanner, sizing, tagger
 from tagd.config import ClusterConfig, InferenceConfig
+from tagd.index import db
+from tagd.ingest import scanner
+from tagd.tagging import sizing, tagger
 
 GBE1 = 117e6  # usable bytes/s of 1 GbE after TCP/IP overhead
 GBE10 = 1170e6

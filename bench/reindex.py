@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd import db, reindex, results, store
 from tagd.config import TagRules
-from tagd.graph import Head
-from tagd.labels import Labels
+from tagd.index import db, store
+from tagd.tagging import reindex, results
+from tagd.tagging.graph import Head
+from tagd.tagging.labels import Labels
 
 N_TAGS, N_RATING, N_GENERAL, DIM = 10861, 4, 8106, 1024
 

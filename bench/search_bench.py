@@ -63,7 +63,7 @@ def general_names() -> list[str]:
 
 
 def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
-    from tagd.db import connect
+    from tagd.index.db import connect
 
     if db.exists():
         sys.exit(f"{db} exists: delete it or use --measure-only")
@@ -188,8 +188,8 @@ def percentile(xs: list[float], q: float) -> float:
 def prepare_rank_cache(db: Path, use: bool, dirty: int) -> None:
     """Build or refresh the ranking cache as the daemon would, or set it aside; then mark
     `dirty` random files changed since it (a daemon tagging between two refreshes)."""
-    from tagd import rankcache
-    from tagd.db import connect
+    from tagd.index.db import connect
+    from tagd.search import rankcache
 
     conn = connect(db)  # applies newer migrations
     meta = rankcache.meta_path(db)
@@ -225,9 +225,9 @@ def prepare_rank_cache(db: Path, use: bool, dirty: int) -> None:
 def measure(
     db: Path, repeats: int, limit: int, skip_search: bool = False, dupes: bool = False
 ) -> None:
-    from tagd.db import connect
-    from tagd.query import parse
-    from tagd.search import SearchOptions, count, search
+    from tagd.index.db import connect
+    from tagd.search.engine import SearchOptions, count, search
+    from tagd.search.query import parse
 
     conn = connect(db, readonly=True)
     print(
@@ -262,7 +262,7 @@ def measure(
 
 
 def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int, dupes: bool) -> None:
-    from tagd.similar import EmbeddingIndex
+    from tagd.search.similar import EmbeddingIndex
 
     t = time.perf_counter()
     index = EmbeddingIndex.open(conn, db, None)
@@ -280,7 +280,7 @@ def measure_similar(db: Path, conn: sqlite3.Connection, repeats: int, dupes: boo
         f"similar top-20: p50 {percentile(times, 0.5):.0f} ms, p95 {percentile(times, 0.95):.0f} ms"
     )
     if dupes:
-        from tagd.similar import lsh_plan
+        from tagd.search.similar import lsh_plan
 
         bits, bands = lsh_plan(index.matrix.shape[0], 0.97)
         t = time.perf_counter()

@@ -40,15 +40,18 @@ import numpy as np
 from bench.corpus import build_corpus
 from bench.models import REVISION, build_tiny_tagger, build_vit_tagger, write_selected_tags
 from tagd import config as cfgmod
-from tagd import db, queue, scanner, sizing
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.decode import open_image, read_file
-from tagd.families import WD14
-from tagd.hub import ModelFiles
-from tagd.pipeline import Pipeline
-from tagd.preprocess import prepare
-from tagd.tagger import Tagger
-from tagd.workers import Decoded, DecodePool, Decoder, Setup, Task
+from tagd.index import db
+from tagd.index import jobs as queue
+from tagd.ingest import scanner
+from tagd.tagging import sizing
+from tagd.tagging.decode import open_image, read_file
+from tagd.tagging.families import WD14
+from tagd.tagging.hub import ModelFiles
+from tagd.tagging.pipeline import Pipeline
+from tagd.tagging.preprocess import prepare
+from tagd.tagging.tagger import Tagger
+from tagd.tagging.workers import Decoded, DecodePool, Decoder, Setup, Task
 
 
 def log(msg: str) -> None:

@@ -47,8 +47,8 @@ def timed(client, url: str, params: dict | None, repeats: int) -> tuple[float, i
 def prepare_caches(db: Path, similar: bool) -> None:
     """Build the ranking cache (and with `similar` the similarity cache) beside `db` from a
     read-only connection, as the daemon keeps them; the index itself is not written."""
-    from tagd import rankcache
-    from tagd.db import connect
+    from tagd.index.db import connect
+    from tagd.search import rankcache
 
     conn = connect(db, readonly=True)
     try:
@@ -57,7 +57,7 @@ def prepare_caches(db: Path, similar: bool) -> None:
             cache = rankcache.build(conn, db)
             print(f"ranking cache built in {time.perf_counter() - t:.0f} s, {len(cache.rows)} tags")
         if similar:
-            from tagd.similar import EmbeddingIndex
+            from tagd.search.similar import EmbeddingIndex
 
             t = time.perf_counter()
             EmbeddingIndex.open(conn, str(db), None)

@@ -7,15 +7,14 @@ Heavy modules (onnxruntime, numpy) are imported by the commands that need them, 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sqlite3
 import sys
 from collections.abc import Sequence
 
-from tagd import __version__
-from tagd.commands import COMMAND_MODULES, Context, UserError
+from tagd.commands import Context, UserError
+from tagd.commands.parser import build_parser
 from tagd.names import for_humans
 
 EXIT_USAGE = 2
@@ -26,35 +25,7 @@ _GLOBAL_VALUE_OPTIONS = ("--config", "-c")
 
 log = logging.getLogger("tagd")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tagd",
-        description="Auto-tag image galleries with ONNX tagger models and search the tags.",
-        epilog="Config: --config, else $TAGD_CONFIG, else ~/.config/tagd/config.yaml, "
-        "else /etc/tagd/config.yaml.",
-    )
-    parser.add_argument("--config", "-c", metavar="FILE", help="configuration file (YAML)")
-    parser.add_argument("--verbose", "-v", action="count", default=0, help="more log output")
-    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
-    parser.add_argument("--version", action="version", version=f"tagd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"tagd.commands.{name}").register(sub)
-    for command in sub.choices.values():
-        _add_json_alias(command)
-    return parser
-
-
-def _add_json_alias(parser: argparse.ArgumentParser) -> None:
-    """Every command that can print JSON also takes `--json`, the same as `--format json`."""
-    options = {o for action in parser._actions for o in action.option_strings}
-    fmt = next((a for a in parser._actions if "--format" in a.option_strings), None)
-    if "--json" in options or fmt is None or "json" not in (fmt.choices or ()):
-        return
-    parser.add_argument(
-        "--json", dest="format", action="store_const", const="json", help="same as --format json"
-    )
+__all__ = ["build_parser", "main"]
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -175,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except sqlite3.Error as exc:
-        from tagd.dberrors import describe
+        from tagd.index.dberrors import describe
 
         log.debug("database error", exc_info=True)
         print(f"tagd: {for_humans(describe(exc, _database_of(ctx)))}", file=sys.stderr)

@@ -38,7 +38,7 @@ def probe_provider(inference: InferenceConfig) -> str:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from tagd.tagger import nvidia_present, providers_for, session_options
+    from tagd.tagging.tagger import nvidia_present, providers_for, session_options
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
@@ -58,8 +58,8 @@ def probe_provider(inference: InferenceConfig) -> str:
 
 def count_images(config: Config, index: int) -> tuple[int, int]:
     """(images tagd would index, folders) under one root, walking as the scanner does."""
-    from tagd.filters import excluded
-    from tagd.scanner import walk
+    from tagd.ingest.filters import excluded
+    from tagd.ingest.scanner import walk
 
     root = config.watch[index]
     images = sum(1 for _ in walk(root, config.extensions))
@@ -114,8 +114,8 @@ def check_inotify(config: Config) -> Check:
 
 def check_model(config: Config, model: ModelConfig) -> Check:
     """Loads the model for real: files present or fetched, labels match, provider used."""
-    from tagd import tagger
-    from tagd.hub import ModelError
+    from tagd.tagging import tagger
+    from tagd.tagging.hub import ModelError
 
     name = f"model {model.name}"
     if not model.enabled:
@@ -168,7 +168,7 @@ def check_hydrus(config: Config) -> Check | None:
     cfg = config.hydrus
     if cfg is None or not cfg.enabled:
         return None
-    from tagd.hydrus import Client, HydrusError, access_key
+    from tagd.hydrus.sync import Client, HydrusError, access_key
 
     try:
         client = Client(cfg.url, access_key(cfg), timeout=min(cfg.timeout, 5.0))

@@ -148,7 +148,7 @@ def write(target: Path, text: str, *, force: bool) -> None:
     if target.exists() and not force:
         raise InitError(f"{target} already exists: pass --force to replace it, or --config PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    from tagd.atomic import write_atomic
+    from tagd.index.atomic import write_atomic
 
     data = text.encode("utf-8")
     write_atomic(target, lambda fh: fh.write(data), mode=0o644, durable=True)

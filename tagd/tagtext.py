@@ -66,3 +66,20 @@ def hydrus_tag(
         return f"{ns}:{text}"
     # Hydrus reads a leading ':' as an empty namespace and stores ':d' as '::d'.
     return f":{text}" if text.startswith(":") else text
+
+
+# The namespaces tagd stores tags in (the query language and reviews accept these).
+NAMESPACES = frozenset(
+    {
+        "general",
+        "character",
+        "rating",
+        "artist",
+        "copyright",
+        "meta",
+        "species",
+        "lore",
+        "invalid",
+        "quality",
+    }
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from tagd.workers import Decoder, Result, Task
+from tagd.tagging.workers import Decoder, Result, Task
 
 
 class CrashingDecoder(Decoder):

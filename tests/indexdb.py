@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd import db, store
-from tagd.labels import Labels
-from tagd.thresholds import select
+from tagd.index import db, store
+from tagd.tagging.labels import Labels
+from tagd.tagging.thresholds import select
 
 LABELS = Labels(
     names=(

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd import workers
-from tagd.workers import Decoder, Result, Setup, Task
+from tagd.tagging import workers
+from tagd.tagging.workers import Decoder, Result, Setup, Task
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,9 +49,9 @@ class GreedyDecoder(Decoder):
 
 
 def install() -> None:
-    import tagd.pipeline
+    import tagd.tagging.pipeline
 
-    tagd.pipeline.Decoder = HangingDecoder  # type: ignore[misc]
+    tagd.tagging.pipeline.Decoder = HangingDecoder  # type: ignore[misc]
 
 
 def command(*args: str) -> list[str]:

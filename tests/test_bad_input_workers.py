@@ -27,12 +27,15 @@ from PIL import Image
 from stuck_decoder import GreedyDecoder, HangingDecoder
 
 from tagd import config as cfgmod
-from tagd import db, queue, scanner, sizing
-from tagd.decode import DecodeError, read_file
-from tagd.families import WD14
-from tagd.pipeline import Pipeline
-from tagd.tagger import CPU, load_all
-from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
+from tagd.index import db
+from tagd.index import jobs as queue
+from tagd.ingest import scanner
+from tagd.tagging import sizing
+from tagd.tagging.decode import DecodeError, read_file
+from tagd.tagging.families import WD14
+from tagd.tagging.pipeline import Pipeline
+from tagd.tagging.tagger import CPU, load_all
+from tagd.tagging.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task
 
 SPEC = WD14.preprocess.with_size(448, 448)
 SETUP = Setup(specs={"m": SPEC}, model_ids={"m": 1}, max_pixels=50_000_000)
@@ -477,7 +480,7 @@ def test_item15_cpu_fallback_is_sized_for_the_cpu(
     GPU plan's single thread), the same plan the pipeline uses."""
     import onnxruntime as ort
 
-    from tagd import tagger
+    from tagd.tagging import tagger
 
     monkeypatch.setattr(tagger, "nvidia_present", lambda: True)
     available = ort.get_available_providers()

@@ -193,8 +193,8 @@ def test_corpus_is_deterministic(tmp_path: Path) -> None:
 def test_tiny_tagger_stores_and_selects_as_many_tags_as_a_real_one(tmp_path: Path) -> None:
     """A real WD v3 tagger stores ~50-150 scores >= 0.05 per image and selects ~10-40 at 0.35;
     benchmarks of the store and post-processing are only meaningful if the stand-in does too."""
-    from tagd.families import WD14
-    from tagd.workers import decode_and_prepare
+    from tagd.tagging.families import WD14
+    from tagd.tagging.workers import decode_and_prepare
 
     model = build_tiny_tagger(tmp_path / "model.onnx")
     spec = WD14.preprocess.with_size(448, 448)

@@ -24,9 +24,11 @@ from onnx_models import build_wd_folder
 from PIL import Image
 
 from tagd import config as cfgmod
-from tagd import db, queue, scanner, tagger
 from tagd.config import ConfigError
-from tagd.pipeline import Pipeline
+from tagd.index import db, jobs
+from tagd.ingest import scanner
+from tagd.tagging import tagger
+from tagd.tagging.pipeline import Pipeline
 
 pytest.importorskip("ray")
 
@@ -121,7 +123,7 @@ def test_no_ray_import_without_cluster(tmp_path: Path, probe_model: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90)
     assert "RC 0 RAY False" in out.stdout, out.stderr
     conn = db.connect(tmp_path / "plain.db")
-    assert queue.counts(conn)["done"] == 2
+    assert jobs.counts(conn)["done"] == 2
     conn.close()
 
 
@@ -192,7 +194,7 @@ def _rows(conn: sqlite3.Connection) -> dict[str, Any]:
         "scores": [tuple(r) for r in scores],
         "embeddings": [tuple(r) for r in emb],
         "files": [tuple(r) for r in files.fetchall()],
-        "jobs": queue.counts(conn),
+        "jobs": jobs.counts(conn),
     }
 
 
@@ -277,7 +279,7 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
     assert "error" not in result, result.get("error")
     assert cp.deaths >= 1 and cp.resubmitted >= 1
     assert result["outcome"].done == 24
-    assert queue.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
+    assert jobs.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
     writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
     assert len(writes) == 24 and {n for _, n in writes} == {1}
 
@@ -288,7 +290,8 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
         except ray_cluster.exceptions.ActorUnavailableError:
             return None
 
-    assert wait_for(restarted_pid, timeout=60) != victim.info["pid"]
+    killed = victim.info["pid"]
+    wait_for(lambda: restarted_pid() not in (None, killed), timeout=60)
     conn.close()
 
 
@@ -298,7 +301,7 @@ def test_worker_whose_model_fails_to_load_is_reported_and_others_continue(
 ) -> None:
     from tagd.cluster import ray_backend as rb
     from tagd.cluster.coordinator import ClusterPipeline
-    from tagd.status import format_report, report
+    from tagd.index.status import format_report, report
 
     gallery, model = corpus
     broken = tmp_path / "broken-model"
@@ -316,7 +319,7 @@ def test_worker_whose_model_fails_to_load_is_reported_and_others_continue(
         cp.close()
         ray_cluster.kill(bad)
     assert len(cp.actors) == 1 and outcome.done == 24
-    assert queue.counts(conn)["done"] == 24
+    assert jobs.counts(conn)["done"] == 24
     status = report(conn)
     assert "cannot be loaded by ONNX Runtime" in (status["last_error"] or "")
     text = format_report(status)
@@ -347,7 +350,7 @@ def test_worker_without_the_model_gets_it_from_the_coordinator(
         cp.close()
     assert "cannot fetch probe; sending the model files" in caplog.text
     assert outcome.done == 24
-    assert queue.counts(conn)["done"] == 24
+    assert jobs.counts(conn)["done"] == 24
     conn.close()
 
 
@@ -422,5 +425,5 @@ def test_unreachable_head_is_a_one_line_error_and_jobs_stay_queued(
     assert "cluster.address 127.0.0.1:1: cannot join the Ray cluster" in out.stderr
     assert "Traceback" not in out.stderr
     conn = db.connect(tmp_path / "u.db")
-    assert queue.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
+    assert jobs.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
     conn.close()

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_tagd, write_config
 from indexdb import make_index
 
-from tagd.evaluate import PRF, Sample, evaluate, file_score, normalise, sweep
+from tagd.outputs.evaluate import PRF, Sample, evaluate, file_score, normalise, sweep
 
 
 def test_file_score_is_tagger_showdowns() -> None:

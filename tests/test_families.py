@@ -13,12 +13,12 @@ from family_models import build, reference
 from PIL import Image
 
 from tagd import config as cfg
-from tagd import families, graph
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.hub import ModelFiles
-from tagd.labels import LabelError, read_class_json, read_tags_json, read_tags_txt
-from tagd.preprocess import prepare
-from tagd.tagger import Tagger
+from tagd.tagging import families, graph
+from tagd.tagging.hub import ModelFiles
+from tagd.tagging.labels import LabelError, read_class_json, read_tags_json, read_tags_txt
+from tagd.tagging.preprocess import prepare
+from tagd.tagging.tagger import Tagger
 
 
 def _noise(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

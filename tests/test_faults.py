@@ -166,7 +166,7 @@ def test_item10_disk_full_daemon_survives(
 def test_item10_sqlite_rollback_reports_real_error(tmp_path: Path) -> None:
     """SQLite rolls a transaction back by itself on SQLITE_FULL; a second ROLLBACK used to
     replace "database or disk is full" with "no transaction is active"."""
-    from tagd import db
+    from tagd.index import db
 
     conn = db.connect(tmp_path / "t.db")
     conn.execute("CREATE TABLE big(b BLOB)")
@@ -187,8 +187,8 @@ def test_item10_sqlite_rollback_reports_real_error(tmp_path: Path) -> None:
 
 def test_item10_locked_database_is_trouble_not_death(tmp_path: Path) -> None:
     """A write lock held past the busy timeout: the daemon's backoff records it in words."""
-    from tagd import db, queue
-    from tagd.dberrors import DatabaseTrouble
+    from tagd.index import db, jobs
+    from tagd.index.dberrors import DatabaseTrouble
 
     path = tmp_path / "t.db"
     db.connect(path).close()
@@ -199,7 +199,7 @@ def test_item10_locked_database_is_trouble_not_death(tmp_path: Path) -> None:
     trouble = DatabaseTrouble()
     try:
         with pytest.raises(sqlite3.OperationalError) as caught:
-            queue.set_paused(conn, True)
+            jobs.set_paused(conn, True)
         first = trouble.failed(caught.value, path)
         second = trouble.failed(caught.value, path)
         assert second == 2 * first and trouble.waiting() > 0
@@ -208,7 +208,7 @@ def test_item10_locked_database_is_trouble_not_death(tmp_path: Path) -> None:
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    queue.set_paused(conn, True)
+    jobs.set_paused(conn, True)
     assert trouble.cleared() and not trouble.active and trouble.waiting() == 0
     conn.close()
 
@@ -301,10 +301,10 @@ def test_item11_search_limit_and_offset_out_of_range(
 
 
 def test_item11_top_page_of_zero_rows(tagged_index: Path) -> None:
-    from tagd import db
     from tagd.config import load
-    from tagd.query import parse
-    from tagd.search import SearchOptions, search
+    from tagd.index import db
+    from tagd.search.engine import SearchOptions, search
+    from tagd.search.query import parse
 
     conn = db.connect(load(str(tagged_index)).database, readonly=True)
     assert list(search(conn, parse("red"), SearchOptions(limit=0))) == []
@@ -457,9 +457,9 @@ def test_item10_daemon_rides_out_a_lock_held_past_the_busy_timeout(
     """The supervising loop's status write meets a real lock (another connection's BEGIN
     EXCLUSIVE): the error is reported in the health file and `tagd status`, retried with
     backoff, and cleared by the first write that works; nothing raises."""
-    from tagd import status
     from tagd.config import load
-    from tagd.daemon import Daemon
+    from tagd.index import status
+    from tagd.service.daemon import Daemon
 
     config_path = model_config(tmp_path, gallery, probe_model)
     config = load(str(config_path))

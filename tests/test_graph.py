@@ -11,10 +11,10 @@ import onnx
 import pytest
 from family_models import build, head_params, reference
 
-from tagd import families, graph
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.hub import ModelFiles
-from tagd.tagger import Tagger
+from tagd.tagging import families, graph
+from tagd.tagging.hub import ModelFiles
+from tagd.tagging.tagger import Tagger
 
 N_TAGS = 5
 
@@ -69,7 +69,7 @@ def test_no_head_runs_without_embeddings(tmp_path: Path, caplog: pytest.LogCaptu
     (tmp_path / "tags.txt").write_text("\n".join(f"tag{i}" for i in range(N_TAGS)))
     fam = families.get("deepdanbooru")
     files = ModelFiles(tmp_path / "model.onnx", tmp_path / "tags.txt", "test")
-    with caplog.at_level(logging.INFO, logger="tagd.graph"):
+    with caplog.at_level(logging.INFO, logger="tagd.tagging.graph"):
         tagger = Tagger(ModelConfig(name="dd", path=tmp_path), fam, files, InferenceConfig("cpu"))
     assert tagger.head is None
     assert "no embeddings" in caplog.text and "MatMul/Gemm" in caplog.text

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from conftest import run_tagd, save
 
-from tagd.db import connect, set_state, write
-from tagd.status import clear_scan, publish_scan
+from tagd.index.db import connect, set_state, write
+from tagd.index.status import clear_scan, publish_scan
 
 
 def tagd(cfg: Path, *args: str) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ import pytest
 from conftest import run_tagd, save, write_config
 
 from tagd.config import ModelConfig
-from tagd.families import WD14
-from tagd.hub import ModelError, resolve
+from tagd.tagging.families import WD14
+from tagd.tagging.hub import ModelError, resolve
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "fedcba9876543210fedcba9876543210fedcba98"

@@ -11,8 +11,8 @@ from conftest import run_tagd, write_config
 from hydrus_server import TAGD_KEY, HydrusServer, HydrusState
 from indexdb import make_index, sha_of
 
-from tagd import hydrus
 from tagd.config import ConfigError, parse
+from tagd.hydrus import sync as hydrus
 
 KEY = "a" * 64
 FILES = {
@@ -352,7 +352,7 @@ def test_item17_credentials_in_the_url_never_shown(tmp_path: Path, caplog) -> No
     as Basic auth, and no error, CLI line or daemon warning shows them."""
     import logging
 
-    from tagd.daemon import Daemon
+    from tagd.service.daemon import Daemon
 
     make_index(tmp_path / "t.db", FILES).close()
     state = HydrusState(access_key=KEY)

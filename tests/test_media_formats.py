@@ -11,8 +11,10 @@ from media_files import psd
 from PIL import Image
 
 from tagd import config as config_mod
-from tagd import db, media, scanner
-from tagd.decode import DecodeError, open_image
+from tagd.index import db
+from tagd.ingest import scanner
+from tagd.tagging import formats, media
+from tagd.tagging.decode import DecodeError, open_image
 
 COLOUR = (200, 30, 60)
 
@@ -66,7 +68,7 @@ def test_heif_without_its_plugin_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _write(tmp_path / "a.heic", "HEIF", quality=-1).read_bytes()
-    monkeypatch.setattr(media, "plugin_formats", lambda: ())
+    monkeypatch.setattr(formats, "plugin_formats", lambda: ())
     with pytest.raises(DecodeError) as err:
         open_image(data, max_pixels=10**8)
     assert "pillow-heif" in err.value.reason and "tagd[formats]" in err.value.reason

@@ -14,10 +14,10 @@ from conftest import run_tagd, write_config
 from media_video import write_animation, write_video
 
 from tagd import config as config_mod
-from tagd import media
 from tagd.config import VideoSettings
-from tagd.decode import DecodeError
-from tagd.query import QueryError, parse
+from tagd.search.query import QueryError, parse
+from tagd.tagging import media
+from tagd.tagging.decode import DecodeError
 
 BLUE, RED = (0, 0, 255), (254, 0, 0)
 

@@ -23,10 +23,11 @@ from conftest import save, wait_for, write_config
 from onnx_models import build_wd_folder
 
 from tagd import config as cfg
-from tagd import db, queue, scanner, store
+from tagd.index import db, jobs, store
+from tagd.ingest import scanner
+from tagd.ingest.watcher import Watcher, changed_mounts, mounts_under, read_mounts
 from tagd.names import for_humans, json_path, to_db, tsv_field
-from tagd.sidecars import write_sidecar
-from tagd.watcher import Watcher, changed_mounts, mounts_under, read_mounts
+from tagd.outputs.sidecars import write_sidecar
 
 BAD = b"bad\xff\xfe name.png"  # not UTF-8
 EVIL = b"evil\x1b[2J\x1b[31m\nforged.png"  # clears the screen, recolours, breaks the line
@@ -192,10 +193,10 @@ def test_item01_raw_names_round_trip_in_sqlite_and_match_folder_ranges(tmp_path:
         with db.write(conn):
             for i, p in enumerate(names):
                 store.upsert_path(conn, p, None, i, i)
-                queue.enqueue(conn, p, i, i)
+                jobs.enqueue(conn, p, i, i)
         got = [r[0] for r in conn.execute("SELECT path FROM paths ORDER BY id")]
         assert got == names and [os.fsencode(p) for p in got] == [os.fsencode(p) for p in names]
-        assert [j.path for j in queue.claim(conn, "me", 10)] == names
+        assert [j.path for j in jobs.claim(conn, "me", 10)] == names
         # the folder range of a scan covers raw names too: none of /g/sub was seen again
         assert scanner.mark_missing(conn, "/g/sub", time.time() + 1) == 3
         raw = conn.execute("SELECT CAST(path AS BLOB) FROM paths WHERE id = 1").fetchone()[0]
@@ -373,15 +374,15 @@ def test_item20_force_models_stay_deduplicated(tmp_path: Path) -> None:
     try:
         with db.write(conn):
             for _ in range(4):
-                queue.enqueue(conn, "/g/a.png", 1, 1, force_models=("probe",), requeue=True)
+                jobs.enqueue(conn, "/g/a.png", 1, 1, force_models=("probe",), requeue=True)
         assert conn.execute("SELECT force_models FROM jobs").fetchone()[0] == "probe"
         with db.write(conn):
-            queue.enqueue(conn, "/g/a.png", 1, 1, force_models=("other", "probe"), requeue=True)
-        (job,) = queue.claim(conn, "me", 5)
+            jobs.enqueue(conn, "/g/a.png", 1, 1, force_models=("other", "probe"), requeue=True)
+        (job,) = jobs.claim(conn, "me", 5)
         assert job.force_models == ("other", "probe")
         # an older database that already holds duplicates reads back without them
         conn.execute("UPDATE jobs SET state = 'queued', force_models = 'probe,probe,x,probe'")
-        (job,) = queue.claim(conn, "me", 5)
+        (job,) = jobs.claim(conn, "me", 5)
         assert job.force_models == ("probe", "x")
     finally:
         conn.close()
@@ -411,13 +412,13 @@ def test_item01_errors_and_state_quoting_a_raw_name_are_stored(tmp_path: Path) -
     name = fs(b"/g/\xff.png")
     try:
         with db.write(conn):
-            queue.enqueue(conn, name, 1, 1)
+            jobs.enqueue(conn, name, 1, 1)
             db.set_state(conn, "last_error", f"{name}: cannot identify image")
-        (job,) = queue.claim(conn, "me", 1)
+        (job,) = jobs.claim(conn, "me", 1)
         with db.write(conn):
-            queue.fail(conn, job, "me", f"cannot open {name}", transient=False)
+            jobs.fail(conn, job, "me", f"cannot open {name}", transient=False)
         assert db.get_state(conn, "last_error") == "/g/\\xff.png: cannot identify image"
-        (row,) = queue.listing(conn, "failed")
+        (row,) = jobs.listing(conn, "failed")
         assert row["error"] == "cannot open /g/\\xff.png" and row["path"] == name
     finally:
         conn.close()

@@ -18,11 +18,12 @@ from new_family_models import (
 )
 from PIL import Image
 
-from tagd import catalog, families, hub
+from tagd import catalog
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.hub import ModelError
-from tagd.preprocess import prepare
-from tagd.tagger import Tagger
+from tagd.tagging import families, hub
+from tagd.tagging.hub import ModelError
+from tagd.tagging.preprocess import prepare
+from tagd.tagging.tagger import Tagger
 
 RED = Image.new("RGB", (200, 100), (255, 0, 0))
 CLEAR = Image.new("RGBA", (64, 64), (0, 0, 0, 0))

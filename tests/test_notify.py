@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tagd.notify import Notifier
+from tagd.service.notify import Notifier
 
 # sun_path holds 108 bytes including the NUL; a long --basetemp must not break the tests.
 _MAX_SUN_PATH = 100
@@ -161,7 +161,7 @@ def test_unsupported_address_is_disabled_with_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
-    with caplog.at_level(logging.WARNING, logger="tagd.notify"):
+    with caplog.at_level(logging.WARNING, logger="tagd.service.notify"):
         notifier = Notifier()
     assert not notifier.enabled
     assert notifier.ready() is False
@@ -177,11 +177,11 @@ def test_vanished_socket_does_not_raise_and_warns_once(
     path.unlink()
     monkeypatch.setenv("NOTIFY_SOCKET", os.fspath(path))
     notifier = Notifier()
-    with caplog.at_level(logging.WARNING, logger="tagd.notify"):
+    with caplog.at_level(logging.WARNING, logger="tagd.service.notify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.stopping() is False
-    warnings = [r for r in caplog.records if r.name == "tagd.notify"]
+    warnings = [r for r in caplog.records if r.name == "tagd.service.notify"]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
 

@@ -13,14 +13,24 @@ from onnx_models import build_probe_model, probe_reference, write_selected_tags
 from PIL import Image
 
 from tagd import config as cfgmod
-from tagd import db, queue, scanner, sizing
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.decode import open_image
-from tagd.families import WD14
-from tagd.hub import ModelFiles
-from tagd.pipeline import Pipeline
-from tagd.preprocess import prepare
-from tagd.tagger import CPU, CUDA, TENSORRT, Tagger, load_all, providers_for, session_options
+from tagd.index import db, jobs
+from tagd.ingest import scanner
+from tagd.tagging import sizing
+from tagd.tagging.decode import open_image
+from tagd.tagging.families import WD14
+from tagd.tagging.hub import ModelFiles
+from tagd.tagging.pipeline import Pipeline
+from tagd.tagging.preprocess import prepare
+from tagd.tagging.tagger import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    Tagger,
+    load_all,
+    providers_for,
+    session_options,
+)
 
 
 class CrashingPipeline(Pipeline):
@@ -93,7 +103,7 @@ def test_workers_tag_everything_and_bad_files_fail_alone(
             assert stored[int(idx)] == pytest.approx(expected[idx], abs=tol), (path, idx)
     tagged_at = conn.execute("SELECT file_id, tagged_at FROM taggings ORDER BY 1").fetchall()
     for path in good:
-        queue.enqueue(conn, str(path), None, None, requeue=True)
+        jobs.enqueue(conn, str(path), None, None, requeue=True)
     with Pipeline(conn, config, load_all(config)) as again:
         assert again.run().done == len(good)
     assert (
@@ -115,7 +125,7 @@ def test_stop_hands_back_unfinished_jobs_and_in_flight_is_bounded(
 
     def stop() -> bool:
         nonlocal peak
-        counts = queue.counts(conn)
+        counts = jobs.counts(conn)
         peak = max(peak, counts["running"])
         return counts["done"] >= 10
 
@@ -123,7 +133,7 @@ def test_stop_hands_back_unfinished_jobs_and_in_flight_is_bounded(
         outcome = pipeline.run(stop=stop)
     finally:
         pipeline.close()
-    counts = queue.counts(conn)
+    counts = jobs.counts(conn)
     assert counts["running"] == 0 and counts["failed"] == 0
     assert counts["done"] == outcome.done >= 10 and counts["queued"] == 30 - outcome.done
     assert 0 < peak <= bound < 30
@@ -187,7 +197,7 @@ def test_trickle_decodes_in_one_worker_until_a_backlog_appears(
     paths = [save(gallery / f"{i:02d}.png", (i * 20, 90, 255 - i * 20)) for i in range(9)]
     config = _config(tmp_path, gallery, probe_model, batch_size=4, decode_workers=2)
     conn = db.connect(config.database)
-    queue.enqueue(conn, str(paths[0]), None, None)
+    jobs.enqueue(conn, str(paths[0]), None, None)
     calls = 0
     sizes: list[int] = []
 
@@ -198,14 +208,14 @@ def test_trickle_decodes_in_one_worker_until_a_backlog_appears(
             sizes.append(pipeline._pool.size)
         if calls == 3:  # after the first, one-file claim: a burst arrives
             for p in paths[1:]:
-                queue.enqueue(conn, str(p), None, None)
+                jobs.enqueue(conn, str(p), None, None)
         return False
 
     with Pipeline(conn, config, load_all(config)) as pipeline:
         outcome = pipeline.run(stop=stop)
         assert pipeline._pool is not None and pipeline._pool.size == 2
     assert sizes[0] == 1 and sizes[-1] == 2
-    assert outcome.done == 9 and queue.counts(conn)["done"] == 9
+    assert outcome.done == 9 and jobs.counts(conn)["done"] == 9
     with Pipeline(conn, config, load_all(config)) as small:
-        queue.enqueue(conn, str(paths[0]), None, None, requeue=True)
+        jobs.enqueue(conn, str(paths[0]), None, None, requeue=True)
         assert small.run().done == 1 and small._pool is not None and small._pool.size == 1

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagd.decode import open_image
-from tagd.families import WD14
-from tagd.preprocess import PreprocessSpec, fit, prepare, to_rgb
+from tagd.tagging.decode import open_image
+from tagd.tagging.families import WD14
+from tagd.tagging.preprocess import PreprocessSpec, fit, prepare, to_rgb
 
 
 def reference_wd(image: Image.Image, target: int) -> np.ndarray:

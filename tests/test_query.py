@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from tagd.query import And, Not, QueryError, Tag, parse
+from tagd.search.query import And, Not, QueryError, Tag, parse
 
 
 def test_and_not_namespace() -> None:
@@ -49,7 +49,7 @@ def test_errors_point_at_the_column(query: str, column: int, message: str) -> No
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tagd.query import (  # noqa: E402
+from tagd.search.query import (  # noqa: E402
     FileFilter,
     Flag,
     Model,
@@ -160,7 +160,7 @@ def test_any_text_parses_or_fails_cleanly(text: str) -> None:
 
 # -- item 12: limits, so that any text gives a tree or a QueryError within a second -------
 
-from tagd.query import MAX_DEPTH, MAX_QUERY_CHARS, MAX_TERMS  # noqa: E402
+from tagd.search.query import MAX_DEPTH, MAX_QUERY_CHARS, MAX_TERMS  # noqa: E402
 
 
 def _timed_parse(text: str) -> tuple[object, float]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tagd import db, queue
+from tagd.index import db
+from tagd.index import jobs as queue
 
 
 @pytest.fixture

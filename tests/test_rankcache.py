@@ -11,15 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tagd.rankcache
-import tagd.search
-from tagd import changes, rankcache
-from tagd.atomic import write_atomic
+import tagd.search.engine
+import tagd.search.rankcache
 from tagd.config import TagRules
-from tagd.db import connect
-from tagd.query import parse
-from tagd.reindex import reindex_model
-from tagd.search import SearchOptions, iter_search
+from tagd.index import changes
+from tagd.index.atomic import write_atomic
+from tagd.index.db import connect
+from tagd.search import rankcache
+from tagd.search.engine import SearchOptions, iter_search
+from tagd.search.query import parse
+from tagd.tagging.reindex import reindex_model
 from tests.indexdb import RULES, make_index
 from tests.test_search_semantics import ATOMS, Index, build_index
 
@@ -52,7 +53,7 @@ def used(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tagd.rankcache, "candidates", spy)
+    monkeypatch.setattr(tagd.search.rankcache, "candidates", spy)
     return calls
 
 
@@ -107,7 +108,7 @@ def test_pages_from_the_cache_equal_the_full_ranking(index: Index, used: list[in
 def test_small_first_batches_still_exact(
     index: Index, used: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tagd.search, "TOPK_FIRST_BATCH", 1)
+    monkeypatch.setattr(tagd.search.engine, "TOPK_FIRST_BATCH", 1)
     conn = connect(index.db)
     rankcache.build(conn, index.db, min_files=1)
     pages_match_full_ranking(conn, RANKED[:4])

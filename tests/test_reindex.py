@@ -15,8 +15,8 @@ from conftest import run_tagd, save, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tagd import results
-from tagd.thresholds import select
+from tagd.tagging import results
+from tagd.tagging.thresholds import select
 
 
 def _config(tmp_path: Path, gallery: Path, folder: Path, **extra: object) -> Path:

@@ -11,11 +11,11 @@ import pytest
 from conftest import run_tagd, save, write_config
 from indexdb import make_index, sha_of
 
-from tagd import review
-from tagd.effective import iter_files
-from tagd.hydrus import HydrusConfig, desired_tags
-from tagd.query import parse
-from tagd.search import count, search
+from tagd.hydrus.sync import HydrusConfig, desired_tags
+from tagd.index import reviews as review
+from tagd.outputs.effective import iter_files
+from tagd.search.engine import count, search
+from tagd.search.query import parse
 
 
 def _index(tmp_path: Path) -> tuple[Path, str, str]:

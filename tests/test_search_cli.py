@@ -13,7 +13,7 @@ import pytest
 from conftest import run_tagd, write_config
 from test_search_semantics import build_index, reference
 
-from tagd.query import parse
+from tagd.search.query import parse
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def test_search_imports_stay_light(setup) -> None:
 
 
 def test_similar_index_rebuilds_when_embeddings_change(tmp_path: Path) -> None:
-    from tagd.db import connect
-    from tagd.similar import EmbeddingIndex
+    from tagd.index.db import connect
+    from tagd.search.similar import EmbeddingIndex
 
     db = tmp_path / "e.db"
     conn = connect(db)
@@ -195,9 +195,9 @@ def test_similar_index_rebuilds_when_embeddings_change(tmp_path: Path) -> None:
 def test_similar_index_takes_in_changes_without_a_rebuild(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tagd.similar
-    from tagd.db import connect
-    from tagd.similar import EmbeddingIndex
+    import tagd.search.similar
+    from tagd.index.db import connect
+    from tagd.search.similar import EmbeddingIndex
 
     db = tmp_path / "e.db"
     conn = connect(db)
@@ -239,7 +239,7 @@ def test_similar_index_takes_in_changes_without_a_rebuild(
     assert [[f for f, _ in g] for g in index.groups(0.95)] == [[1, 3, 5]]
     assert [[f for f, _ in g] for g in fresh.groups(0.95)] == [[1, 3, 5]]
     # Past DELTA_MAX changed files a rebuild is cheaper.
-    monkeypatch.setattr(tagd.similar, "DELTA_MAX", 1)
+    monkeypatch.setattr(tagd.search.similar, "DELTA_MAX", 1)
     put(4, [0, 0.5, 0.5])
     put(6, [0, 0, 1])
     written = cached.stat().st_mtime_ns

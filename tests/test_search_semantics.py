@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tagd.db import connect
-from tagd.query import (
+from tagd.index.db import connect
+from tagd.search.engine import SearchOptions, count, iter_search, scope_model
+from tagd.search.query import (
     And,
     FileFilter,
     Flag,
@@ -32,7 +33,6 @@ from tagd.query import (
     TimeBound,
     parse,
 )
-from tagd.search import SearchOptions, count, iter_search, scope_model
 
 GENERAL = ["1girl", "solo", "long_hair", "smile", "hat", "hat_ribbon", ">_<", ":d", "re:zero"]
 CHARACTERS = ["hatsune_miku", "hakurei_reimu"]
@@ -342,7 +342,7 @@ def queries(draw, depth: int = 0) -> str:  # type: ignore[no-untyped-def]
 )
 @given(text=queries())
 def test_random_queries_match_reference(index: Index, conn, text: str) -> None:
-    from tagd.query import QueryError
+    from tagd.search.query import QueryError
 
     try:
         node = parse(text)
@@ -403,9 +403,9 @@ def test_sort_limit_offset(index: Index, conn) -> None:
 def test_ranked_page_equals_full_ranking(
     conn, monkeypatch, text: str, limit: int, offset: int, first_batch: int
 ) -> None:
-    import tagd.search
+    import tagd.search.engine
 
-    monkeypatch.setattr(tagd.search, "TOPK_FIRST_BATCH", first_batch)
+    monkeypatch.setattr(tagd.search.engine, "TOPK_FIRST_BATCH", first_batch)
     node = parse(text)
     full = [(h.path, h.rank) for h in iter_search(conn, node, SearchOptions())]
     page = [
@@ -420,7 +420,7 @@ def test_ranked_page_equals_full_ranking(
 @st.composite
 def deep_queries(draw, depth: int = 0) -> str:  # type: ignore[no-untyped-def]
     """Nesting up to (and past) MAX_DEPTH, with wide ORs and ANDs along the way."""
-    from tagd.query import MAX_DEPTH
+    from tagd.search.query import MAX_DEPTH
 
     if depth >= MAX_DEPTH + 2 or (depth > 2 and draw(st.integers(0, 5)) == 0):
         return draw(st.sampled_from(ATOMS))
@@ -435,7 +435,7 @@ def deep_queries(draw, depth: int = 0) -> str:  # type: ignore[no-untyped-def]
 )
 @given(text=deep_queries())
 def test_item12_deep_queries_match_reference_in_time(index: Index, conn, text: str) -> None:
-    from tagd.query import QueryError
+    from tagd.search.query import QueryError
 
     start = time.perf_counter()
     try:
@@ -453,7 +453,7 @@ def test_item12_deep_queries_match_reference_in_time(index: Index, conn, text: s
 def test_item12_widest_query_runs(index: Index, conn) -> None:
     """At the term limit, and an OR wider than SQLite's 127 arguments to max() (built
     directly, past the parser's limit): results, not an SQLite error."""
-    from tagd.query import MAX_TERMS
+    from tagd.search.query import MAX_TERMS
 
     wide = parse(" | ".join(["smile:>0.1", "hat*", "1girl"] * (MAX_TERMS // 3)))
     assert sql_result(conn, wide) == reference(index, wide)

@@ -11,7 +11,7 @@ from pathlib import Path
 from conftest import run_tagd, write_config
 from indexdb import make_index, sha_of
 
-from tagd.sidecars import KohyaOptions, hydrus_text, kohya_text, sidecar_path
+from tagd.outputs.sidecars import KohyaOptions, hydrus_text, kohya_text, sidecar_path
 
 TAGS = {
     ("general", "long_hair"): 0.8,

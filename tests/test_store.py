@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd import db, results, store
 from tagd.config import TagRules
-from tagd.labels import Labels
-from tagd.thresholds import groups
+from tagd.index import db, store
+from tagd.tagging import results
+from tagd.tagging.labels import Labels
+from tagd.tagging.thresholds import groups
 
 LABELS = Labels(
     names=("general", "explicit", "smile", "long_hair", "solo", "miku"),

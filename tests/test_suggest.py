@@ -9,9 +9,9 @@ import pytest
 from conftest import run_tagd, write_config
 from test_search_semantics import build_index
 
-from tagd.db import connect
-from tagd.query import And, Not, Or, Tag, parse
-from tagd.suggest import unknown_tags
+from tagd.index.db import connect
+from tagd.search.query import And, Not, Or, Tag, parse
+from tagd.search.suggest import unknown_tags
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import run_tagd, save
 
-from tagd.oneshot import parse_provider_options, rules_with
+from tagd.tagging.oneshot import parse_provider_options, rules_with
 
 
 def test_option_parsing() -> None:

@@ -13,8 +13,8 @@ import yaml
 from conftest import run_tagd, save, write_config
 
 from tagd import config as config_mod
-from tagd import results, tagrules
 from tagd.config import TagRules
+from tagd.tagging import results, tagrules
 
 NAMES = ("cat_ears", "blush", "smile", "miku", "other_girl", "general", "explicit")
 NS = ("general", "general", "general", "character", "character", "rating", "rating")

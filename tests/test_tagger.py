@@ -9,9 +9,9 @@ import pytest
 from onnx_models import build_probe_model, probe_reference, write_selected_tags
 
 from tagd.config import InferenceConfig, ModelConfig
-from tagd.families import WD14
-from tagd.hub import ModelError, ModelFiles
-from tagd.tagger import CPU, Tagger, providers_for
+from tagd.tagging.families import WD14
+from tagd.tagging.hub import ModelError, ModelFiles
+from tagd.tagging.tagger import CPU, Tagger, providers_for
 
 CPU_ONLY = InferenceConfig(device="cpu")
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tagd.thresholds import mcut_threshold, select
+from tagd.tagging.thresholds import mcut_threshold, select
 
 NS = ["rating"] * 4 + ["general"] * 4 + ["character"] * 2
 

@@ -16,9 +16,10 @@ import pytest
 from conftest import save, wait_for
 
 from tagd import config as cfg
-from tagd import db, tagger
-from tagd.pipeline import Pipeline
-from tagd.watcher import Watcher, inotify_limit_message
+from tagd.index import db
+from tagd.ingest.watcher import Watcher, inotify_limit_message
+from tagd.tagging import tagger
+from tagd.tagging.pipeline import Pipeline
 
 SETTLE = 0.6
 
@@ -215,7 +216,7 @@ def test_unmounted_root_is_not_marked_missing(
 EXHAUST = """
 import logging, os, resource, sys, json
 from tagd import config as cfg
-from tagd.watcher import Watcher
+from tagd.ingest.watcher import Watcher
 
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -224,7 +225,7 @@ class Restore(logging.Handler):
     def emit(self, record):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
-logging.getLogger("tagd.watcher").addHandler(Restore())
+logging.getLogger("tagd.ingest.watcher").addHandler(Restore())
 conf = cfg.parse({"database": sys.argv[1], "watch": [sys.argv[2]]}, base=os.getcwd())
 w = Watcher(conf.database, conf)
 spare = os.dup(0)

@@ -10,10 +10,18 @@ import pytest
 from crashing_decoder import CrashingDecoder
 from PIL import Image
 
-from tagd.decode import open_image
-from tagd.families import WD14
-from tagd.preprocess import prepare
-from tagd.workers import Decoded, DecodePool, Decoder, Failed, Setup, Task, decode_and_prepare
+from tagd.tagging.decode import open_image
+from tagd.tagging.families import WD14
+from tagd.tagging.preprocess import prepare
+from tagd.tagging.workers import (
+    Decoded,
+    DecodePool,
+    Decoder,
+    Failed,
+    Setup,
+    Task,
+    decode_and_prepare,
+)
 
 SPEC = WD14.preprocess.with_size(448, 448)
 SETUP = Setup(specs={"m": SPEC}, model_ids={"m": 1}, max_pixels=50_000_000)
@@ -110,7 +118,7 @@ def test_crashing_worker_fails_only_its_file_and_is_replaced(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_known_content_is_hashed_but_not_decoded(tmp_path: Path, workers: int) -> None:
-    from tagd import db
+    from tagd.index import db
 
     path = _jpeg(tmp_path / "a.jpg", 64, 48)
     conn = db.connect(tmp_path / "t.db")
@@ -150,9 +158,8 @@ def test_large_non_jpeg_is_box_reduced_within_tolerance(tmp_path: Path, fmt: str
 
 
 def test_raw_range_tensors_travel_as_exact_uint8() -> None:
-    from tagd.families import FAMILIES
-    from tagd.preprocess import prepare
-    from tagd.workers import compact
+    from tagd.tagging.families import FAMILIES
+    from tagd.tagging.preprocess import compact, prepare
 
     rng = np.random.default_rng(5)
     image = Image.fromarray(rng.integers(0, 256, (90, 130, 3), dtype=np.uint8))

@@ -10,12 +10,12 @@ import sqlite3
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tagd.hub import ModelError
+from tagd.tagging.hub import ModelError
 
 if TYPE_CHECKING:
     from tagd.config import Config
-    from tagd.pipeline import Pipeline
-    from tagd.tagger import Tagger
+    from tagd.tagging.pipeline import Pipeline
+    from tagd.tagging.tagger import Tagger
 
 __all__ = ["ClusterError", "pipeline_for"]
 
@@ -35,7 +35,7 @@ def pipeline_for(
 ) -> Pipeline:
     """The local pipeline, or the cluster coordinator when `cluster:` is configured."""
     if config.cluster is None:
-        from tagd.pipeline import Pipeline
+        from tagd.tagging.pipeline import Pipeline
 
         return Pipeline(conn, config, taggers, owner=owner)
     try:

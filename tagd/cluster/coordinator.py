@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 
 import tagd
-from tagd import db, queue
 from tagd.cluster import STATE_KEY, ClusterError
 from tagd.cluster import ray_backend as rb
 from tagd.config import Config
-from tagd.decode import DecodeError, FileBytes, read_file
-from tagd.pipeline import Outcome, Pipeline, Prepared, _Batch, _Item, _StoreThread
-from tagd.tagger import Tagger
-from tagd.workers import Failed
+from tagd.index import db
+from tagd.index import jobs as queue
+from tagd.tagging.decode import DecodeError, FileBytes, read_file
+from tagd.tagging.pipeline import Outcome, Pipeline, Prepared, _Batch, _Item, _StoreThread
+from tagd.tagging.tagger import Tagger
+from tagd.tagging.workers import Failed
 
 log = logging.getLogger(__name__)
 

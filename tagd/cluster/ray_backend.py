@@ -25,7 +25,7 @@ from typing import Any
 import ray
 
 import tagd
-from tagd.config import Config
+from tagd.config import Config, HydrusConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ class TagActor:
     def load(self, payloads: dict[str, ModelPayload] | None = None) -> dict[str, Any]:
         """Open every enabled model; models missing here are listed for the coordinator to
         ship. Returns this worker's description, with `missing` and `error` when not ready."""
-        from tagd import families, hub, sizing
-        from tagd.tagger import Tagger
+        from tagd.tagging import families, hub, sizing
+        from tagd.tagging.tagger import Tagger
 
         payloads = payloads or {}
         missing: dict[str, str] = {}
@@ -162,7 +162,7 @@ class TagActor:
 
     def _unpack(self, name: str, payload: ModelPayload) -> Any:
         """Write shipped files once into this node's cache, named by their content."""
-        from tagd.hub import ModelFiles
+        from tagd.tagging.hub import ModelFiles
 
         digest = hashlib.sha256(payload.model_bytes).hexdigest()[:16]
         base = Path(tempfile.gettempdir()) / "tagd-cluster-models" / f"{name}-{digest}"
@@ -215,7 +215,7 @@ class TagActor:
         start = time.perf_counter()
         decoded = list(self._pool.map(self._decode, items))
         ready = [d for d in decoded if d[0] == "ok"]
-        from tagd.pipeline import infer_tensors
+        from tagd.tagging.pipeline import infer_tensors
 
         scores = infer_tensors(self.taggers, [(d[1], d[8]) for d in ready], self.batch_size)
         out: list[Any] = []
@@ -230,8 +230,8 @@ class TagActor:
         return out
 
     def _decode(self, item: tuple[int, bytes | None, str | None, tuple[str, ...]]) -> tuple:
-        from tagd.decode import DecodeError, read_file
-        from tagd.workers import decode_and_prepare
+        from tagd.tagging.decode import DecodeError, read_file
+        from tagd.tagging.workers import decode_and_prepare
 
         task_id, data, path, models = item
         if data is None:
@@ -291,7 +291,7 @@ def spawn(
     }
     threads = max(1, int(num_cpus)) if num_cpus >= 1 else 1
     # Workers get the models and their settings, never secrets such as the Hydrus key.
-    private = replace(config, hydrus=None)
+    private = replace(config, hydrus=HydrusConfig())
     return cls.options(**options).remote(private, threads, payloads)
 
 

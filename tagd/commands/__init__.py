@@ -66,7 +66,7 @@ class Context:
 
     def db(self, *, readonly: bool = False) -> sqlite3.Connection:
         if self._conn is None:
-            from tagd.db import DatabaseError, connect
+            from tagd.index.db import DatabaseError, connect
 
             try:
                 self._conn = connect(self.config.database, readonly=readonly)

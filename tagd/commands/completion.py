@@ -165,7 +165,7 @@ def fish(cmds: dict[str, list[str]], values: dict[str, list[str]]) -> str:
 
 
 def run(ctx: Context) -> int:
-    from tagd.cli import build_parser
+    from tagd.commands.parser import build_parser
 
     parser = build_parser()
     cmds, values = _commands(parser), _values(parser)
@@ -188,7 +188,7 @@ def run_dynamic(ctx: Context) -> int:
     else:
         if not Path(config.database).exists():
             return 1
-        from tagd.suggest import tag_names
+        from tagd.search.suggest import tag_names
 
         names = tag_names(ctx.db(readonly=True), ctx.args.prefix, limit=COMPLETION_LIMIT)
     sys.stdout.write("".join(f"{n}\n" for n in names))

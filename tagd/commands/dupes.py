@@ -32,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     from tagd.names import for_humans, is_utf8, json_path, json_text, path_b64
-    from tagd.similar import EmbeddingIndex, SimilarError, exact_duplicates, paths_of
+    from tagd.search.similar import EmbeddingIndex, SimilarError, exact_duplicates, paths_of
 
     args = ctx.args
     if not 0 < args.min_sim <= 1:
         raise UserError("--min-sim takes a cosine similarity in (0, 1]", 2)
     conn = ctx.db(readonly=True)
     if args.model is not None:
-        from tagd.suggest import unknown_model
+        from tagd.search.suggest import unknown_model
 
         if (message := unknown_model(conn, args.model)) is not None:
             raise UserError(message, 2)

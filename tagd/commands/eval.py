@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tagd import inventory
 from tagd.commands import Context, UserError
+from tagd.index import inventory
 
 if TYPE_CHECKING:
-    from tagd.effective import FileTagSet
-    from tagd.evaluate import Report
+    from tagd.outputs.effective import FileTagSet
+    from tagd.outputs.evaluate import Report
 
 Lookup = Callable[["FileTagSet"], "list[str] | None"]
 
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _truth_lookup(ctx: Context) -> Lookup:
-    from tagd import evaluate
+    from tagd.outputs import evaluate
 
     source = ctx.args.truth
     if source == "sidecars":
@@ -62,7 +62,7 @@ def _truth_lookup(ctx: Context) -> Lookup:
     if source == "hydrus":
         return _hydrus_truth(ctx)
     if source == "reviews":
-        from tagd import review
+        from tagd.index import reviews as review
 
         truth = review.truth(ctx.db(readonly=True))
         return lambda fs: truth.get(fs.file_id)
@@ -81,7 +81,7 @@ def _truth_lookup(ctx: Context) -> Lookup:
 
 
 def _hydrus_truth(ctx: Context) -> Lookup:
-    from tagd import hydrus
+    from tagd.hydrus import sync as hydrus
 
     cfg = ctx.config.hydrus
     try:
@@ -104,10 +104,10 @@ def _hydrus_truth(ctx: Context) -> Lookup:
 
 
 def run(ctx: Context) -> int:
-    from tagd import evaluate
-    from tagd.effective import iter_files
+    from tagd.outputs import evaluate
+    from tagd.outputs.effective import iter_files
     from tagd.progress import Progress
-    from tagd.query import QueryError, parse
+    from tagd.search.query import QueryError, parse
 
     node = None
     if ctx.args.query:
@@ -118,7 +118,7 @@ def run(ctx: Context) -> int:
     conn = ctx.db(readonly=ctx.args.truth != "hydrus")
     lookup = _truth_lookup(ctx)
     reports = []
-    from tagd.suggest import unknown_model
+    from tagd.search.suggest import unknown_model
 
     for model in ctx.args.model:
         if (message := unknown_model(conn, model)) is not None:

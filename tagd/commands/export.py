@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
-    from tagd.effective import FileTagSet
+    from tagd.outputs.effective import FileTagSet
 
 EPILOG = """examples:
   tagd export --format csv > tags.csv                 # one row per path, model and tag
@@ -56,8 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd.effective import iter_files
-    from tagd.query import QueryError, parse
+    from tagd.outputs.effective import iter_files
+    from tagd.search.query import QueryError, parse
 
     words = list(ctx.args.query)
     sidecars = bool(words) and words[0] == "sidecars"
@@ -74,7 +74,7 @@ def run(ctx: Context) -> int:
         files = iter_files(conn, models=ctx.args.model, node=node, all_scores=ctx.args.all)
         if sidecars:
             return _sidecars(ctx, conn, files)
-        from tagd import export
+        from tagd.outputs import export
         from tagd.progress import Progress
 
         with Progress("export", unit="files") as bar:
@@ -95,10 +95,10 @@ def run(ctx: Context) -> int:
 def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet]) -> int:
     from pathlib import Path
 
-    from tagd import db
+    from tagd.index import db
     from tagd.names import for_humans, is_utf8, json_text, path_b64
+    from tagd.outputs.sidecars import KohyaOptions, render, sidecar_path, write_sidecar
     from tagd.progress import Progress
-    from tagd.sidecars import KohyaOptions, render, sidecar_path, write_sidecar
 
     a = ctx.args
     options = KohyaOptions(

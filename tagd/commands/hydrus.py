@@ -7,8 +7,8 @@ import dataclasses
 import json
 import sys
 
-from tagd import inventory
 from tagd.commands import Context, UserError
+from tagd.index import inventory
 
 EPILOG = """examples:
   tagd hydrus sync --dry-run      # show what would be added, change nothing
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_sync(ctx: Context) -> int:
-    from tagd import hydrus
+    from tagd.hydrus import sync as hydrus
     from tagd.progress import Progress
 
     conn = ctx.db()

@@ -32,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd import queue
+    from tagd.index import jobs
     from tagd.names import for_humans, json_path
 
     action = ctx.args.action
     if action == "list":
         if ctx.args.paths:
             raise UserError("`tagd jobs` lists jobs; to queue files use `tagd jobs add PATH`", 2)
-        rows = queue.listing(
+        rows = jobs.listing(
             ctx.db(readonly=True), "failed" if ctx.args.failed else None, ctx.args.limit
         )
         if ctx.args.format == "json":
@@ -63,12 +63,12 @@ def run(ctx: Context) -> int:
     conn = ctx.db()
     if action == "retry":
         paths = [os.path.abspath(p) for p in ctx.args.paths] or None
-        n = queue.retry_failed(conn, paths)
+        n = jobs.retry_failed(conn, paths)
         print(f"{n} failed job{'' if n == 1 else 's'} queued again")
         return 0 if n or paths is None else 1
     if not ctx.args.paths:
         raise UserError("`tagd jobs add` needs one or more image paths", 2)
-    from tagd import db
+    from tagd.index import db
 
     added = 0
     with db.write(conn):
@@ -78,7 +78,7 @@ def run(ctx: Context) -> int:
                 st = os.stat(path)
             except OSError as exc:
                 raise UserError(f"{for_humans(raw)}: {exc.strerror or exc}", 1) from None
-            added += queue.enqueue(
+            added += jobs.enqueue(
                 conn, path, st.st_size, st.st_mtime_ns, priority=USER_PRIORITY, requeue=True
             )
     print(f"{added} files queued first")

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from tagd import inventory
 from tagd.commands import Context, UserError
+from tagd.index import inventory
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def _cached(ctx: Context, repo: str, filename: str, revision: str) -> str | None
 
 
 def _list(ctx: Context) -> int:
-    from tagd import families
+    from tagd.tagging import families
 
     config = ctx.config
     counts: dict[str, tuple[int | None, int]] = {}
@@ -131,7 +131,7 @@ def _cached_taggers(ctx: Context) -> list[str]:
 
 
 def _pull(ctx: Context) -> int:
-    from tagd import families, hub
+    from tagd.tagging import families, hub
 
     config = ctx.config
     names = ctx.args.names or [m.name for m in config.models if m.enabled]

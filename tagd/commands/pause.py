@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def pause(ctx: Context) -> int:
-    from tagd.queue import set_paused
+    from tagd.index.jobs import set_paused
 
     set_paused(ctx.db(), True)
     print("paused: the daemon finishes its batch in flight, then waits for `tagd resume`")
@@ -28,7 +28,7 @@ def pause(ctx: Context) -> int:
 
 
 def resume(ctx: Context) -> int:
-    from tagd.queue import set_paused
+    from tagd.index.jobs import set_paused
 
     set_paused(ctx.db(), False)
     print("resumed")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from tagd import inventory
 from tagd.commands import Context, UserError
+from tagd.index import inventory
 
-log = logging.getLogger("tagd.reindex")
+log = logging.getLogger("tagd.tagging.reindex")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd import families, reindex
     from tagd.progress import Progress
+    from tagd.tagging import families, reindex
 
     config = ctx.config
     chosen = [m for m in config.models if not ctx.args.model or m.name in ctx.args.model]
@@ -36,7 +36,7 @@ def run(ctx: Context) -> int:
         known = ", ".join(m.name for m in config.models) or "none configured"
         raise UserError(f"no model named {sorted(missing)[0]!r} in the config (models: {known})", 2)
     conn = ctx.db()
-    from tagd import tagrules
+    from tagd.tagging import tagrules
 
     tag_rules = tagrules.effective(conn, config.tags)
     retag: list[str] = []
@@ -78,7 +78,7 @@ def run(ctx: Context) -> int:
                 m.name,
             )
             retag.append(m.name)
-    from tagd import rankcache
+    from tagd.search import rankcache
 
     log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
     return 1 if retag else 0

@@ -1,4 +1,4 @@
-"""`tagd retag --model NAME [QUERY]`: queue files for one model through the durable queue."""
+"""`tagd retag --model NAME [QUERY]`: queue files for one model through the durable jobs."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd import db, inventory, queue
     from tagd.config import ConfigError
+    from tagd.index import db, inventory, jobs
 
     config = ctx.config
     try:
@@ -36,8 +36,8 @@ def run(ctx: Context) -> int:
     where, params = "1", []
     text = " ".join(ctx.args.query).strip()
     if text:
-        from tagd.query import QueryError, parse
-        from tagd.search import compile_where
+        from tagd.search.engine import compile_where
+        from tagd.search.query import QueryError, parse
 
         try:
             compiled = compile_where(parse(text))
@@ -56,7 +56,7 @@ def run(ctx: Context) -> int:
     queued = 0
     with db.write(conn):
         for r in rows:
-            queued += queue.enqueue(
+            queued += jobs.enqueue(
                 conn, r.path, r.size, r.mtime_ns, force_models=force, requeue=True
             )
     files = "file" if len(rows) == 1 else "files"

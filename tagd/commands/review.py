@@ -65,7 +65,7 @@ def parse_changes(args: argparse.Namespace) -> list[tuple[str, int | None]]:
 
 
 def run(ctx: Context) -> int:
-    from tagd import review
+    from tagd.index import reviews as review
 
     changes = parse_changes(ctx.args)
     conn = ctx.db()

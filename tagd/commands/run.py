@@ -6,8 +6,12 @@ import argparse
 import logging
 import os
 import signal
+from typing import TYPE_CHECKING, Any
 
 from tagd.commands import Context, UserError
+
+if TYPE_CHECKING:
+    from tagd.config import Config
 
 log = logging.getLogger("tagd.run")
 
@@ -25,13 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd.hub import ModelError
-    from tagd.notify import Notifier
+    from tagd.service.notify import Notifier
+    from tagd.tagging.hub import ModelError
 
     config = ctx.config
     if not config.watch:
         raise UserError("nothing to watch: add a folder under `watch:` in the config", 2)
-    from tagd.daemon import DaemonRunning, hold_daemon_lock
+    from tagd.service.daemon import DaemonRunning, hold_daemon_lock
 
     try:
         lock = hold_daemon_lock(config.database)
@@ -46,9 +50,9 @@ def run(ctx: Context) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     notifier = Notifier()
     notifier.status("loading models")
-    from tagd import tagger
-    from tagd.daemon import Daemon
-    from tagd.db import DatabaseError
+    from tagd.index.db import DatabaseError
+    from tagd.service.daemon import Daemon
+    from tagd.tagging import tagger
 
     try:
         taggers = tagger.load_all(config)
@@ -76,7 +80,7 @@ def run(ctx: Context) -> int:
         os.close(lock)
 
 
-def _check_web(config) -> None:  # type: ignore[no-untyped-def]
+def _check_web(config: Config) -> None:
     """Refuse a `web:` section that cannot serve before any model loads."""
     if config.web is None:
         return
@@ -86,7 +90,7 @@ def _check_web(config) -> None:  # type: ignore[no-untyped-def]
     if problem:
         raise UserError(f"web: {problem}", 2)
     from tagd.config import ConfigError
-    from tagd.web.app import WebError, check_access
+    from tagd.web.state import WebError, check_access
 
     try:
         check_access(config.web)
@@ -94,13 +98,13 @@ def _check_web(config) -> None:  # type: ignore[no-untyped-def]
         raise UserError(str(exc), 2) from None
 
 
-def _web_server(config):  # type: ignore[no-untyped-def]
+def _web_server(config: Config) -> Any:
     """The web UI `tagd run` serves when the config has `web:` (the database exists now)."""
     if config.web is None:
         return None
     from tagd.config import ConfigError
-    from tagd.web.app import WebError
     from tagd.web.server import WebServer
+    from tagd.web.state import WebError
 
     try:
         return WebServer(config, config.web)

@@ -12,8 +12,8 @@ from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
     from tagd.config import Config
-    from tagd.pipeline import Outcome
-    from tagd.tagger import Tagger
+    from tagd.tagging.pipeline import Outcome
+    from tagd.tagging.tagger import Tagger
 
 log = logging.getLogger("tagd.scan")
 PUBLISH_EVERY_S = 2.0
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd import scanner
-    from tagd.hub import ModelError
+    from tagd.ingest import scanner
+    from tagd.tagging.hub import ModelError
 
     config = ctx.config
     if not config.watch:
@@ -61,7 +61,8 @@ def run(ctx: Context) -> int:
     )
     if ctx.args.no_tag:
         return 0
-    from tagd import cluster, queue
+    from tagd import cluster
+    from tagd.index import jobs
     from tagd.progress import Progress
 
     try:
@@ -71,7 +72,7 @@ def run(ctx: Context) -> int:
     extra = scanner.queue_untagged(conn, pipeline.model_ids)
     if extra:
         log.info("%d known images lack results from a configured model", extra)
-    runnable = queue.counts(conn)["queued"] - queue.waiting(conn)
+    runnable = jobs.counts(conn)["queued"] - jobs.waiting(conn)
     publisher = _Publisher(config, runnable)
     try:
         with Progress("tagging", total=runnable, unit="images") as bar:
@@ -88,7 +89,7 @@ def run(ctx: Context) -> int:
     finally:
         pipeline.close()
         publisher.close()
-    waiting = queue.waiting(conn)
+    waiting = jobs.waiting(conn)
     bar.done = outcome.done + outcome.failed
     line = f"tagged {outcome.done}, failed {outcome.failed} {bar.summary()}"
     if waiting:
@@ -97,7 +98,7 @@ def run(ctx: Context) -> int:
         line += f"; skipped model {name}: {reason}"
     log.info("%s", line)
     if outcome.done:
-        from tagd import rankcache
+        from tagd.search import rankcache
 
         log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
     return 3 if skipped else 0
@@ -107,7 +108,7 @@ class _Publisher:
     """Publishes the scan's progress for `tagd status` (its own connection, every 2 s)."""
 
     def __init__(self, config: Config, total: int) -> None:
-        from tagd import db
+        from tagd.index import db
 
         self.total = total
         self.last = 0.0
@@ -119,7 +120,7 @@ class _Publisher:
         self.publish(0, 0.0, 0, 0)
 
     def publish(self, done: int, rate: float, tagged: int, failed: int) -> None:
-        from tagd import status
+        from tagd.index import status
 
         now = time.monotonic()
         if self.conn is None or (done and now - self.last < PUBLISH_EVERY_S):
@@ -131,7 +132,7 @@ class _Publisher:
             log.debug("scan progress not published: %s", exc)
 
     def close(self) -> None:
-        from tagd import status
+        from tagd.index import status
 
         if self.conn is None:
             return
@@ -146,8 +147,8 @@ class _Publisher:
 def _load_models(config: Config) -> tuple[list[Tagger], list[tuple[str, str]]]:
     """Every enabled model that loads; the others as (name, reason), so one unreachable
     model does not stop the rest from tagging."""
-    from tagd import tagger
-    from tagd.hub import ModelError
+    from tagd.tagging import tagger
+    from tagd.tagging.hub import ModelError
 
     chosen = [m for m in config.models if m.enabled]
     if not chosen:

@@ -9,12 +9,13 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
-    from tagd.search import Hit
+    from tagd.search.engine import Hit
 
 FORMATS = ("paths", "json", "jsonl", "tsv")
 MAX_ROWS = 2**63 - 1  # SQLite's largest integer
@@ -77,8 +78,7 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 
 def run(ctx: Context) -> int:
     from tagd.names import for_humans
-    from tagd.query import QueryError, parse
-    from tagd.search import (
+    from tagd.search.engine import (
         SearchError,
         SearchOptions,
         build_sql,
@@ -87,7 +87,8 @@ def run(ctx: Context) -> int:
         iter_search,
         resolve_similar,
     )
-    from tagd.suggest import unknown_tags
+    from tagd.search.query import QueryError, parse
+    from tagd.search.suggest import unknown_tags
 
     args = ctx.args
     words, nul = split_flags(args.query)
@@ -155,7 +156,7 @@ def hit_record(h: Hit) -> dict[str, object]:
     }
 
 
-def write_hits(hits, fmt: str, nul: bool, out: TextIO) -> int:  # type: ignore[no-untyped-def]
+def write_hits(hits: Iterable[Any], fmt: str, nul: bool, out: TextIO) -> int:
     """Stream hits in `fmt`; returns how many. Paths go out as their exact bytes, except
     on a terminal (escaped for humans) and in tsv (tab, newline, CR and backslash escaped)."""
     from tagd.names import for_humans, tsv_field

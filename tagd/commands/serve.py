@@ -32,8 +32,8 @@ def run(ctx: Context) -> int:
     if problem:
         raise UserError(problem, 2)
     from tagd.config import ConfigError, WebConfig
-    from tagd.web.app import WebError
     from tagd.web.server import WebServer
+    from tagd.web.state import WebError
 
     config = ctx.config
     web = config.web or WebConfig()

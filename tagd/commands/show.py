@@ -32,13 +32,13 @@ def _order(ns: str) -> tuple[int, str]:
 
 def run(ctx: Context) -> int:
     from tagd.names import for_humans, json_path
-    from tagd.search import file_tags
+    from tagd.search.engine import file_tags
 
     path = os.path.abspath(ctx.args.path)
     conn = ctx.db(readonly=True)
     info = file_tags(conn, path)
     if info is None:
-        from tagd.queue import job_state
+        from tagd.index.jobs import job_state
 
         job = job_state(conn, path)
         if job is not None and job[0] == "failed":

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     from tagd.commands.search import write_hits
-    from tagd.search import Hit
-    from tagd.similar import EmbeddingIndex, SimilarError, paths_of, resolve_ref
+    from tagd.search.engine import Hit
+    from tagd.search.similar import EmbeddingIndex, SimilarError, paths_of, resolve_ref
 
     args = ctx.args
     if args.limit < 1:
@@ -38,7 +38,7 @@ def run(ctx: Context) -> int:
         raise UserError("--min-sim takes a cosine similarity between -1 and 1", 2)
     conn = ctx.db(readonly=True)
     if args.model is not None:
-        from tagd.suggest import unknown_model
+        from tagd.search.suggest import unknown_model
 
         if (message := unknown_model(conn, args.model)) is not None:
             raise UserError(message, 2)

@@ -8,8 +8,9 @@ import sqlite3
 import sys
 from typing import Any
 
-from tagd import inventory, scanner
 from tagd.commands import Context
+from tagd.index import inventory
+from tagd.ingest import scanner
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,11 +63,11 @@ def skipped_lines(skipped: dict[str, object] | None) -> list[str]:
     return lines
 
 
-def _untagged(conn) -> int:  # type: ignore[no-untyped-def]
+def _untagged(conn: sqlite3.Connection) -> int:
     """Exactly what `tagd search untagged` counts (live paths no model processed, queued and
     failed ones included), so the two never disagree."""
-    from tagd.query import parse
-    from tagd.search import count
+    from tagd.search.engine import count
+    from tagd.search.query import parse
 
     return count(conn, parse("untagged"))
 
@@ -87,7 +88,7 @@ def run(ctx: Context) -> int:
         f"tags         {info['tags']:,}",
         f"database     {db_path} ({info['db_bytes'] / 2**20:,.1f} MiB)",
     ]
-    lines.extend(skipped_lines(info["skipped"]))  # type: ignore[arg-type]
+    lines.extend(skipped_lines(info["skipped"]))
     for name, m in info["models"].items():
         lines.append(f"model {name}: {m['tagged']:,} files tagged, {m['embeddings']:,} embeddings")
     print("\n".join(lines))

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd.status import format_report, report
+    from tagd.index.status import format_report, report
 
     roots = [str(root.path) for root in ctx.config.watch]
     r = report(ctx.db(readonly=True), roots, ctx.config.database)

@@ -86,11 +86,11 @@ def _label(ns: str, name: str) -> str:
 def run(ctx: Context) -> int:
     import dataclasses
 
-    from tagd.hub import ModelError
     from tagd.names import for_humans, json_path, tsv_field
-    from tagd.oneshot import parse_provider_options, rules_with, tag_paths
-    from tagd.sizing import worker_memory
-    from tagd.tagger import load
+    from tagd.tagging.hub import ModelError
+    from tagd.tagging.oneshot import parse_provider_options, rules_with, tag_paths
+    from tagd.tagging.sizing import worker_memory
+    from tagd.tagging.tagger import load
 
     a = ctx.args
     if a.threshold is not None and not 0 <= a.threshold <= 1:

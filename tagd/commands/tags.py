@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from tagd import inventory
 from tagd.commands import Context, UserError
+from tagd.index import inventory
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd.query import NAMESPACES
+    from tagd.search.query import NAMESPACES
     from tagd.tagtext import with_underscores
 
     args = ctx.args
@@ -61,7 +61,7 @@ def run(ctx: Context) -> int:
     conn = ctx.db(readonly=True)
     model = None
     if args.model:
-        from tagd.suggest import unknown_model
+        from tagd.search.suggest import unknown_model
 
         model = inventory.model_id(conn, args.model)
         if model is None:
@@ -89,7 +89,7 @@ def import_rules(ctx: Context) -> int:
     """Store a Danbooru aliases/implications export in the index (see tagd.tagrules)."""
     from pathlib import Path
 
-    from tagd import tagrules
+    from tagd.tagging import tagrules
 
     if not ctx.args.file:
         raise UserError("tagd tags import-rules: give the file, e.g. tag_implications.json", 2)

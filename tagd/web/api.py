@@ -12,7 +12,7 @@ from starlette.routing import Route
 from tagd.web import queries
 
 if TYPE_CHECKING:
-    from tagd.web.app import State
+    from tagd.web.state import State
 
 MAX_TAGS = 100
 
@@ -26,7 +26,7 @@ def similar_of(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(nearest files, near duplicates among them at cosine >= 0.97); empty without
     embeddings."""
-    from tagd.similar import SimilarError, paths_of
+    from tagd.search.similar import SimilarError, paths_of
 
     try:
         index = state.similar_index(conn)
@@ -43,7 +43,7 @@ def similar_of(
 
 
 def routes(state: State) -> list[Route]:
-    from tagd.web.app import (
+    from tagd.web.state import (
         COUNT_BUDGET_S,
         MAX_LIMIT,
         SHA,
@@ -68,9 +68,9 @@ def routes(state: State) -> list[Route]:
         return JSONResponse(result)
 
     def count(request: Request) -> Response:
-        from tagd.query import QueryError, parse
-        from tagd.search import SearchError
-        from tagd.search import count as count_of
+        from tagd.search.engine import SearchError
+        from tagd.search.engine import count as count_of
+        from tagd.search.query import QueryError, parse
 
         q = request.query_params.get("q", "").strip() or "path:*"
         if len(q) > 1000:
@@ -127,7 +127,7 @@ def routes(state: State) -> list[Route]:
         return JSONResponse({"similar": near, "near_duplicates": dupes, "paths": found[1]})
 
     async def do_review(request: Request) -> Response:
-        from tagd import review
+        from tagd.index import reviews as review
 
         sha = request.path_params["sha"]
         try:

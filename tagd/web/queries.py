@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tagd import changes, review
-from tagd.query import NAMESPACES, And, Node, Not, Or, Tag
+from tagd.index import changes
+from tagd.index import reviews as review
+from tagd.search.query import NAMESPACES, And, Node, Not, Or, Tag
 
 SHA_RE = r"[0-9a-f]{64}"
 
@@ -278,7 +279,7 @@ def autocomplete(
 
 def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
     """Daemon status, backlog, recent rate and ETA, the latest failures."""
-    from tagd import queue, status
+    from tagd.index import jobs, status
 
     main = conn.execute("PRAGMA database_list").fetchone()
     report = status.report(conn, database=main[2] if main and main[2] else None)
@@ -290,7 +291,7 @@ def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
     backlog = report["jobs"]["queued"] + report["jobs"]["running"]
     failed = [
         {"path": r["path"], "error": r["error"], "attempts": r["attempts"]}
-        for r in queue.listing(conn, "failed", 100)
+        for r in jobs.listing(conn, "failed", 100)
     ]
     report.update(
         backlog=backlog,
@@ -302,15 +303,15 @@ def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
 
 
 def set_paused(conn: sqlite3.Connection, paused: bool) -> None:
-    from tagd import queue
+    from tagd.index import jobs
 
-    queue.set_paused(conn, paused)
+    jobs.set_paused(conn, paused)
 
 
 def retry(conn: sqlite3.Connection, paths: list[str] | None) -> int:
-    from tagd import queue
+    from tagd.index import jobs
 
-    return queue.retry_failed(conn, paths)
+    return jobs.retry_failed(conn, paths)
 
 
 def hydrus_known(conn: sqlite3.Connection, file_id: int) -> bool:

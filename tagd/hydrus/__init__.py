@@ -1,0 +1,1 @@
+"""Hydrus Network sync: pushing effective tags to a Hydrus tag service."""

@@ -1,0 +1,1 @@
+"""Files to jobs: the watcher, the reconcile scan and the include/exclude filters."""

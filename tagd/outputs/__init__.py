@@ -1,0 +1,1 @@
+"""The index to other tools: effective tags, exports, sidecars, evaluation."""

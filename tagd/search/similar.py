@@ -1,0 +1,445 @@
+"""Nearest images by cosine similarity of stored embeddings, and near-duplicate groups.
+
+The `embeddings` table holds raw float16 vectors; the index is an L2-normalised float32
+matrix plus the file ids, built from SQLite on demand and cached next to the database as
+`<db>.sim-<model id>.npy` / `.ids.npy` / `.json` (the signature: a change counter on the
+embeddings table; a changed signature rebuilds). Search is one exact matrix-vector
+product (numpy/BLAS); see README "Performance" for why not an ANN library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tagd.index import changes
+from tagd.index.atomic import write_atomic
+from tagd.names import AS_TEXT, for_humans, to_db
+
+CHUNK_ROWS = 65536
+DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
+
+
+class SimilarError(Exception):
+    """No embeddings, unknown model or file: one line the user can act on."""
+
+
+def resolve_ref(conn: sqlite3.Connection, ref: str) -> int:
+    """A file id from a path (as indexed) or a sha256 (full, or a unique prefix of 8+)."""
+    if re.fullmatch(r"[0-9a-fA-F]{8,64}", ref):
+        rows = conn.execute(
+            "SELECT id FROM files WHERE sha256 >= ? AND sha256 < ? LIMIT 2",
+            (ref.lower(), ref.lower() + "g"),
+        ).fetchall()
+        if len(rows) == 1:
+            return int(rows[0][0])
+        if len(rows) > 1:
+            raise SimilarError(f"sha256 prefix {ref} matches several files: give more digits")
+    path = os.path.abspath(os.path.expanduser(ref))
+    row = conn.execute(
+        f"SELECT file_id FROM paths WHERE path = {AS_TEXT} AND missing = 0 AND file_id IS NOT NULL",
+        (to_db(path),),
+    ).fetchone()
+    if row is None:
+        raise SimilarError(
+            f"{for_humans(path)} is not in the index (not scanned yet, or not a known sha256)"
+        )
+    return int(row[0])
+
+
+def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
+    """The named model, or the first (oldest) model that has embeddings."""
+    if name is not None:
+        row = conn.execute("SELECT id, name FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SimilarError(f"no model named {name!r} in the index")
+        return int(row[0]), str(row[1])
+    row = conn.execute(
+        "SELECT m.id, m.name FROM models m WHERE EXISTS "
+        "(SELECT 1 FROM embeddings e WHERE e.model_id = m.id) ORDER BY m.id LIMIT 1"
+    ).fetchone()
+    if row is None:
+        raise SimilarError("no embeddings stored yet: tag images with a model that has them")
+    return int(row[0]), str(row[1])
+
+
+def signature(conn: sqlite3.Connection, model_id: int) -> dict[str, object]:
+    """What the cached index was built from: the change counter kept by triggers (migration
+    0004) and the change log's seq (0006), or on an older schema the row count and max rowid
+    of the model's embeddings."""
+    row = conn.execute("SELECT value FROM state WHERE key = 'embeddings.version'").fetchone()
+    if row is not None:
+        sig: dict[str, object] = {"model_id": model_id, "version": int(row[0])}
+        if changes.logged(conn):
+            sig.update(seq=changes.current_seq(conn), db_id=changes.db_id(conn))
+        return sig
+    n, top = conn.execute(
+        "SELECT count(*), coalesce(max(rowid), 0) FROM embeddings WHERE model_id = ?",
+        (model_id,),
+    ).fetchone()
+    return {"model_id": model_id, "rows": int(n), "max_rowid": int(top)}
+
+
+def changed_files(
+    meta: dict[str, object], sig: dict[str, object], conn: sqlite3.Connection
+) -> list[int] | None:
+    """Files whose embeddings may differ from a cache built at `meta`, or None when the
+    cache cannot be brought up to date that way (another database, too many changes)."""
+    seq, now = meta.get("seq"), sig.get("seq")
+    if not isinstance(seq, int) or not isinstance(now, int) or seq > now:
+        return None
+    if meta.get("model_id") != sig["model_id"] or meta.get("db_id") != sig.get("db_id"):
+        return None
+    return changes.changed_since(conn, seq, DELTA_MAX)
+
+
+def normalise(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return m / norms
+
+
+def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, L2-normalised float32 rows) for one model, read in chunks."""
+    n, dim = conn.execute(
+        "SELECT count(*), max(dim) FROM embeddings WHERE model_id = ?", (model_id,)
+    ).fetchone()
+    if not n:
+        raise SimilarError("no embeddings stored for this model yet")
+    cur = conn.execute(
+        "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? ORDER BY file_id",
+        (model_id,),
+    )
+    return read_rows(cur, n, dim)
+
+
+def read_rows(cur: sqlite3.Cursor, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, L2-normalised rows) from (file_id, dim, dtype, vector) rows; other dims skipped."""
+    ids = np.empty(n, dtype=np.int64)
+    mat = np.zeros((n, dim), dtype=np.float32)
+    i = 0
+    while rows := cur.fetchmany(8192):
+        for file_id, d, dtype, blob in rows:
+            if dtype != "float16" or d != dim or len(blob) != 2 * d:
+                continue
+            ids[i] = file_id
+            mat[i] = np.frombuffer(blob, dtype="<f2")
+            i += 1
+    ids, mat = ids[:i], mat[:i]
+    for start in range(0, i, CHUNK_ROWS):
+        mat[start : start + CHUNK_ROWS] = normalise(mat[start : start + CHUNK_ROWS])
+    return ids, mat
+
+
+@dataclass
+class EmbeddingIndex:
+    """The cached matrix, plus the files changed since it was written (`extra_*` rows read
+    from SQLite; `hidden`: their stale rows in `matrix`)."""
+
+    model_id: int
+    model: str
+    ids: np.ndarray
+    matrix: np.ndarray
+    extra_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    extra: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+    hidden: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    @classmethod
+    def open(
+        cls,
+        conn: sqlite3.Connection,
+        db_path: str | Path | None,
+        model: str | None,
+        *,
+        changes_ok: bool = True,
+    ) -> EmbeddingIndex:
+        """Load the cached index if its signature matches; with `changes_ok`, also when up to
+        DELTA_MAX files changed since (their rows come from SQLite); else rebuild and cache.
+
+        A daemon tagging all day would otherwise make every `tagd similar` rebuild.
+        """
+        model_id, name = pick_model(conn, model)
+        sig = signature(conn, model_id)
+        base = None if db_path is None else Path(f"{db_path}.sim-{model_id}")
+        if base is not None:
+            try:
+                meta = json.loads(Path(f"{base}.json").read_text())
+                changed = [] if meta == sig else None
+                if changed is None and changes_ok:
+                    changed = changed_files(meta, sig, conn)
+                if changed is not None:
+                    ids = np.load(Path(f"{base}.ids.npy"))
+                    mat = np.load(Path(f"{base}.npy"), mmap_mode="r")
+                    if len(ids) == mat.shape[0]:
+                        index = cls(model_id, name, ids, mat)
+                        return index.with_changes(conn, changed) if changed else index
+            except (OSError, ValueError):
+                pass
+        ids, mat = build_matrix(conn, model_id)
+        if base is not None:
+            _save(base, ids, mat, sig)
+        return cls(model_id, name, ids, mat)
+
+    def with_changes(self, conn: sqlite3.Connection, file_ids: list[int]) -> EmbeddingIndex:
+        """This index with the current embeddings of `file_ids` read from SQLite."""
+        cur = conn.execute(
+            "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? "
+            "AND file_id IN (SELECT value FROM json_each(?)) ORDER BY file_id",
+            (self.model_id, json.dumps(file_ids)),
+        )
+        extra_ids, extra = read_rows(cur, len(file_ids), self.matrix.shape[1])
+        wanted = np.asarray(sorted(file_ids), dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
+        hidden = pos[self.ids[pos] == wanted] if len(self.ids) else pos[:0]
+        return EmbeddingIndex(
+            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden
+        )
+
+    def vector(self, file_id: int) -> np.ndarray:
+        j = int(np.searchsorted(self.extra_ids, file_id))
+        if j < len(self.extra_ids) and self.extra_ids[j] == file_id:
+            return self.extra[j]
+        i = int(np.searchsorted(self.ids, file_id))
+        if i >= len(self.ids) or self.ids[i] != file_id or i in set(self.hidden.tolist()):
+            raise SimilarError(f"that file has no embedding from model {self.model!r} yet")
+        return np.asarray(self.matrix[i])
+
+    def similarities(self, vector: np.ndarray) -> np.ndarray:
+        out = np.empty(self.matrix.shape[0], dtype=np.float32)
+        for start in range(0, len(out), CHUNK_ROWS * 4):
+            out[start : start + CHUNK_ROWS * 4] = (
+                self.matrix[start : start + CHUNK_ROWS * 4] @ vector
+            )
+        return out
+
+    def scored(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids, cosine) of every indexed file; stale rows score -inf."""
+        sims = self.similarities(vector)
+        if not len(self.extra_ids) and not len(self.hidden):
+            return self.ids, sims
+        sims[self.hidden] = -np.inf
+        extra = self.extra @ vector if len(self.extra_ids) else np.empty(0, dtype=np.float32)
+        return np.concatenate([self.ids, self.extra_ids]), np.concatenate([sims, extra])
+
+    def nearest(
+        self,
+        vector: np.ndarray,
+        *,
+        limit: int | None = 20,
+        min_sim: float | None = None,
+        exclude: int | None = None,
+    ) -> list[tuple[int, float]]:
+        """(file_id, cosine) best first; `exclude` is a file id."""
+        ids, sims = self.scored(np.asarray(vector, dtype=np.float32))
+        if exclude is not None:
+            sims[ids == exclude] = -np.inf
+        if min_sim is not None:
+            cand = np.flatnonzero(sims >= min_sim)
+        else:
+            k = min(limit or len(sims), len(sims))
+            cand = np.argpartition(-sims, k - 1)[:k] if k < len(sims) else np.arange(len(sims))
+            cand = cand[np.isfinite(sims[cand])]
+        cand = cand[np.argsort(-sims[cand], kind="stable")]
+        if limit is not None:
+            cand = cand[:limit]
+        return [(int(ids[i]), float(sims[i])) for i in cand]
+
+    def nearest_to_file(
+        self, file_id: int, *, limit: int | None = 20, min_sim: float | None = None
+    ) -> list[tuple[int, float]]:
+        return self.nearest(self.vector(file_id), limit=limit, min_sim=min_sim, exclude=file_id)
+
+    def groups(
+        self, min_sim: float, *, exhaustive: bool | None = None, block: int = 1024
+    ) -> list[list[tuple[int, float]]]:
+        """Connected groups of files with pairwise cosine >= min_sim.
+
+        Below LSH_MIN_FILES (or with `exhaustive`) every pair is compared, O(n²); above, only
+        pairs that random-projection LSH puts in one bucket (see lsh_pairs).
+        """
+        ids, matrix = self.ids, self.matrix
+        if len(self.extra_ids) or len(self.hidden):  # a copy: open dupes' index unchanged
+            keep = np.ones(len(ids), dtype=bool)
+            keep[self.hidden] = False
+            ids = np.concatenate([ids[keep], self.extra_ids])
+            matrix = np.concatenate([np.asarray(matrix)[keep], self.extra])
+        if exhaustive is None:
+            exhaustive = matrix.shape[0] < LSH_MIN_FILES
+        pairs = (
+            exhaustive_pairs(matrix, min_sim, block) if exhaustive else lsh_pairs(matrix, min_sim)
+        )
+        return _connect(ids, pairs)
+
+
+LSH_MIN_FILES = 20_000
+LSH_RECALL = 0.99
+BIG_BUCKET = 256  # pairs of a bucket this big come from one matrix product, not gathers
+
+
+def exhaustive_pairs(
+    matrix: np.ndarray, min_sim: float, block: int = 1024
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows a, rows b, cosine) of every pair a < b at or above `min_sim`, block by block."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for start in range(0, matrix.shape[0], block):
+        sims = np.asarray(matrix[start : start + block]) @ np.asarray(matrix).T
+        r, c = np.nonzero(sims >= min_sim)
+        a = r + start
+        keep = c > a
+        found.append((a[keep], c[keep], sims[r[keep], c[keep]]))
+    return _concat(found)
+
+
+def lsh_plan(n: int, min_sim: float, recall: float = LSH_RECALL) -> tuple[int, int]:
+    """(bits per band, bands) for sign-random-projection LSH over n vectors.
+
+    A pair at angle θ agrees on one random hyperplane with p = 1 - θ/π, and shares a band of
+    r bits with p^r; L bands catch it with 1 - (1 - p^r)^L >= recall. r ≈ log2(n) keeps
+    buckets of unrelated vectors to a few files each.
+    """
+    theta = float(np.arccos(np.clip(min_sim, -1.0, 1.0)))
+    p = 1.0 - theta / np.pi
+    r = max(8, min(30, int(np.ceil(np.log2(max(n, 2)))) - 1))
+    hit = p**r
+    bands = 1 if hit >= 1.0 else int(np.ceil(np.log(1.0 - recall) / np.log1p(-hit)))
+    return r, max(1, bands)
+
+
+def lsh_pairs(
+    matrix: np.ndarray,
+    min_sim: float,
+    *,
+    recall: float = LSH_RECALL,
+    seed: int = 0,
+    chunk: int = CHUNK_ROWS,
+    max_pairs: int = 1 << 18,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs at or above `min_sim` among those sharing a random-projection bucket.
+
+    Every reported pair is checked exactly; a pair at exactly `min_sim` is found with
+    probability >= `recall`, closer pairs with more. Seeded, so runs repeat.
+    """
+    n, dim = matrix.shape
+    bits, bands = lsh_plan(n, min_sim, recall)
+    planes = np.random.default_rng(seed).standard_normal((dim, bits * bands), dtype=np.float32)
+    weights = (1 << np.arange(bits, dtype=np.int64))[None, :]
+    codes = np.empty((bands, n), dtype=np.int64)
+    for start in range(0, n, chunk):
+        signs = (np.asarray(matrix[start : start + chunk]) @ planes) > 0
+        for b in range(bands):
+            codes[b, start : start + chunk] = (signs[:, b * bits : (b + 1) * bits] * weights).sum(1)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for b in range(bands):
+        order = np.argsort(codes[b], kind="stable")
+        sorted_codes = codes[b][order]
+        edges = np.flatnonzero(np.diff(sorted_codes)) + 1
+        starts = np.concatenate([[0], edges])
+        sizes = np.diff(np.concatenate([starts, [n]]))
+        big = sizes > BIG_BUCKET
+        for first, size in zip(starts[big].tolist(), sizes[big].tolist(), strict=True):
+            rows = np.sort(order[first : first + size])
+            sub = np.asarray(matrix[rows])
+            r, c = np.nonzero(np.triu(sub @ sub.T, 1) >= min_sim)
+            found.append((rows[r], rows[c], np.einsum("ij,ij->i", sub[r], sub[c])))
+        for size in np.unique(sizes[(sizes > 1) & (sizes <= BIG_BUCKET)]).tolist():
+            runs = starts[sizes == size]
+            members = order[runs[:, None] + np.arange(size)[None, :]]  # [buckets, size]
+            ia, ib = np.triu_indices(size, 1)
+            a = members[:, ia].ravel()
+            c = members[:, ib].ravel()
+            for s in range(0, len(a), max_pairs):
+                pa, pc = a[s : s + max_pairs], c[s : s + max_pairs]
+                sims = np.einsum("ij,ij->i", matrix[pa], matrix[pc])
+                keep = sims >= min_sim
+                lo, hi = np.minimum(pa, pc)[keep], np.maximum(pa, pc)[keep]
+                found.append((lo, hi, sims[keep]))
+    a, c, sims = _concat(found)
+    if len(a):
+        _, first = np.unique(a * n + c, return_index=True)
+        a, c, sims = a[first], c[first], sims[first]
+    return a, c, sims
+
+
+def _concat(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if not parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, np.empty(0, dtype=np.float32)
+    return (
+        np.concatenate([p[0] for p in parts]).astype(np.int64),
+        np.concatenate([p[1] for p in parts]).astype(np.int64),
+        np.concatenate([p[2] for p in parts]).astype(np.float32),
+    )
+
+
+def _connect(
+    ids: np.ndarray, pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> list[list[tuple[int, float]]]:
+    """Union-find over the pairs: groups of (file id, best cosine to another member)."""
+    parent: dict[int, int] = {}
+    best: dict[int, float] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.setdefault(root, root) != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, c, s in zip(*(x.tolist() for x in pairs), strict=True):
+        best[a] = max(best.get(a, 0.0), s)
+        best[c] = max(best.get(c, 0.0), s)
+        ra, rc = find(a), find(c)
+        if ra != rc:
+            parent[max(ra, rc)] = min(ra, rc)
+    members: dict[int, list[int]] = {}
+    for i in sorted(best):
+        members.setdefault(find(i), []).append(i)
+    return [
+        [(int(ids[i]), float(best[i])) for i in rows]
+        for rows in sorted(members.values(), key=lambda r: (-len(r), r[0]))
+    ]
+
+
+def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]) -> None:
+    """Write the cache atomically; an unwritable folder only means no cache."""
+    try:
+        mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder
+        for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
+            write_atomic(Path(f"{base}{suffix}"), lambda fh, a=arr: np.save(fh, a), mode=mode)
+        write_atomic(Path(f"{base}.json"), lambda fh: fh.write(json.dumps(sig).encode()), mode=mode)
+    except OSError:
+        pass
+
+
+def exact_duplicates(conn: sqlite3.Connection) -> list[tuple[str, list[str]]]:
+    """(sha256, paths) for content stored under more than one live path."""
+    out: dict[str, list[str]] = {}
+    for sha, path in conn.execute(
+        "SELECT f.sha256, p.path FROM paths p JOIN files f ON f.id = p.file_id "
+        "WHERE p.missing = 0 AND p.file_id IN (SELECT file_id FROM paths WHERE missing = 0 "
+        "GROUP BY file_id HAVING count(*) > 1) ORDER BY f.sha256, p.path"
+    ):
+        out.setdefault(sha, []).append(path)
+    return list(out.items())
+
+
+def paths_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[str, str]]:
+    """file_id → (first live path, sha256)."""
+    out: dict[int, tuple[str, str]] = {}
+    for fid, path, sha in conn.execute(
+        "SELECT p.file_id, min(p.path), f.sha256 FROM paths p JOIN files f ON f.id = p.file_id "
+        "WHERE p.missing = 0 AND p.file_id IN (SELECT value FROM json_each(?)) "
+        "GROUP BY p.file_id",
+        (json.dumps(file_ids),),
+    ):
+        out[int(fid)] = (path, sha)
+    return out

@@ -1,0 +1,1 @@
+"""The long-running service: daemon, sd_notify and the status row."""
