@@ -6,7 +6,6 @@ be found is the most common first-run problem.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,15 +55,9 @@ def _local(model: ModelConfig, family: Family) -> ModelFiles:
                 f"model {model.name!r}: {p} is missing; the folder needs {family.model_file} "
                 f"and {family.label_file} (the {family.name} layout)"
             )
-    return ModelFiles(onnx_path, labels, "sha256:" + _file_digest(onnx_path)[:16])
+    from tagd.modelcache import file_sha256
 
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    return ModelFiles(onnx_path, labels, "sha256:" + file_sha256(onnx_path)[:16])
 
 
 def _from_hub(

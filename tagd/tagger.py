@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from tagd import modelcache
 from tagd.config import Config, InferenceConfig, ModelConfig
 from tagd.families import Family
 from tagd.hub import ModelError, ModelFiles
@@ -112,16 +113,76 @@ class Tagger:
             self.labels: Labels = family.read_labels(files.label_path)
         except LabelError as exc:
             raise ModelError(f"model {self.name!r}: {exc}") from None
+        self.threads = inference.threads or threads
+        key = self._cache_key(inference)
+        entry = None if key is None else modelcache.lookup(key)
+        if entry is None or not self._start_cached(inference, entry):
+            self._start_cold(inference, key)
+        self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
+
+    def _cache_key(self, inference: InferenceConfig) -> str | None:
+        """None when the cache is off or the model file's hash cannot be read."""
+        if modelcache.cache_dir() is None:
+            return None
+        try:
+            sha = modelcache.file_sha256(self.files.model_path)
+        except OSError:
+            return None
+        import onnxruntime as ort
+
+        providers = providers_for(
+            inference, ort.get_available_providers(), gpu_present=nvidia_present()
+        )
+        return modelcache.entry_key(
+            sha,
+            {
+                "spec": repr(self.family.preprocess),
+                "outputs_logits": self.family.outputs_logits,
+                "provider": providers[0] if isinstance(providers[0], str) else providers[0][0],
+            },
+        )
+
+    def _start_cold(self, inference: InferenceConfig, key: str | None) -> None:
+        """Parse, expose, patch and verify the graph, then remember the result under `key`."""
         from tagd import graph
 
-        self.threads = inference.threads or threads
-        self.graph = graph.load(os.fspath(files.model_path))
-        self.head: graph.Head | None = self.graph.head
-        self.session = self._create_session(inference, self.graph.serialized())
+        loaded = graph.load(os.fspath(self.files.model_path))
+        self.graph = loaded
+        self.head: graph.Head | None = loaded.head
+        data = loaded.serialized()
+        self.session = self._create_session(inference, data)
         self.info = self._inspect(inference)
-        graph.finish(self, lambda data: self._create_session(inference, data))
-        self.graph = graph.Loaded(None, self.head, self.graph.why_no_head)
-        self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
+        patched = graph.finish(self, lambda d: self._create_session(inference, d))
+        self.graph = graph.Loaded(None, self.head, loaded.why_no_head)
+        if key is not None:
+            modelcache.store(
+                key,
+                graph=patched if patched is not None else data if self.head else None,
+                head=self.head,
+                why_no_head=self.graph.why_no_head,
+                batch_freed=patched is not None,
+            )
+
+    def _start_cached(self, inference: InferenceConfig, entry: modelcache.Entry) -> bool:
+        """Open the prepared graph without `onnx` or probe runs; False: prepare it again."""
+        from tagd.graph import Head, Loaded
+
+        source = os.fspath(entry.graph) if entry.graph is not None else None
+        try:
+            self.session = self._create_session(inference, source)
+            self.info = self._inspect(inference)
+        except ModelError as exc:
+            log.info("model %s: cached graph unusable (%s); preparing it again", self.name, exc)
+            modelcache.forget(entry)
+            return False
+        if entry.embedding and entry.weights is not None and entry.bias is not None:
+            self.head = Head(entry.embedding, entry.weights, entry.bias, entry.sigmoid_in_graph)
+        else:
+            self.head = None
+            log.info("model %s: no embeddings: %s", self.name, entry.why_no_head)
+        self.graph = Loaded(None, self.head, entry.why_no_head)
+        log.debug("model %s: prepared graph from %s", self.name, entry.folder)
+        return True
 
     @property
     def provider(self) -> str:
@@ -131,7 +192,7 @@ class Tagger:
     def spec(self) -> PreprocessSpec:
         return self.info.spec
 
-    def _create_session(self, inference: InferenceConfig, data: bytes | None = None) -> Any:
+    def _create_session(self, inference: InferenceConfig, data: bytes | str | None = None) -> Any:
         import onnxruntime as ort
 
         available = ort.get_available_providers()
