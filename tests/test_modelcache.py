@@ -1,4 +1,4 @@
-"""The model start cache: warm starts skip onnx and the probe runs, and never serve a stale graph."""
+"""Model start cache: warm starts skip onnx and the probe runs, never serve a stale graph."""
 
 from __future__ import annotations
 
