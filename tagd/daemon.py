@@ -289,6 +289,10 @@ class Daemon:
         try:
             outcome = rankcache.refresh(conn, self.config.database)
             (log.info if outcome == "built" else log.debug)("search ranking cache: %s", outcome)
+            from tagd import bitmaps
+
+            outcome = bitmaps.refresh(conn, self.config.database)
+            (log.info if outcome == "built" else log.debug)("search bitmaps: %s", outcome)
         except sqlite3.Error as exc:
             log.warning("search ranking cache: database error: %s", exc)
         finally:

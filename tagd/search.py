@@ -767,6 +767,12 @@ def search(
 def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None) -> int:
     opts = opts or SearchOptions()
     check_model(conn, node)
+    if os.environ.get("TAGD_BITMAPS", "") != "off":
+        from tagd import bitmaps
+
+        fast = bitmaps.count(conn, _db_file(conn), node, opts)
+        if fast is not None:
+            return fast
     q = build_sql(node, opts, count=True)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 
