@@ -10,6 +10,8 @@ character on 30% of files), selection at 0.35, one 1024-d float16 embedding per 
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only --dirty 5000
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only --no-rank-cache
+    python -m bench.search_bench /tmp/tagd-bench.db --measure-only --no-bitmaps
+    python -m bench.search_bench /tmp/tagd-bench.db --measure-only --patch 5000
 
 Measuring builds or refreshes the ranking cache next to the database first (as the daemon and
 `tagd scan` do) and prints how long that took.
@@ -55,6 +57,7 @@ QUERIES: dict[str, list[str]] = {
     "OR": ["(smile | blush) long_hair", "tag_0100 | tag_0200 | tag_0300"],
     "confidence": ["1girl:>0.9", "tag_0100:0.5..0.8"],
     "rating/ns": ["rating:<=sensitive solo", "character:char_0003"],
+    "wildcard": ["tag_01*", "character:* solo", "1girl -character:*"],
 }
 
 
@@ -222,6 +225,64 @@ def prepare_rank_cache(db: Path, use: bool, dirty: int) -> None:
     conn.close()
 
 
+def prepare_bitmaps(db: Path, use: bool) -> None:
+    """Build or refresh the posting-list bitmaps (tagd/bitmaps.py), or set them aside."""
+    from tagd import bitmaps, sidecache
+    from tagd.db import connect
+
+    meta = sidecache.meta_path(db, bitmaps.KIND)
+    aside = Path(f"{meta}.aside")
+    if not use:
+        if meta.exists():
+            meta.replace(aside)
+        print("bitmaps: not used")
+        return
+    if aside.exists() and not meta.exists():
+        aside.replace(meta)
+    conn = connect(db)
+    t = time.perf_counter()
+    outcome = bitmaps.refresh(conn, db)
+    took = time.perf_counter() - t
+    found = sidecache.read_meta(db, bitmaps.KIND, bitmaps.FORMAT)
+    assert found is not None
+    size = (db.parent / found["file"]).stat().st_size + meta.stat().st_size
+    print(
+        f"bitmaps: {outcome} in {took:.1f} s, {len(found['tag_ids']):,} tags, "
+        f"{len(found['namespaces'])} namespaces, {size / 2**20:.1f} MiB on disk"
+    )
+    conn.close()
+
+
+def measure_bitmap_patch(db: Path, n: int) -> None:
+    """Patch cost: `n` random files logged as changed (a daemon between two refreshes)."""
+    from tagd import bitmaps
+    from tagd.db import connect
+
+    conn = connect(db)
+    top = conn.execute("SELECT max(id) FROM files").fetchone()[0]
+    picked = np.random.default_rng(3).choice(np.arange(1, top + 1), n, replace=False)
+    conn.execute("BEGIN")
+    for fid in picked.tolist():
+        conn.execute("DELETE FROM score_changes WHERE file_id = ?", (fid,))
+        conn.execute("INSERT INTO score_changes(file_id) VALUES (?)", (fid,))
+    conn.execute("COMMIT")
+    t = time.perf_counter()
+    outcome = bitmaps.refresh(conn, db)
+    print(f"bitmaps: {outcome} in {time.perf_counter() - t:.2f} s ({n:,} changed files)")
+    conn.close()
+
+
+def rss_mib() -> float:
+    """Resident memory of this process, less file-backed pages (the memory-mapped caches)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    anon = int(fields.get("RssAnon", "0 kB").split()[0])
+    total = int(fields.get("VmRSS", "0 kB").split()[0])
+    return anon / 1024 if anon else total / 1024
+
+
 def measure(
     db: Path, repeats: int, limit: int, skip_search: bool = False, dupes: bool = False
 ) -> None:
@@ -257,6 +318,7 @@ def measure(
                 f"{shape:<11} {text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
                 f"{percentile(times, 0.95):>8.1f} {percentile(ctimes, 0.5):>10.1f}"
             )
+    print(f"search process resident (anonymous) memory after the queries: {rss_mib():.0f} MiB")
     measure_similar(db, conn, repeats, dupes)
     measure_cold(db, limit)
 
@@ -339,12 +401,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--dirty", type=int, default=0, help="files changed since the ranking cache's refresh"
     )
+    ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
+    ap.add_argument(
+        "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
+    )
     args = ap.parse_args(argv)
     if not args.measure_only:
         build(args.db, args.files, args.dim)
     if not args.build_only:
+        prepare_bitmaps(args.db, not args.no_bitmaps)
         prepare_rank_cache(args.db, not args.no_rank_cache, args.dirty)
         measure(args.db, args.repeats, args.limit, args.skip_search, args.dupes)
+        if args.patch and not args.no_bitmaps:
+            measure_bitmap_patch(args.db, args.patch)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ them in, or rebuilds when too many changed.
 from __future__ import annotations
 
 import array
-import itertools
+import bisect
 import json
 import mmap
 import sqlite3
@@ -55,14 +55,17 @@ def _bitmap(ids: np.ndarray) -> BitMap:
 
 @dataclass
 class Cache:
-    """An open cache: the directory from the meta and the memory-mapped bitmaps."""
+    """An open cache: the memory-mapped data file, its directory read in place (no parsing:
+    a query costs the bitmaps it names, not the number of tags)."""
 
     meta: dict[str, Any]
     data: mmap.mmap | bytes
-    tags: dict[int, tuple[int, int]]
-    namespaces: dict[str, tuple[int, int]]
-    layers: list[tuple[int, int]]
-    _loaded: dict[tuple[int, int], FrozenBitMap] = field(default_factory=dict)
+    tag_ids: memoryview  # sorted int64
+    offsets: memoryview  # int64, one more than the bitmaps, relative to `base`
+    base: int
+    namespaces: dict[str, int]  # namespace -> bitmap number
+    n_layers: int
+    _loaded: dict[int, FrozenBitMap] = field(default_factory=dict)
 
     @classmethod
     def open(cls, db_path: str | Path, meta: dict[str, Any] | None = None) -> Cache | None:
@@ -70,46 +73,52 @@ class Cache:
         if meta is None:
             return None
         try:
-            offsets = [int(x) for x in meta["offsets"]]
-            spans = list(itertools.pairwise(offsets))
-            n_tags, n_ns = len(meta["tag_ids"]), len(meta["namespaces"])
-            tag_spans, rest = spans[:n_tags], spans[n_tags:]
-            ns_spans, layer_spans = rest[:n_ns], rest[n_ns:]
+            n_tags, names = int(meta["n_tags"]), [str(n) for n in meta["namespaces"]]
+            n_layers = int(meta["n_layers"])
+            n_maps = n_tags + len(names) + n_layers
+            base = 8 * (n_tags + n_maps + 1)
             path = Path(db_path).parent / str(meta["file"])
             with open(path, "rb") as fh:
                 size = fh.seek(0, 2)
-                if size != offsets[-1]:
+                if size < base:
                     return None
-                data: mmap.mmap | bytes = (
-                    mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-                )
-            return cls(
-                meta,
-                data,
-                {int(t): s for t, s in zip(meta["tag_ids"], tag_spans, strict=True)},
-                dict(zip(meta["namespaces"], ns_spans, strict=True)),
-                layer_spans,
-            )
+                data: mmap.mmap | bytes = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            view = memoryview(data)
+            tag_ids = view[: 8 * n_tags].cast("q")
+            offsets = view[8 * n_tags : base].cast("q")
+            if base + offsets[-1] != size:
+                return None
+            ns = {n: n_tags + i for i, n in enumerate(names)}
+            return cls(meta, data, tag_ids, offsets, base, ns, n_layers)
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
 
-    def get(self, span: tuple[int, int] | None) -> FrozenBitMap:
-        if span is None:
+    def get(self, number: int | None) -> FrozenBitMap:
+        if number is None:
             return FrozenBitMap()
-        found = self._loaded.get(span)
+        found = self._loaded.get(number)
         if found is None:
-            found = FrozenBitMap.deserialize(self.data[span[0] : span[1]])
-            self._loaded[span] = found
+            lo, hi = self.base + self.offsets[number], self.base + self.offsets[number + 1]
+            found = FrozenBitMap.deserialize(self.data[lo:hi])
+            self._loaded[number] = found
         return found
 
+    @property
+    def tags(self) -> list[int]:
+        return self.tag_ids.tolist()
+
     def tag(self, tag_id: int) -> FrozenBitMap:
-        return self.get(self.tags.get(tag_id))
+        i = bisect.bisect_left(self.tag_ids, tag_id)
+        found = i < len(self.tag_ids) and self.tag_ids[i] == tag_id
+        return self.get(i if found else None)
 
     def namespace(self, ns: str) -> FrozenBitMap:
         return self.get(self.namespaces.get(ns))
 
     def layer(self, k: int) -> FrozenBitMap:
-        return self.get(self.layers[k]) if k < len(self.layers) else FrozenBitMap()
+        if k >= self.n_layers:
+            return FrozenBitMap()
+        return self.get(len(self.tag_ids) + len(self.namespaces) + k)
 
     @property
     def present(self) -> FrozenBitMap:
@@ -118,7 +127,7 @@ class Cache:
     def paths_in(self, files: BitMap | FrozenBitMap) -> int:
         """Present paths of `files`: one per layer a file is in."""
         total = 0
-        for k in range(len(self.layers)):
+        for k in range(self.n_layers):
             n = files.intersection_cardinality(self.layer(k))
             if not n:
                 break
@@ -150,12 +159,15 @@ def _write(
     namespaces: dict[str, BitMap],
     layers: list[BitMap],
 ) -> dict[str, Any]:
+    """Data file: int64 tag ids, int64 offsets, then the serialized bitmaps in that order."""
     tag_ids, ns, blobs = _serialize(tags, namespaces, layers)
     offsets = [0]
     for b in blobs:
         offsets.append(offsets[-1] + len(b))
 
     def write(fh: IO[bytes]) -> None:
+        fh.write(array.array("q", tag_ids).tobytes())
+        fh.write(array.array("q", offsets).tobytes())
         for b in blobs:
             fh.write(b)
 
@@ -167,9 +179,9 @@ def _write(
         "seq": seq,
         "built_at": built_at,
         "file": name,
-        "tag_ids": tag_ids,
+        "n_tags": len(tag_ids),
         "namespaces": ns,
-        "offsets": offsets,
+        "n_layers": len(blobs) - len(tag_ids) - len(ns),
     }
     sidecache.replace(db_path, KIND, meta, None if old is None else old.get("file"))
     return meta
@@ -258,9 +270,9 @@ def patch(conn: sqlite3.Connection, db_path: str | Path, cache: Cache) -> int | 
     finally:
         conn.execute("COMMIT")
     gone = BitMap(dirty)
-    tags = {t: BitMap(cache.tag(t)) for t in cache.tags}
+    tags = {t: BitMap(cache.get(i)) for i, t in enumerate(cache.tags)}
     namespaces = {n: BitMap(cache.namespace(n)) for n in cache.namespaces}
-    layers = [BitMap(cache.layer(k)) for k in range(len(cache.layers))]
+    layers = [BitMap(cache.layer(k)) for k in range(cache.n_layers)]
     for bm in [*tags.values(), *namespaces.values(), *layers]:
         if not bm.isdisjoint(gone):
             bm.difference_update(gone)
