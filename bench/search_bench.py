@@ -183,9 +183,10 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
     print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
-def subset(src: Path, db: Path, n_files: int) -> None:
+def subset(src: Path, db: Path, n_files: int, embeddings: bool) -> None:
     """A smaller index: the first `n_files` files of a built one, copied in SQL (minutes, not
-    the hour a fresh build takes on a loaded machine). The same distributions, a new db id."""
+    the hour a fresh build takes on a loaded machine). The same distributions, a new db id,
+    this checkout's migrations (the source is only read: its schema is left alone)."""
     from tagd.db import connect
 
     if db.exists():
@@ -202,7 +203,7 @@ def subset(src: Path, db: Path, n_files: int) -> None:
     for table in ("models", "tags", "model_tags"):
         conn.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table}")
     conn.execute("INSERT INTO main.files SELECT * FROM src.files WHERE id <= ?", (n_files,))
-    for table in ("paths", "scores", "taggings", "embeddings"):
+    for table in ("paths", "scores", "taggings", *(("embeddings",) if embeddings else ())):
         conn.execute(
             f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE file_id <= ?", (n_files,)
         )
@@ -277,7 +278,7 @@ def prepare_bitmaps(db: Path, use: bool) -> None:
     assert found is not None
     size = (db.parent / found["file"]).stat().st_size + meta.stat().st_size
     print(
-        f"bitmaps: {outcome} in {took:.1f} s, {len(found['tag_ids']):,} tags, "
+        f"bitmaps: {outcome} in {took:.1f} s, {found['n_tags']:,} tags, "
         f"{len(found['namespaces'])} namespaces, {size / 2**20:.1f} MiB on disk"
     )
     conn.close()
@@ -299,6 +300,42 @@ def measure_bitmap_patch(db: Path, n: int) -> None:
     t = time.perf_counter()
     outcome = bitmaps.refresh(conn, db)
     print(f"bitmaps: {outcome} in {time.perf_counter() - t:.2f} s ({n:,} changed files)")
+    conn.close()
+
+
+def measure_counts(db: Path, repeats: int, sqlite_too: bool) -> None:
+    """`--count` of every benchmark query: through the bitmaps (in process, p50/p95), and
+    once through SQLite alone (TAGD_BITMAPS=off) for comparison."""
+    from tagd.db import connect
+    from tagd.query import parse
+    from tagd.search import count
+
+    conn = connect(db, readonly=True)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'query':<32} {'count':>9} {'p50 ms':>8} {'p95 ms':>8} {'sqlite ms':>10}")
+    p50s = []
+    for text in [q for qs in QUERIES.values() for q in qs]:
+        node = parse(text)
+        n = count(conn, node)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            count(conn, node)
+            times.append((time.perf_counter() - t) * 1000)
+        slow = ""
+        if sqlite_too:
+            os.environ["TAGD_BITMAPS"] = "off"
+            t = time.perf_counter()
+            assert count(conn, node) == n, text
+            slow = f"{(time.perf_counter() - t) * 1000:.0f}"
+            del os.environ["TAGD_BITMAPS"]
+        p50s.append(percentile(times, 0.5))
+        print(
+            f"{text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
+            f"{percentile(times, 0.95):>8.1f} {slow:>10}"
+        )
+    print(f"count p50 over the queries: median {percentile(p50s, 0.5):.1f} ms, max {max(p50s):.1f}")
+    print(f"search process resident (anonymous) memory: {rss_mib():.0f} MiB")
     conn.close()
 
 
@@ -432,16 +469,26 @@ def main(argv: list[str] | None = None) -> None:
         "--dirty", type=int, default=0, help="files changed since the ranking cache's refresh"
     )
     ap.add_argument("--subset-of", type=Path, help="copy the first --files files of this index")
+    ap.add_argument("--subset-embeddings", action="store_true", help="copy embeddings too")
+    ap.add_argument(
+        "--counts-only", action="store_true", help="only the bitmaps and `--count` timings"
+    )
+    ap.add_argument("--sqlite-counts", action="store_true", help="also time SQLite's counts")
     ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
     ap.add_argument(
         "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
     )
     args = ap.parse_args(argv)
     if args.subset_of is not None:
-        subset(args.subset_of, args.db, args.files)
-    elif not args.measure_only:
+        subset(args.subset_of, args.db, args.files, args.subset_embeddings)
+    elif not (args.measure_only or args.counts_only):
         build(args.db, args.files, args.dim)
-    if not args.build_only:
+    if args.counts_only:
+        prepare_bitmaps(args.db, not args.no_bitmaps)
+        measure_counts(args.db, args.repeats, args.sqlite_counts)
+        if args.patch:
+            measure_bitmap_patch(args.db, args.patch)
+    elif not args.build_only:
         prepare_bitmaps(args.db, not args.no_bitmaps)
         prepare_rank_cache(args.db, not args.no_rank_cache, args.dirty)
         measure(args.db, args.repeats, args.limit, args.skip_search, args.dupes)
