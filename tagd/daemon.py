@@ -293,6 +293,10 @@ class Daemon:
 
             outcome = bitmaps.refresh(conn, self.config.database)
             (log.info if outcome == "built" else log.debug)("search bitmaps: %s", outcome)
+            from tagd import ann
+
+            for outcome in ann.refresh(conn, self.config.database):
+                (log.info if "built" in outcome else log.debug)("similar index: %s", outcome)
         except sqlite3.Error as exc:
             log.warning("search ranking cache: database error: %s", exc)
         finally:

@@ -15,6 +15,7 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +147,8 @@ class EmbeddingIndex:
     extra_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     extra: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
     hidden: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The HNSW index (tagd/ann.py) when one is usable: top-k candidates without a full scan.
+    ann: Any = None
 
     @classmethod
     def open(
@@ -195,8 +198,40 @@ class EmbeddingIndex:
         pos = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
         hidden = pos[self.ids[pos] == wanted] if len(self.ids) else pos[:0]
         return EmbeddingIndex(
-            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden
+            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden, self.ann
         )
+
+    def with_ann(self, conn: sqlite3.Connection, db_path: str | Path | None) -> EmbeddingIndex:
+        """Use the HNSW index beside the database for top-k queries when it is usable."""
+        if db_path is not None:
+            from tagd import ann
+
+            self.ann = ann.Ann.open(conn, db_path, self.model_id)
+        return self
+
+    def rows_for(self, file_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids that have a current embedding, those rows): changed files from SQLite."""
+        file_ids = np.unique(np.asarray(file_ids, dtype=np.int64))
+        j = np.minimum(np.searchsorted(self.extra_ids, file_ids), max(len(self.extra_ids) - 1, 0))
+        in_extra = (
+            self.extra_ids[j] == file_ids if len(self.extra_ids) else np.zeros(len(file_ids), bool)
+        )
+        i = np.minimum(np.searchsorted(self.ids, file_ids), max(len(self.ids) - 1, 0))
+        in_matrix = self.ids[i] == file_ids if len(self.ids) else np.zeros(len(file_ids), bool)
+        if len(self.hidden):
+            in_matrix &= ~np.isin(i, self.hidden)
+        in_matrix &= ~in_extra
+        order = np.argsort(i[in_matrix])
+        pos, from_matrix = i[in_matrix][order], file_ids[in_matrix][order]
+        dim = self.matrix.shape[1]
+        rows = np.concatenate(
+            [
+                self.extra[j[in_extra]].reshape(-1, dim),
+                np.asarray(self.matrix[pos]).reshape(-1, dim),
+            ]
+        )
+        ids = np.concatenate([file_ids[in_extra], from_matrix])
+        return ids, rows
 
     def vector(self, file_id: int) -> np.ndarray:
         j = int(np.searchsorted(self.extra_ids, file_id))
@@ -231,9 +266,20 @@ class EmbeddingIndex:
         limit: int | None = 20,
         min_sim: float | None = None,
         exclude: int | None = None,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
-        """(file_id, cosine) best first; `exclude` is a file id."""
-        ids, sims = self.scored(np.asarray(vector, dtype=np.float32))
+        """(file_id, cosine) best first; `exclude` is a file id.
+
+        With an HNSW index and a limit, only its candidates (plus files changed since it was
+        written) are scored, exactly; `exact` scores every file."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if self.ann is not None and limit is not None and not exact:
+            cand = self.ann.candidates(vector, limit + 1)
+            extra = np.fromiter(self.ann.dirty, dtype=np.int64, count=len(self.ann.dirty))
+            ids, rows = self.rows_for(np.concatenate([cand, extra, self.extra_ids]))
+            sims = rows @ vector
+        else:
+            ids, sims = self.scored(vector)
         if exclude is not None:
             sims[ids == exclude] = -np.inf
         if min_sim is not None:
@@ -248,9 +294,15 @@ class EmbeddingIndex:
         return [(int(ids[i]), float(sims[i])) for i in cand]
 
     def nearest_to_file(
-        self, file_id: int, *, limit: int | None = 20, min_sim: float | None = None
+        self,
+        file_id: int,
+        *,
+        limit: int | None = 20,
+        min_sim: float | None = None,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
-        return self.nearest(self.vector(file_id), limit=limit, min_sim=min_sim, exclude=file_id)
+        vector = self.vector(file_id)
+        return self.nearest(vector, limit=limit, min_sim=min_sim, exclude=file_id, exact=exact)
 
     def groups(
         self, min_sim: float, *, exhaustive: bool | None = None, block: int = 1024

@@ -79,4 +79,8 @@ def run(ctx: Context) -> int:
         from tagd import bitmaps
 
         log.info("search bitmaps: %s", bitmaps.refresh(conn, config.database))
+        from tagd import ann
+
+        for outcome in ann.refresh(conn, config.database):
+            log.info("similar index: %s", outcome)
     return 0
