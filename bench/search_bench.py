@@ -339,6 +339,79 @@ def measure_counts(db: Path, repeats: int, sqlite_too: bool) -> None:
     conn.close()
 
 
+def measure_ann(db: Path, n_queries: int, patch: int) -> None:
+    """The HNSW index: build, size, top-20 latency and recall@20 against the exact scan, a
+    patch of `patch` changed files, and `tagd similar` as a whole process, both ways."""
+    from tagd import ann, sidecache
+    from tagd.db import connect
+    from tagd.similar import EmbeddingIndex
+
+    conn = connect(db)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    t = time.perf_counter()
+    exact = EmbeddingIndex.open(conn, db, None, changes_ok=False)
+    n, dim = exact.matrix.shape
+    print(f"similar: exact matrix ready in {time.perf_counter() - t:.1f} s ({n:,} x {dim})")
+    t = time.perf_counter()
+    outcome = ann.refresh(conn, db, min_files=1)
+    meta = sidecache.read_meta(db, ann.kind(exact.model_id), ann.FORMAT)
+    assert meta is not None
+    size = (db.parent / meta["file"]).stat().st_size
+    print(
+        f"ann: {outcome} in {time.perf_counter() - t:.1f} s, {size / 2**20:.0f} MiB on disk "
+        f"(f16, M={ann.CONNECTIVITY}, ef_add={ann.EXPANSION_ADD}, ef={ann.EXPANSION_SEARCH})"
+    )
+    index = EmbeddingIndex.open(conn, db, None).with_ann(conn, db)
+    assert index.ann is not None
+    rng = np.random.default_rng(5)
+    picks = rng.choice(exact.ids, n_queries, replace=False).tolist()
+    t_exact, t_ann, recalls = [], [], []
+    for fid in picks:
+        t = time.perf_counter()
+        want = exact.nearest_to_file(int(fid), limit=20, exact=True)
+        t_exact.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        got = index.nearest_to_file(int(fid), limit=20)
+        t_ann.append((time.perf_counter() - t) * 1000)
+        recalls.append(len({f for f, _ in want} & {f for f, _ in got}) / max(1, len(want)))
+    print(
+        f"similar top-20 in process over {n_queries} queries: exact p50 "
+        f"{percentile(t_exact, 0.5):.1f} ms, ann p50 {percentile(t_ann, 0.5):.2f} ms "
+        f"p95 {percentile(t_ann, 0.95):.2f} ms; recall@20 mean {np.mean(recalls):.4f}, "
+        f"min {min(recalls):.2f}"
+    )
+    print(f"search process resident (anonymous) memory: {rss_mib():.0f} MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(
+            f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n    path: {tmp}\n"
+        )
+        sha = conn.execute("SELECT sha256 FROM files WHERE id = ?", (int(picks[0]),)).fetchone()[0]
+        for extra in ([], ["--exact"]):
+            cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "similar", sha, *extra]
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                times.append(time.perf_counter() - t)
+            print(
+                f"`tagd similar SHA256 {' '.join(extra)}` as a process (rc {r.returncode}): "
+                f"p50 {percentile(times, 0.5) * 1000:.0f} ms"
+            )
+    if patch:
+        top = int(exact.ids[-1])
+        picked = np.random.default_rng(3).choice(np.arange(1, top + 1), patch, replace=False)
+        conn.execute("BEGIN")
+        for fid in picked.tolist():
+            conn.execute("DELETE FROM score_changes WHERE file_id = ?", (fid,))
+            conn.execute("INSERT INTO score_changes(file_id) VALUES (?)", (fid,))
+        conn.execute("COMMIT")
+        t = time.perf_counter()
+        outcome = ann.refresh(conn, db, min_files=1)
+        print(f"ann: {outcome} in {time.perf_counter() - t:.1f} s ({patch:,} changed files)")
+    conn.close()
+
+
 def rss_mib() -> float:
     """Resident memory of this process, less file-backed pages (the memory-mapped caches)."""
     fields = {}
@@ -474,6 +547,7 @@ def main(argv: list[str] | None = None) -> None:
         "--counts-only", action="store_true", help="only the bitmaps and `--count` timings"
     )
     ap.add_argument("--sqlite-counts", action="store_true", help="also time SQLite's counts")
+    ap.add_argument("--ann", action="store_true", help="only the HNSW index for similar")
     ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
     ap.add_argument(
         "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
@@ -481,9 +555,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.subset_of is not None:
         subset(args.subset_of, args.db, args.files, args.subset_embeddings)
-    elif not (args.measure_only or args.counts_only):
+    elif not (args.measure_only or args.counts_only or args.ann):
         build(args.db, args.files, args.dim)
-    if args.counts_only:
+    if args.ann:
+        measure_ann(args.db, args.repeats, args.patch)
+    elif args.counts_only:
         prepare_bitmaps(args.db, not args.no_bitmaps)
         measure_counts(args.db, args.repeats, args.sqlite_counts)
         if args.patch:
