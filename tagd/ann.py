@@ -31,7 +31,7 @@ MIN_FILES = 50_000
 DIRTY_MAX = 100_000
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
-EXPANSION_SEARCH = 96
+EXPANSION_SEARCH = 256
 OVERSAMPLE = 2
 
 
@@ -183,6 +183,7 @@ class Ann:
             return None
         if index is None:
             return None
+        index.expansion_search = EXPANSION_SEARCH
         return cls(index, set(dirty))
 
     def candidates(self, vector: np.ndarray, k: int) -> np.ndarray:
