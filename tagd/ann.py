@@ -129,11 +129,11 @@ def refresh(
 
     floor = MIN_FILES if min_files is None else min_files
     out = []
-    models = conn.execute(
-        "SELECT m.id, m.name, (SELECT count(*) FROM embeddings e WHERE e.model_id = m.id) "
-        "FROM models m ORDER BY m.id"
-    ).fetchall()
-    for model_id, name, n in models:
+    for model_id, name in conn.execute("SELECT id, name FROM models ORDER BY id").fetchall():
+        n = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = ? LIMIT ?)",
+            (model_id, max(1, floor)),
+        ).fetchone()[0]
         if n < max(1, floor):
             continue
         with sidecache.locked(db_path, kind(model_id)) as ok:
@@ -183,7 +183,7 @@ class Ann:
             return None
         if index is None:
             return None
-        index.expansion_search = EXPANSION_SEARCH
+        index.expansion_search = EXPANSION_SEARCH  # type: ignore[misc]  # stubs lack the setter
         return cls(index, set(dirty))
 
     def candidates(self, vector: np.ndarray, k: int) -> np.ndarray:
