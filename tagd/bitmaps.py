@@ -395,12 +395,38 @@ def _needs_sqlite_only(node: Node) -> bool:
     return False
 
 
+def _paths_logged(conn: sqlite3.Connection) -> bool:
+    """Migration 0014: without it a moved or deleted image never reaches the change log."""
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'paths_log_update'"
+    ).fetchone()
+    return found is not None
+
+
 def count(conn: sqlite3.Connection, db_path: str, node: Node, opts: Any) -> int | None:
-    """The number of matching present paths, or None when SQLite must count."""
-    if _needs_sqlite_only(node) or not changes.logged(conn):
+    """The number of matching present paths, or None when SQLite must count.
+
+    The meta is read before the read transaction starts, so the snapshot is at least as new
+    as the bitmaps and every file changed in between is in the change log it reads."""
+    if _needs_sqlite_only(node) or not changes.logged(conn) or not _paths_logged(conn):
         return None
     meta = sidecache.read_meta(db_path, KIND, FORMAT)
-    if meta is None or not sidecache.usable(meta, conn):
+    if meta is None:
+        return None
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        return _count(conn, db_path, meta, node, opts)
+    finally:
+        if own:
+            conn.execute("COMMIT")
+
+
+def _count(
+    conn: sqlite3.Connection, db_path: str, meta: dict[str, Any], node: Node, opts: Any
+) -> int | None:
+    if not sidecache.usable(meta, conn):
         return None
     cache = Cache.open(db_path, meta)
     if cache is None:

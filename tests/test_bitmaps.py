@@ -306,3 +306,15 @@ def test_a_failed_write_leaves_the_old_cache(
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert fast_count(conn, index.db, "1girl solo") == sql_count(conn, "1girl solo")
     conn.close()
+
+
+def test_without_path_logging_the_bitmaps_are_not_used(tmp_path: Path) -> None:
+    """A database missing migration 0014's triggers could move paths unseen: SQLite counts."""
+    index = build_index(tmp_path)
+    conn = connect(index.db)
+    bitmaps.refresh(conn, index.db)
+    assert fast_count(conn, index.db, "1girl") is not None
+    conn.execute("DROP TRIGGER paths_log_update")
+    assert fast_count(conn, index.db, "1girl") is None
+    assert count(conn, parse("1girl")) == sql_count(conn, "1girl")
+    conn.close()
