@@ -76,14 +76,32 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+def _agree(exact: list[tuple[int, float]], fast: list[tuple[int, float]]) -> int:
+    """How many of the exact top-k the index found; its similarities must be the exact ones,
+    best first (a graph index may miss a neighbour, it must not misreport one)."""
+    truth = dict(exact)
+    sims = [s for _, s in fast]
+    assert sims == sorted(sims, reverse=True)
+    cutoff = min(truth.values())
+    for fid, sim in fast:
+        if fid in truth:
+            assert sim == truth[fid]
+        else:
+            assert sim <= cutoff + 1e-6  # only a miss lets a farther file in
+    return len(truth.keys() & {f for f, _ in fast})
+
+
 def test_planted_neighbours_are_found_like_the_exact_scan(built: Path) -> None:
+    """HNSW built on several threads is not deterministic: at most one planted miss in 160."""
     conn = connect(built, readonly=True)
+    found = 0
     for q in range(1, QUERIES + 1):
         exact, fast, used = _both(conn, built, q)
         assert used is not None
         planted = {QUERIES + 1 + (q - 1) * PLANTED + j for j in range(PLANTED)}
         assert {f for f, _ in exact} == planted
-        assert fast == exact  # same files, same order, the same (exact) similarities
+        found += _agree(exact, fast)
+    assert found >= QUERIES * PLANTED - 1
     conn.close()
 
 
@@ -114,11 +132,13 @@ def test_changed_files_are_exact_before_and_after_the_patch(tmp_path: Path) -> N
     conn.commit()
     exact, fast, used = _both(conn, db, 1)
     assert used is not None and {2500, gone} <= used.dirty
-    assert fast == exact and fast[0][0] == 2500 and gone not in {f for f, _ in fast}
+    assert fast[0] == exact[0] and fast[0][0] == 2500 and gone not in {f for f, _ in fast}
+    assert _agree(exact, fast) >= PLANTED - 1
     assert ann.refresh(conn, db, min_files=1) == ["wd: patched 2"]
     exact, fast, used = _both(conn, db, 1)
     assert used is not None and not used.dirty
-    assert fast == exact and fast[0][0] == 2500
+    assert fast[0] == exact[0] and gone not in {f for f, _ in fast}
+    assert _agree(exact, fast) >= PLANTED - 1
     assert ann.refresh(conn, db, min_files=1) == ["wd: fresh"]
     conn.close()
     assert len([p for p in tmp_path.iterdir() if p.suffix == ".usearch"]) == 1
@@ -141,7 +161,7 @@ def test_another_or_restored_database_never_uses_the_index(tmp_path: Path) -> No
     assert changes.current_seq(conn) < meta_seq
     assert ann.Ann.open(conn, db, 1) is None
     exact, fast, used = _both(conn, db, 3)
-    assert used is None and fast == exact
+    assert used is None and fast == exact  # the exact scan itself
     conn.close()
 
 
@@ -162,4 +182,6 @@ def test_similar_cli_exact_and_indexed_agree(built: Path, tmp_path: Path) -> Non
     fast = run_tagd("--config", str(cfg), "similar", "/g/2.png", "--format", "tsv")
     exact = run_tagd("--config", str(cfg), "similar", "/g/2.png", "--format", "tsv", "--exact")
     assert fast.returncode == exact.returncode == 0, fast.stderr + exact.stderr
-    assert fast.stdout == exact.stdout and len(fast.stdout.splitlines()) == 20
+    lines, want = fast.stdout.splitlines(), exact.stdout.splitlines()
+    assert len(lines) == len(want) == 20 and lines[0] == want[0]
+    assert len(set(lines) & set(want)) >= 19
