@@ -10,6 +10,8 @@ character on 30% of files), selection at 0.35, one 1024-d float16 embedding per 
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only --dirty 5000
     python -m bench.search_bench /tmp/tagd-bench.db --measure-only --no-rank-cache
+    python -m bench.search_bench /tmp/tagd-bench.db --measure-only --no-bitmaps
+    python -m bench.search_bench /tmp/tagd-bench.db --measure-only --patch 5000
 
 Measuring builds or refreshes the ranking cache next to the database first (as the daemon and
 `tagd scan` do) and prints how long that took.
@@ -55,6 +57,7 @@ QUERIES: dict[str, list[str]] = {
     "OR": ["(smile | blush) long_hair", "tag_0100 | tag_0200 | tag_0300"],
     "confidence": ["1girl:>0.9", "tag_0100:0.5..0.8"],
     "rating/ns": ["rating:<=sensitive solo", "character:char_0003"],
+    "wildcard": ["tag_01*", "character:* solo", "1girl -character:*"],
 }
 
 
@@ -180,6 +183,37 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
     print(f"built in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
 
+def subset(src: Path, db: Path, n_files: int, embeddings: bool) -> None:
+    """A smaller index: the first `n_files` files of a built one, copied in SQL (minutes, not
+    the hour a fresh build takes on a loaded machine). The same distributions, a new db id,
+    this checkout's migrations (the source is only read: its schema is left alone)."""
+    from tagd.index.db import connect
+
+    if db.exists():
+        sys.exit(f"{db} exists: delete it or use --measure-only")
+    connect(db).close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.execute("PRAGMA cache_size = -500000")
+    conn.execute("ATTACH DATABASE ? AS src", (f"file:{src}?mode=ro",))
+    conn.execute("DROP INDEX scores_by_tag")
+    t = time.perf_counter()
+    conn.execute("BEGIN")
+    for table in ("models", "tags", "model_tags"):
+        conn.execute(f"INSERT INTO main.{table} SELECT * FROM src.{table}")
+    conn.execute("INSERT INTO main.files SELECT * FROM src.files WHERE id <= ?", (n_files,))
+    for table in ("paths", "scores", "taggings", *(("embeddings",) if embeddings else ())):
+        conn.execute(
+            f"INSERT INTO main.{table} SELECT * FROM src.{table} WHERE file_id <= ?", (n_files,)
+        )
+    conn.execute("COMMIT")
+    conn.execute("CREATE INDEX scores_by_tag ON scores(tag_id, selected, score)")
+    conn.execute("ANALYZE main")
+    print(f"copied {n_files:,} files from {src} in {time.perf_counter() - t:.0f} s")
+    conn.close()
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -222,6 +256,175 @@ def prepare_rank_cache(db: Path, use: bool, dirty: int) -> None:
     conn.close()
 
 
+def prepare_bitmaps(db: Path, use: bool) -> None:
+    """Build or refresh the posting-list bitmaps (tagd/bitmaps.py), or set them aside."""
+    from tagd.index import sidecache
+    from tagd.index.db import connect
+    from tagd.search import bitmaps
+
+    meta = sidecache.meta_path(db, bitmaps.KIND)
+    aside = Path(f"{meta}.aside")
+    if not use:
+        if meta.exists():
+            meta.replace(aside)
+        print("bitmaps: not used")
+        return
+    if aside.exists() and not meta.exists():
+        aside.replace(meta)
+    conn = connect(db)
+    t = time.perf_counter()
+    outcome = bitmaps.refresh(conn, db)
+    took = time.perf_counter() - t
+    found = sidecache.read_meta(db, bitmaps.KIND, bitmaps.FORMAT)
+    assert found is not None
+    size = (db.parent / found["file"]).stat().st_size + meta.stat().st_size
+    print(
+        f"bitmaps: {outcome} in {took:.1f} s, {found['n_tags']:,} tags, "
+        f"{len(found['namespaces'])} namespaces, {size / 2**20:.1f} MiB on disk"
+    )
+    conn.close()
+
+
+def measure_bitmap_patch(db: Path, n: int) -> None:
+    """Patch cost: `n` random files logged as changed (a daemon between two refreshes)."""
+    from tagd.index.db import connect
+    from tagd.search import bitmaps
+
+    conn = connect(db)
+    top = conn.execute("SELECT max(id) FROM files").fetchone()[0]
+    picked = np.random.default_rng(3).choice(np.arange(1, top + 1), n, replace=False)
+    conn.execute("BEGIN")
+    for fid in picked.tolist():
+        conn.execute("DELETE FROM score_changes WHERE file_id = ?", (fid,))
+        conn.execute("INSERT INTO score_changes(file_id) VALUES (?)", (fid,))
+    conn.execute("COMMIT")
+    t = time.perf_counter()
+    outcome = bitmaps.refresh(conn, db)
+    print(f"bitmaps: {outcome} in {time.perf_counter() - t:.2f} s ({n:,} changed files)")
+    conn.close()
+
+
+def measure_counts(db: Path, repeats: int, sqlite_too: bool) -> None:
+    """`--count` of every benchmark query: through the bitmaps (in process, p50/p95), and
+    once through SQLite alone (TAGD_BITMAPS=off) for comparison."""
+    from tagd.index.db import connect
+    from tagd.search.engine import count
+    from tagd.search.query import parse
+
+    conn = connect(db, readonly=True)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'query':<32} {'count':>9} {'p50 ms':>8} {'p95 ms':>8} {'sqlite ms':>10}")
+    p50s = []
+    for text in [q for qs in QUERIES.values() for q in qs]:
+        node = parse(text)
+        n = count(conn, node)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            count(conn, node)
+            times.append((time.perf_counter() - t) * 1000)
+        slow = ""
+        if sqlite_too:
+            os.environ["TAGD_BITMAPS"] = "off"
+            t = time.perf_counter()
+            assert count(conn, node) == n, text
+            slow = f"{(time.perf_counter() - t) * 1000:.0f}"
+            del os.environ["TAGD_BITMAPS"]
+        p50s.append(percentile(times, 0.5))
+        print(
+            f"{text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
+            f"{percentile(times, 0.95):>8.1f} {slow:>10}"
+        )
+    print(f"count p50 over the queries: median {percentile(p50s, 0.5):.1f} ms, max {max(p50s):.1f}")
+    print(f"search process resident (anonymous) memory: {rss_mib():.0f} MiB")
+    conn.close()
+
+
+def measure_ann(db: Path, n_queries: int, patch: int) -> None:
+    """The HNSW index: build, size, top-20 latency and recall@20 against the exact scan, a
+    patch of `patch` changed files, and `tagd similar` as a whole process, both ways."""
+    from tagd.index import sidecache
+    from tagd.index.db import connect
+    from tagd.search import ann
+    from tagd.search.similar import EmbeddingIndex
+
+    conn = connect(db)
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    t = time.perf_counter()
+    exact = EmbeddingIndex.open(conn, db, None, changes_ok=False)
+    n, dim = exact.matrix.shape
+    print(f"similar: exact matrix ready in {time.perf_counter() - t:.1f} s ({n:,} x {dim})")
+    t = time.perf_counter()
+    outcome = ann.refresh(conn, db, min_files=1)
+    meta = sidecache.read_meta(db, ann.kind(exact.model_id), ann.FORMAT)
+    assert meta is not None
+    size = (db.parent / meta["file"]).stat().st_size
+    print(
+        f"ann: {outcome} in {time.perf_counter() - t:.1f} s, {size / 2**20:.0f} MiB on disk "
+        f"(f16, M={ann.CONNECTIVITY}, ef_add={ann.EXPANSION_ADD}, ef={ann.EXPANSION_SEARCH})"
+    )
+    index = EmbeddingIndex.open(conn, db, None).with_ann(conn, db)
+    assert index.ann is not None
+    rng = np.random.default_rng(5)
+    picks = rng.choice(exact.ids, n_queries, replace=False).tolist()
+    t_exact, t_ann, recalls = [], [], []
+    for fid in picks:
+        t = time.perf_counter()
+        want = exact.nearest_to_file(int(fid), limit=20, exact=True)
+        t_exact.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        got = index.nearest_to_file(int(fid), limit=20)
+        t_ann.append((time.perf_counter() - t) * 1000)
+        recalls.append(len({f for f, _ in want} & {f for f, _ in got}) / max(1, len(want)))
+    print(
+        f"similar top-20 in process over {n_queries} queries: exact p50 "
+        f"{percentile(t_exact, 0.5):.1f} ms, ann p50 {percentile(t_ann, 0.5):.2f} ms "
+        f"p95 {percentile(t_ann, 0.95):.2f} ms; recall@20 mean {np.mean(recalls):.4f}, "
+        f"min {min(recalls):.2f}"
+    )
+    print(f"search process resident (anonymous) memory: {rss_mib():.0f} MiB")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(
+            f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n    path: {tmp}\n"
+        )
+        sha = conn.execute("SELECT sha256 FROM files WHERE id = ?", (int(picks[0]),)).fetchone()[0]
+        for extra in ([], ["--exact"]):
+            cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "similar", sha, *extra]
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                times.append(time.perf_counter() - t)
+            print(
+                f"`tagd similar SHA256 {' '.join(extra)}` as a process (rc {r.returncode}): "
+                f"p50 {percentile(times, 0.5) * 1000:.0f} ms"
+            )
+    if patch:
+        top = int(exact.ids[-1])
+        picked = np.random.default_rng(3).choice(np.arange(1, top + 1), patch, replace=False)
+        conn.execute("BEGIN")
+        for fid in picked.tolist():
+            conn.execute("DELETE FROM score_changes WHERE file_id = ?", (fid,))
+            conn.execute("INSERT INTO score_changes(file_id) VALUES (?)", (fid,))
+        conn.execute("COMMIT")
+        t = time.perf_counter()
+        outcome = ann.refresh(conn, db, min_files=1)
+        print(f"ann: {outcome} in {time.perf_counter() - t:.1f} s ({patch:,} changed files)")
+    conn.close()
+
+
+def rss_mib() -> float:
+    """Resident memory of this process, less file-backed pages (the memory-mapped caches)."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    anon = int(fields.get("RssAnon", "0 kB").split()[0])
+    total = int(fields.get("VmRSS", "0 kB").split()[0])
+    return anon / 1024 if anon else total / 1024
+
+
 def measure(
     db: Path, repeats: int, limit: int, skip_search: bool = False, dupes: bool = False
 ) -> None:
@@ -257,6 +460,7 @@ def measure(
                 f"{shape:<11} {text:<32} {n:>9,} {percentile(times, 0.5):>8.1f} "
                 f"{percentile(times, 0.95):>8.1f} {percentile(ctimes, 0.5):>10.1f}"
             )
+    print(f"search process resident (anonymous) memory after the queries: {rss_mib():.0f} MiB")
     measure_similar(db, conn, repeats, dupes)
     measure_cold(db, limit)
 
@@ -339,12 +543,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--dirty", type=int, default=0, help="files changed since the ranking cache's refresh"
     )
+    ap.add_argument("--subset-of", type=Path, help="copy the first --files files of this index")
+    ap.add_argument("--subset-embeddings", action="store_true", help="copy embeddings too")
+    ap.add_argument(
+        "--counts-only", action="store_true", help="only the bitmaps and `--count` timings"
+    )
+    ap.add_argument("--sqlite-counts", action="store_true", help="also time SQLite's counts")
+    ap.add_argument("--ann", action="store_true", help="only the HNSW index for similar")
+    ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
+    ap.add_argument(
+        "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
+    )
     args = ap.parse_args(argv)
-    if not args.measure_only:
+    if args.subset_of is not None:
+        subset(args.subset_of, args.db, args.files, args.subset_embeddings)
+    elif not (args.measure_only or args.counts_only or args.ann):
         build(args.db, args.files, args.dim)
-    if not args.build_only:
+    if args.ann:
+        measure_ann(args.db, args.repeats, args.patch)
+    elif args.counts_only:
+        prepare_bitmaps(args.db, not args.no_bitmaps)
+        measure_counts(args.db, args.repeats, args.sqlite_counts)
+        if args.patch:
+            measure_bitmap_patch(args.db, args.patch)
+    elif not args.build_only:
+        prepare_bitmaps(args.db, not args.no_bitmaps)
         prepare_rank_cache(args.db, not args.no_rank_cache, args.dirty)
         measure(args.db, args.repeats, args.limit, args.skip_search, args.dupes)
+        if args.patch and not args.no_bitmaps:
+            measure_bitmap_patch(args.db, args.patch)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,17 @@ def wait_for(cond: Callable[[], object], timeout: float = 30.0) -> object:
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {cond}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Model start caches of the tests (and their tagd subprocesses) never touch ~/.cache."""
+    old = os.environ.get("TAGD_MODEL_CACHE")
+    os.environ["TAGD_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model-cache"))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TAGD_MODEL_CACHE", None)
+        else:
+            os.environ["TAGD_MODEL_CACHE"] = old

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tagd.search.similar import EmbeddingIndex, exhaustive_pairs, lsh_pairs, lsh_plan, normalise
+from tagd.search.similar import EmbeddingIndex, exhaustive_pairs, lsh_pairs, lsh_plan
+from tagd.search.vectors import normalise
 
 
 def planted(n: int, dim: int, sims: list[float], seed: int = 0) -> np.ndarray:

@@ -81,4 +81,7 @@ def run(ctx: Context) -> int:
     from tagd.search import rankcache
 
     log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
+    from tagd.search import bitmaps
+
+    log.info("search bitmaps: %s", bitmaps.refresh(conn, config.database))
     return 1 if retag else 0

@@ -101,6 +101,14 @@ def run(ctx: Context) -> int:
         from tagd.search import rankcache
 
         log.info("search ranking cache: %s", rankcache.refresh(conn, config.database))
+        from tagd.search import bitmaps
+
+        log.info("search bitmaps: %s", bitmaps.refresh(conn, config.database))
+        from tagd.search import ann, similar
+
+        if ann.enabled():
+            for result in similar.refresh_ann(conn, config.database):
+                log.info("similar index: %s", result)
     return 3 if skipped else 0
 
 

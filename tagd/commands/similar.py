@@ -23,11 +23,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-sim", type=float, default=None, help="only cosine >= this (0..1)")
     p.add_argument("--format", choices=("paths", "json", "jsonl", "tsv"), default="paths")
     p.add_argument("-0", "--null", action="store_true", help="NUL-separated paths")
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="score every file instead of the HNSW index's candidates (slower, no misses)",
+    )
     p.set_defaults(func=run)
 
 
 def run(ctx: Context) -> int:
     from tagd.commands.search import write_hits
+    from tagd.search import ann
     from tagd.search.engine import Hit
     from tagd.search.similar import EmbeddingIndex, SimilarError, paths_of, resolve_ref
 
@@ -45,7 +51,11 @@ def run(ctx: Context) -> int:
     try:
         file_id = resolve_ref(conn, args.ref)
         index = EmbeddingIndex.open(conn, ctx.config.database, args.model)
-        found = index.nearest_to_file(file_id, limit=args.limit * 2, min_sim=args.min_sim)
+        if not args.exact and ann.enabled():
+            index = index.with_ann(conn, ctx.config.database)
+        found = index.nearest_to_file(
+            file_id, limit=args.limit * 2, min_sim=args.min_sim, exact=args.exact
+        )
     except SimilarError as exc:
         raise UserError(str(exc), 1) from None
     where = paths_of(conn, [fid for fid, _ in found])

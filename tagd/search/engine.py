@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -850,6 +850,17 @@ def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = Non
     opts = opts or SearchOptions()
     check_model(conn, node)
     opts.reviews = review.in_use(conn)
+    # Human verdicts change what a tag term matches; the bitmaps hold model selections only.
+    if os.environ.get("TAGD_BITMAPS", "") != "off" and not opts.reviews:
+        from tagd.search import bitmaps
+
+        def count_sql(restrict: str) -> tuple[str, Sequence[object]]:
+            q = build_sql(node, opts, count=True, restrict=restrict)
+            return q.sql, q.params
+
+        fast = bitmaps.count(conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql)
+        if fast is not None:
+            return fast
     q = build_sql(node, opts, count=True)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 

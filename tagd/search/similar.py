@@ -15,14 +15,16 @@ import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tagd.index import changes
+from tagd.index import changes, sidecache
 from tagd.index.atomic import write_atomic
 from tagd.names import AS_TEXT, for_humans, to_db
+from tagd.search import ann
+from tagd.search.vectors import CHUNK_ROWS, read_rows
 
-CHUNK_ROWS = 65536
 DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
 
 
@@ -99,12 +101,6 @@ def changed_files(
     return changes.changed_since(conn, seq, DELTA_MAX)
 
 
-def normalise(m: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    return m / norms
-
-
 def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, L2-normalised float32 rows) for one model, read in chunks."""
     n, dim = conn.execute(
@@ -119,24 +115,6 @@ def build_matrix(conn: sqlite3.Connection, model_id: int) -> tuple[np.ndarray, n
     return read_rows(cur, n, dim)
 
 
-def read_rows(cur: sqlite3.Cursor, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, L2-normalised rows) from (file_id, dim, dtype, vector) rows; other dims skipped."""
-    ids = np.empty(n, dtype=np.int64)
-    mat = np.zeros((n, dim), dtype=np.float32)
-    i = 0
-    while rows := cur.fetchmany(8192):
-        for file_id, d, dtype, blob in rows:
-            if dtype != "float16" or d != dim or len(blob) != 2 * d:
-                continue
-            ids[i] = file_id
-            mat[i] = np.frombuffer(blob, dtype="<f2")
-            i += 1
-    ids, mat = ids[:i], mat[:i]
-    for start in range(0, i, CHUNK_ROWS):
-        mat[start : start + CHUNK_ROWS] = normalise(mat[start : start + CHUNK_ROWS])
-    return ids, mat
-
-
 @dataclass
 class EmbeddingIndex:
     """The cached matrix, plus the files changed since it was written (`extra_*` rows read
@@ -149,6 +127,8 @@ class EmbeddingIndex:
     extra_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     extra: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
     hidden: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # The HNSW index (tagd/ann.py) when one is usable: top-k candidates without a full scan.
+    ann: Any = None
 
     @classmethod
     def open(
@@ -198,8 +178,38 @@ class EmbeddingIndex:
         pos = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
         hidden = pos[self.ids[pos] == wanted] if len(self.ids) else pos[:0]
         return EmbeddingIndex(
-            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden
+            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden, self.ann
         )
+
+    def with_ann(self, conn: sqlite3.Connection, db_path: str | Path | None) -> EmbeddingIndex:
+        """Use the HNSW index beside the database for top-k queries when it is usable."""
+        if db_path is not None:
+            self.ann = ann.Ann.open(conn, db_path, self.model_id)
+        return self
+
+    def rows_for(self, file_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file ids that have a current embedding, those rows): changed files from SQLite."""
+        file_ids = np.unique(np.asarray(file_ids, dtype=np.int64))
+        j = np.minimum(np.searchsorted(self.extra_ids, file_ids), max(len(self.extra_ids) - 1, 0))
+        in_extra = (
+            self.extra_ids[j] == file_ids if len(self.extra_ids) else np.zeros(len(file_ids), bool)
+        )
+        i = np.minimum(np.searchsorted(self.ids, file_ids), max(len(self.ids) - 1, 0))
+        in_matrix = self.ids[i] == file_ids if len(self.ids) else np.zeros(len(file_ids), bool)
+        if len(self.hidden):
+            in_matrix &= ~np.isin(i, self.hidden)
+        in_matrix &= ~in_extra
+        order = np.argsort(i[in_matrix])
+        pos, from_matrix = i[in_matrix][order], file_ids[in_matrix][order]
+        dim = self.matrix.shape[1]
+        rows = np.concatenate(
+            [
+                self.extra[j[in_extra]].reshape(-1, dim),
+                np.asarray(self.matrix[pos]).reshape(-1, dim),
+            ]
+        )
+        ids = np.concatenate([file_ids[in_extra], from_matrix])
+        return ids, rows
 
     def vector(self, file_id: int) -> np.ndarray:
         j = int(np.searchsorted(self.extra_ids, file_id))
@@ -234,9 +244,20 @@ class EmbeddingIndex:
         limit: int | None = 20,
         min_sim: float | None = None,
         exclude: int | None = None,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
-        """(file_id, cosine) best first; `exclude` is a file id."""
-        ids, sims = self.scored(np.asarray(vector, dtype=np.float32))
+        """(file_id, cosine) best first; `exclude` is a file id.
+
+        With an HNSW index and a limit, only its candidates (plus files changed since it was
+        written) are scored, exactly; `exact` scores every file."""
+        vector = np.asarray(vector, dtype=np.float32)
+        if self.ann is not None and limit is not None and not exact:
+            cand = self.ann.candidates(vector, limit + 1)
+            extra = np.fromiter(self.ann.dirty, dtype=np.int64, count=len(self.ann.dirty))
+            ids, rows = self.rows_for(np.concatenate([cand, extra, self.extra_ids]))
+            sims = rows @ vector
+        else:
+            ids, sims = self.scored(vector)
         if exclude is not None:
             sims[ids == exclude] = -np.inf
         if min_sim is not None:
@@ -251,9 +272,15 @@ class EmbeddingIndex:
         return [(int(ids[i]), float(sims[i])) for i in cand]
 
     def nearest_to_file(
-        self, file_id: int, *, limit: int | None = 20, min_sim: float | None = None
+        self,
+        file_id: int,
+        *,
+        limit: int | None = 20,
+        min_sim: float | None = None,
+        exact: bool = False,
     ) -> list[tuple[int, float]]:
-        return self.nearest(self.vector(file_id), limit=limit, min_sim=min_sim, exclude=file_id)
+        vector = self.vector(file_id)
+        return self.nearest(vector, limit=limit, min_sim=min_sim, exclude=file_id, exact=exact)
 
     def groups(
         self, min_sim: float, *, exhaustive: bool | None = None, block: int = 1024
@@ -442,4 +469,40 @@ def paths_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[s
         (json.dumps(file_ids),),
     ):
         out[int(fid)] = (path, sha)
+    return out
+
+
+def refresh_ann(
+    conn: sqlite3.Connection, db_path: str | Path, *, min_files: int | None = None
+) -> list[str]:
+    """Per model with at least `min_files` embeddings: 'fresh', 'patched N', 'built', 'skipped'."""
+    floor = ann.MIN_FILES if min_files is None else min_files
+    out = []
+    for model_id, name in conn.execute("SELECT id, name FROM models ORDER BY id").fetchall():
+        n = conn.execute(
+            "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_id = ? LIMIT ?)",
+            (model_id, max(1, floor)),
+        ).fetchone()[0]
+        if n < max(1, floor):
+            continue
+        with sidecache.locked(db_path, ann.kind(model_id)) as ok:
+            if not ok:
+                out.append(f"{name}: skipped")
+                continue
+            try:
+                meta = sidecache.read_meta(db_path, ann.kind(model_id), ann.FORMAT)
+                if meta is not None and sidecache.usable(meta, conn):
+                    if int(meta["seq"]) == changes.current_seq(conn):
+                        out.append(f"{name}: fresh")
+                        continue
+                    done = ann.patch(conn, db_path, model_id, meta)
+                    if done is not None:
+                        out.append(f"{name}: patched {done}")
+                        continue
+                exact = EmbeddingIndex.open(conn, db_path, name, changes_ok=False)
+                ann.build(conn, db_path, model_id, exact.ids, exact.matrix)
+                out.append(f"{name}: built")
+            except OSError as exc:
+                sidecache.not_written(ann.kind(model_id), db_path, exc)
+                out.append(f"{name}: skipped")
     return out

@@ -364,6 +364,15 @@ class Daemon:
         try:
             outcome = rankcache.refresh(conn, self.config.database)
             (log.info if outcome == "built" else log.debug)("search ranking cache: %s", outcome)
+            from tagd.search import bitmaps
+
+            outcome = bitmaps.refresh(conn, self.config.database)
+            (log.info if outcome == "built" else log.debug)("search bitmaps: %s", outcome)
+            from tagd.search import ann, similar
+
+            if ann.enabled():
+                for outcome in similar.refresh_ann(conn, self.config.database):
+                    (log.info if "built" in outcome else log.debug)("similar index: %s", outcome)
         except sqlite3.Error as exc:
             log.warning("search ranking cache: database error: %s", exc)
         finally:

@@ -7,19 +7,19 @@ export, and the head's W, b let `reindex` recompute every score from a stored em
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
-from PIL import Image
 
-from tagd.tagging.preprocess import PreprocessSpec, prepare
+from tagd.tagging.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
+    import onnx
+
     from tagd.tagging.tagger import Tagger
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class Head:
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
     out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant" and node.attribute:
@@ -58,6 +60,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    from onnx import helper
+
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -122,6 +126,9 @@ def find_head(model: onnx.ModelProto, output: str | None = None) -> Head:
 
 def expose(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
     """A copy of `model` with `tensor` added as a graph output (ORT only fetches outputs)."""
+    import onnx
+    from onnx import helper
+
     patched = onnx.ModelProto()
     patched.CopyFrom(model)
     if any(o.name == tensor for o in patched.graph.output):
@@ -137,6 +144,9 @@ def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto | None:
     that hard-code a leading 1 rewritten (to -1, or 0 = copy, if -1 is taken). The result
     still has to be proven equal to single-image runs before it is used.
     """
+    import onnx
+    from onnx import numpy_helper
+
     patched = onnx.ModelProto()
     patched.CopyFrom(model)
     graph = patched.graph
@@ -190,6 +200,8 @@ def load(path: str, output: str | int = 0) -> Loaded:
     """Read a model and expose its pooled embedding; never fails, says why when it cannot.
 
     `output` is the scores output (a name, or an index into the graph's outputs)."""
+    import onnx
+
     try:
         model = onnx.load(path)
     except Exception as exc:
@@ -212,6 +224,10 @@ def load(path: str, output: str | int = 0) -> Loaded:
 
 def probe_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
     """N distinct, realistic inputs: random-noise images through the family's preprocessing."""
+    from PIL import Image
+
+    from tagd.tagging.preprocess import prepare
+
     rng = np.random.default_rng(seed)
     h, w = spec.size
     images = [
@@ -221,36 +237,38 @@ def probe_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
     return np.stack([prepare(im, spec) for im in images])
 
 
-def finish(tagger: Tagger, create: Callable[[bytes], Any]) -> None:
+def finish(tagger: Tagger, create: Callable[[bytes], Any]) -> bytes | None:
     """After the session exists: free a fixed batch if proven safe, then verify the head.
 
     A v2 export fixed at batch 1 is patched and kept only if batch-N outputs equal N batch-1
     runs; an embedding is kept only if sigmoid(embedding @ W + b) reproduces the outputs.
+    Returns the patched graph when the session now runs it (for the model start cache).
     """
-    from tagd.tagging.tagger import SessionInfo
-
     loaded = tagger.graph
+    kept: bytes | None = None
     if tagger.info.fixed_batch == 1 and loaded.model is not None:
         patched = dynamic_batch(loaded.model)
         if patched is not None:
             probe = probe_batch(tagger.spec, 3)
             singles = np.concatenate([tagger.predict(probe[i : i + 1]) for i in range(3)])
             old_session, old_info = tagger.session, tagger.info
+            data = patched.SerializeToString()
             try:
-                tagger.session = create(patched.SerializeToString())
-                tagger.info = SessionInfo(**{**vars(old_info), "fixed_batch": None})
+                tagger.session = create(data)
+                tagger.info = dataclasses.replace(old_info, fixed_batch=None)
                 ok = same_outputs(tagger.predict(probe), singles)
             except Exception as exc:
                 log.info("model %s: batch patch does not run (%s)", tagger.name, exc)
                 ok = False
             if ok:
                 log.info("model %s: fixed batch 1 freed; batch-3 == 3 x batch-1", tagger.name)
+                kept = data
             else:
                 log.info("model %s: keeps batch 1 (patched batch differs)", tagger.name)
                 tagger.session, tagger.info = old_session, old_info
     if tagger.head is None:
         log.info("model %s: no embeddings: %s", tagger.name, loaded.why_no_head)
-        return
+        return kept
     probe = probe_batch(tagger.spec, 2, seed=1)
     probs, emb = tagger.predict_with_embeddings(probe)
     head = tagger.head
@@ -261,3 +279,4 @@ def finish(tagger: Tagger, create: Callable[[bytes], Any]) -> None:
     if tagger.head is None:
         tagger.graph.why_no_head = "sigmoid(embedding @ W + b) does not reproduce the outputs"
         log.warning("model %s: no embeddings: %s", tagger.name, tagger.graph.why_no_head)
+    return kept

@@ -6,7 +6,6 @@ be found is the most common first-run problem.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import urllib.parse
@@ -90,17 +89,16 @@ def check_readable(name: str, path: Path) -> None:
 
 
 def _file_digest(name: str, path: Path) -> str:
-    h = hashlib.sha256()
+    """The model file's SHA-256, remembered while the file is unchanged (tagd.modelcache)."""
+    from tagd.tagging.modelcache import file_sha256
+
     try:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise ModelError(
             f"model {name!r}: {path} cannot be read ({exc.strerror or exc}): fix its "
             "permissions or copy it again"
         ) from None
-    return h.hexdigest()
 
 
 def _from_hub(

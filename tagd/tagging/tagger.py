@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tagd.config import Config, InferenceConfig, ModelConfig
+from tagd.tagging import modelcache
 from tagd.tagging.families import Family
 from tagd.tagging.hub import ModelError, ModelFiles
 from tagd.tagging.labels import LabelError, Labels
@@ -127,14 +128,15 @@ class Tagger:
             log.warning(
                 "model %s: family %s is unverified: %s", self.name, family.name, family.unverified
             )
-        from tagd.tagging import graph
-
         self.threads = inference.threads or threads
         self.cpu_fallback = False
         self.exported_embedding: str | None = None
-        self.graph = graph.load(os.fspath(files.model_path), family.output)
-        self.head: graph.Head | None = self.graph.head
-        self.session = self._create_session(inference, self.graph.serialized())
+        # What the session runs (prepared graph bytes or the cached file), for a rebuild.
+        self._source: bytes | str | None = None
+        key = self._cache_key(inference)
+        entry = None if key is None else modelcache.lookup(key)
+        if entry is None or not self._start_cached(inference, entry):
+            self._start_cold(inference, key)
         if sizer is not None and inference.threads is None:
             wanted = sizer(self.session.get_providers()[0] in GPU_PROVIDERS)
             if wanted != self.threads:
@@ -146,11 +148,78 @@ class Tagger:
                     wanted,
                 )
                 self.threads = wanted
-                self.session = self._create_session(inference, self.graph.serialized())
-        self.info = self._inspect(inference)
-        graph.finish(self, lambda data: self._create_session(inference, data))
-        self.graph = graph.Loaded(None, self.head, self.graph.why_no_head)
+                self.session = self._create_session(inference, self._source)
+                self.info = self._inspect(inference)
         self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
+
+    def _cache_key(self, inference: InferenceConfig) -> str | None:
+        """None when the cache is off or the model file's hash cannot be read."""
+        if modelcache.cache_dir() is None:
+            return None
+        try:
+            sha = modelcache.file_sha256(self.files.model_path)
+        except OSError:
+            return None
+        import onnxruntime as ort
+
+        providers = providers_for(
+            inference, ort.get_available_providers(), gpu_present=nvidia_present()
+        )
+        return modelcache.entry_key(
+            sha,
+            {
+                "spec": repr(self.family.preprocess),
+                "outputs_logits": self.family.outputs_logits,
+                "output": repr(self.family.output),
+                "provider": providers[0] if isinstance(providers[0], str) else providers[0][0],
+            },
+        )
+
+    def _start_cold(self, inference: InferenceConfig, key: str | None) -> None:
+        """Parse, expose, patch and verify the graph, then remember the result under `key`."""
+        from tagd.tagging import graph
+
+        loaded = graph.load(os.fspath(self.files.model_path), self.family.output)
+        self.graph = loaded
+        self.head: graph.Head | None = loaded.head
+        data = loaded.serialized()
+        self._source = data
+        self.session = self._create_session(inference, data)
+        self.info = self._inspect(inference)
+        patched = graph.finish(self, lambda d: self._create_session(inference, d))
+        if patched is not None:
+            self._source = patched
+        self.graph = graph.Loaded(None, self.head, loaded.why_no_head)
+        if key is not None:
+            modelcache.store(
+                key,
+                graph=patched if patched is not None else data if self.head else None,
+                head=self.head,
+                why_no_head=self.graph.why_no_head,
+                batch_freed=patched is not None,
+            )
+
+    def _start_cached(self, inference: InferenceConfig, entry: modelcache.Entry) -> bool:
+        """Open the prepared graph without `onnx` or probe runs; False: prepare it again."""
+        from tagd.tagging.graph import Head, Loaded
+
+        source = os.fspath(entry.graph) if entry.graph is not None else None
+        self._source = source
+        try:
+            self.session = self._create_session(inference, source)
+            self.info = self._inspect(inference)
+        except ModelError as exc:
+            log.info("model %s: cached graph unusable (%s); preparing it again", self.name, exc)
+            modelcache.forget(entry)
+            return False
+        if entry.embedding and entry.weights is not None and entry.bias is not None:
+            self.head = Head(entry.embedding, entry.weights, entry.bias, entry.sigmoid_in_graph)
+        else:
+            self.head = None
+            log.info("model %s: no embeddings: %s", self.name, entry.why_no_head)
+        self.graph = Loaded(None, self.head, entry.why_no_head)
+        log.debug("model %s: prepared graph from %s", self.name, entry.folder)
+        return True
 
     @property
     def provider(self) -> str:
@@ -160,7 +229,7 @@ class Tagger:
     def spec(self) -> PreprocessSpec:
         return self.info.spec
 
-    def _create_session(self, inference: InferenceConfig, data: bytes | None = None) -> Any:
+    def _create_session(self, inference: InferenceConfig, data: bytes | str | None = None) -> Any:
         import onnxruntime as ort
 
         available = ort.get_available_providers()

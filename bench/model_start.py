@@ -1,0 +1,160 @@
+"""Model start: a plain ONNX Runtime session against `tagd tag` and `tagd scan`, cold and warm.
+
+    python -m bench.model_start [--workdir /tmp/tagd-bench] [--runs 3] [--images 20]
+
+Every figure is a whole process measured from outside (spawn to first result line, spawn to
+exit), so interpreter start and imports count on both sides. Runs are interleaved and the
+median is printed, with the load average, because a shared machine's load moves between runs:
+compare figures of one invocation only.
+
+- plain: `import onnxruntime`, `InferenceSession(model.onnx)`, one 448x448 image; with ORT's
+  default options and with tagd's (thread count, no spinning), since those differ under load.
+- tag cold / warm: `tagd tag one.jpg --model FOLDER --cpu` with an empty model start cache /
+  with the cache the cold run left.
+- scan cold / warm: `tagd scan` of an `--images` gallery into a fresh database, whole process;
+  the machine's limit is session.run alone on ready batches (bench.throughput.measure_raw).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.throughput import corpus, log, model_dir
+
+PLAIN = """
+import sys, time
+t0 = time.perf_counter()
+import numpy as np, onnxruntime as ort
+so = ort.SessionOptions()
+if sys.argv[2] == "tagd":
+    from tagd.tagging import sizing
+    from tagd.config import InferenceConfig
+    from tagd.tagging.tagger import session_options
+    plan = sizing.plan(InferenceConfig("cpu"), gpu=False, cores=sizing.available_cores())
+    so = session_options(plan.ort_threads)
+t1 = time.perf_counter()
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+t2 = time.perf_counter()
+x = np.random.default_rng(0).uniform(0, 255, (1, 448, 448, 3)).astype(np.float32)
+s.run(None, {s.get_inputs()[0].name: x})
+t3 = time.perf_counter()
+print(f"import {t1 - t0:.2f} s, load {t2 - t1:.2f} s, run {t3 - t2:.2f} s", flush=True)
+"""
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+    """(seconds to the first stdout line, seconds to exit, that line)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    t_first = time.perf_counter() - start
+    _, err = proc.communicate(timeout=600)
+    t_exit = time.perf_counter() - start
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}: {err.strip()[-500:]}")
+    return t_first, t_exit, first.strip()
+
+
+def loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/tagd-bench"))
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+
+    folder = model_dir(args.workdir, "vit")
+    images = corpus(args.workdir, args.images)
+    cache = args.workdir / "model-start-cache"
+    py = sys.executable
+    base_env = {**os.environ, "TAGD_MODEL_CACHE": str(cache), "PYTHONPATH": os.getcwd()}
+    one = str(images[0])
+    tag_cmd = [py, "-m", "tagd", "tag", one, "--model", str(folder), "--cpu"]
+    gallery = args.workdir / f"corpus-{args.images}"
+    config = args.workdir / "model-start.yaml"
+    db_path = args.workdir / "model-start.db"
+    config.write_text(
+        json.dumps(
+            {
+                "database": str(db_path),
+                "watch": [str(gallery)],
+                "models": [{"name": "vit", "path": str(folder)}],
+                "inference": {"device": "cpu"},
+            }
+        )
+    )
+    scan_cmd = [py, "-m", "tagd", "--config", str(config), "scan"]
+
+    def fresh_db() -> None:
+        for suffix in ("", "-wal", "-shm", ".lock"):
+            Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+
+    fig: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        fig.setdefault(name, []).append(value)
+
+    log(f"load average before: {loadavg()}")
+    shutil.rmtree(cache, ignore_errors=True)
+    t_first, t_exit, line = timed(tag_cmd, base_env)
+    add("tag_cold_first", t_first)
+    log(f"tag cold: first result {t_first:.2f} s, exit {t_exit:.2f} s")
+    shutil.rmtree(cache, ignore_errors=True)
+    fresh_db()
+    _, t_exit, _ = timed(scan_cmd, base_env)
+    add("scan_cold_exit", t_exit)
+    log(f"scan cold ({args.images} images): {t_exit:.2f} s")
+    for _ in range(args.runs):
+        for options in ("default", "tagd"):
+            plain = [py, "-c", PLAIN, str(folder / "model.onnx"), options]
+            t_first, _, line = timed(plain, base_env)
+            add(f"plain_{options}_first", t_first)
+            log(f"plain ({options} options): {t_first:.2f} s to first result ({line})")
+        t_first, t_exit, _ = timed(tag_cmd, base_env)
+        add("tag_warm_first", t_first)
+        log(f"tag warm: first result {t_first:.2f} s, exit {t_exit:.2f} s")
+        fresh_db()
+        _, t_exit, _ = timed(scan_cmd, base_env)
+        add("scan_warm_exit", t_exit)
+        log(f"scan warm ({args.images} images): {t_exit:.2f} s   load {loadavg()}")
+
+    from bench.throughput import measure_raw, open_tagger
+    from tagd.config import InferenceConfig
+    from tagd.tagging import sizing
+
+    plan = sizing.plan(InferenceConfig("cpu"), gpu=False, cores=sizing.available_cores())
+    tagger = open_tagger(folder, InferenceConfig("cpu"), plan.ort_threads)
+    limit = measure_raw(tagger, 4, args.images)
+    del tagger
+
+    med = {k: statistics.median(v) for k, v in fig.items()}
+    print(f"load average after: {loadavg()}")
+    for k in sorted(med):
+        print(f"{k:24s} {med[k]:6.2f} s   (runs: {', '.join(f'{v:.2f}' for v in fig[k])})")
+    for options in ("default", "tagd"):
+        ratio = med["tag_warm_first"] / med[f"plain_{options}_first"]
+        print(f"tag warm / plain ({options} options): {ratio:.2f}x (target <= 1.3x)")
+    print(f"machine limit (session.run, batch 4): {limit:.2f} img/s")
+    for name in ("scan_cold_exit", "scan_warm_exit"):
+        rate = args.images / med[name]
+        print(f"{name}: {rate:.2f} img/s = {rate / limit:.2f} of the limit")
+    if args.json:
+        args.json.write_text(json.dumps({"median": med, "runs": fig, "limit": limit}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
