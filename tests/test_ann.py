@@ -169,7 +169,7 @@ def test_another_or_restored_database_never_uses_the_index(tmp_path: Path) -> No
 def test_small_galleries_get_no_index(tmp_path: Path) -> None:
     db = _index(tmp_path, _vectors(seed=3))
     conn = connect(db)
-    assert ann.refresh(conn, db) == []  # 3,000 embeddings < MIN_FILES: the scan is as fast
+    assert similar.refresh_ann(conn, db) == []  # 3,000 embeddings < MIN_FILES: the scan is as fast
     assert ann.Ann.open(conn, db, 1) is None
     conn.close()
 

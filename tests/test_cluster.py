@@ -271,7 +271,9 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
         victim = wait_for(
             lambda: next((a for a in cp.actors if a.outstanding >= 2), None), timeout=60
         )
-        os.kill(victim.info["pid"], signal.SIGKILL)
+        # The coordinator updates victim.info when the restarted worker reports back.
+        killed = victim.info["pid"]
+        os.kill(killed, signal.SIGKILL)
         thread.join(90)
         assert not thread.is_alive()
     finally:
@@ -290,7 +292,6 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
         except ray_cluster.exceptions.ActorUnavailableError:
             return None
 
-    killed = victim.info["pid"]
     wait_for(lambda: restarted_pid() not in (None, killed), timeout=60)
     conn.close()
 

@@ -74,8 +74,7 @@ def run(ctx: Context) -> int:
         sys.stdout.write("\n")
     else:
         blocks = [
-            "\n".join([f"# exact {e['sha256']}", *map(for_humans, e["paths"])])
-            for e in exact  # type: ignore[list-item]
+            "\n".join([f"# exact {e['sha256']}", *map(for_humans, e["paths"])]) for e in exact
         ]
         blocks += [
             "\n".join(

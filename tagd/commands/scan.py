@@ -107,8 +107,8 @@ def run(ctx: Context) -> int:
         from tagd.search import ann, similar
 
         if ann.enabled():
-            for result in similar.refresh_ann(conn, config.database):
-                log.info("similar index: %s", result)
+            for state in similar.refresh_ann(conn, config.database):
+                log.info("similar index: %s", state)
     return 3 if skipped else 0
 
 

@@ -15,9 +15,10 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tagd.index import reviews as review
 from tagd.names import AS_TEXT, bind, to_db
@@ -158,7 +159,8 @@ def _glob_escape(text: str) -> str:
 
 def _tag_ids(term: Tag) -> tuple[str, list[object]]:
     """SQL for the ids of the tags `term` names (a set, for wildcards and bare names)."""
-    conds, params = [], []
+    conds: list[str] = []
+    params: list[object] = []
     if term.wildcard:
         if term.name.strip("*"):
             conds.append("name GLOB ?")
@@ -173,8 +175,11 @@ def _tag_ids(term: Tag) -> tuple[str, list[object]]:
     return f"SELECT id FROM tags WHERE {where}", params
 
 
-def _range_sql(expr: str, rng: Range | TimeRange, conv=lambda v: v) -> tuple[str, list[object]]:  # type: ignore[no-untyped-def]
-    parts, params = [], []
+def _range_sql(
+    expr: str, rng: Range | TimeRange, conv: Callable[[Any], Any] = lambda v: v
+) -> tuple[str, list[object]]:
+    parts: list[str] = []
+    params: list[object] = []
     if rng.lo is not None:
         parts.append(f"{expr} {'>=' if rng.lo_incl else '>'} ?")
         params.append(conv(rng.lo))
@@ -704,8 +709,9 @@ def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] |
 
 def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score | None, cap: int) -> int:
     """How many files a tag (None: selected) or confidence filter lists, counted up to `cap`."""
+    params: list[object] = []
     if not isinstance(term, Score):
-        cond, params = "selected = 1", []
+        cond = "selected = 1"
     else:
         cond, params = _range_sql("score", term.range)
         cond = f"selected IN (0, 1) AND {cond}"
@@ -800,7 +806,8 @@ def _top_k(
         return []
     rows: list[tuple] = []
     seen: set[int] = set()
-    batch, pending, last_score = TOPK_FIRST_BATCH, [], 2.0
+    batch, last_score = TOPK_FIRST_BATCH, 2.0
+    pending: list[int] = []
     exhausted = False
     while not exhausted:
         pending.clear()
@@ -814,10 +821,10 @@ def _top_k(
         else:
             exhausted = True
         if pending:
-            page = SearchOptions(
+            narrowed = SearchOptions(
                 similar=opts.similar, model_ids=opts.model_ids, reviews=opts.reviews
             )
-            q = build_sql(node, page, restrict=json.dumps(pending))
+            q = build_sql(node, narrowed, restrict=json.dumps(pending))
             rows.extend(conn.execute(q.sql, q.params))
         rows.sort(key=lambda r: (-r[4], r[0]))
         del rows[k:]

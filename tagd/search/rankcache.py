@@ -245,7 +245,7 @@ def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> in
         row_of = np.array([cache.rows.get(int(t), -1) for t in found[:, 1]], dtype=np.int64)
         held = row_of >= 0
         cache.columns[row_of[held], found[held, 0].astype(np.int64)] = quantize_up(found[held, 2])
-        cache.columns.flush()
+        cache.columns.flush()  # type: ignore[attr-defined]  # a np.memmap at run time
     cache.seq = seq
     mode = os.stat(Path(db_path).parent).st_mode & 0o664
     _write_meta(db_path, cache, mode)

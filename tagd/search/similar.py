@@ -9,6 +9,7 @@ product (numpy/BLAS); see README "Performance" for why not an ANN library.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -150,7 +151,7 @@ class EmbeddingIndex:
         if base is not None:
             try:
                 meta = json.loads(Path(f"{base}.json").read_text())
-                changed = [] if meta == sig else None
+                changed: list[int] | None = [] if meta == sig else None
                 if changed is None and changes_ok:
                     changed = changed_files(meta, sig, conn)
                 if changed is not None:
@@ -441,7 +442,7 @@ def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]) 
     try:
         mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder
         for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
-            write_atomic(Path(f"{base}{suffix}"), lambda fh, a=arr: np.save(fh, a), mode=mode)
+            write_atomic(Path(f"{base}{suffix}"), functools.partial(_save_npy, arr=arr), mode=mode)
         write_atomic(Path(f"{base}.json"), lambda fh: fh.write(json.dumps(sig).encode()), mode=mode)
     except OSError:
         pass
@@ -506,3 +507,7 @@ def refresh_ann(
                 sidecache.not_written(ann.kind(model_id), db_path, exc)
                 out.append(f"{name}: skipped")
     return out
+
+
+def _save_npy(fh: Any, arr: np.ndarray) -> None:
+    np.save(fh, arr)

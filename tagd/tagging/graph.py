@@ -274,7 +274,7 @@ def finish(tagger: Tagger, create: Callable[[bytes], Any]) -> bytes | None:
     head = tagger.head
     shapes_ok = emb is not None and emb.shape[1] == head.dim
     shapes_ok = shapes_ok and head.weights.shape[1] == probs.shape[1]
-    if not shapes_ok or not np.allclose(head.probabilities(emb), probs, atol=1e-3):
+    if emb is None or not shapes_ok or not np.allclose(head.probabilities(emb), probs, atol=1e-3):
         tagger.head = None
     if tagger.head is None:
         tagger.graph.why_no_head = "sigmoid(embedding @ W + b) does not reproduce the outputs"

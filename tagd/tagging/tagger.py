@@ -98,6 +98,8 @@ def session_options(threads: int | None) -> Any:
 class Tagger:
     """A model ready to score batches: `predict(batch) -> probabilities [N, tags]`."""
 
+    session: Any  # an onnxruntime.InferenceSession, set by whichever start path runs
+
     def __init__(
         self,
         config: ModelConfig,
