@@ -16,7 +16,6 @@ import functools
 import itertools
 import json
 import logging
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -117,14 +116,7 @@ class ClusterPipeline(Pipeline):
         handles = self._given if self._given is not None else self._spawn_all()
         self.actors = self._await_ready(handles)
         self._started = True
-        reaped = queue.reap_orphans(
-            self.conn,
-            self.owner,
-            socket.gethostname(),
-            max_attempts=self.config.daemon.max_attempts,
-        )
-        if reaped:
-            log.info("%d jobs left running by a stopped tagd are queued again", reaped)
+        self.reap_orphans()
         self.publish(force=True)
 
     def _connect(self) -> None:

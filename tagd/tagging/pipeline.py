@@ -292,9 +292,8 @@ class Pipeline:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
-        """Claim and process jobs until the queue has nothing runnable (or `stop()`)."""
-
+    def reap_orphans(self) -> None:
+        """Take back at once the jobs a killed tagd on this host left leased."""
         reaped = queue.reap_orphans(
             self.conn,
             self.owner,
@@ -303,6 +302,11 @@ class Pipeline:
         )
         if reaped:
             log.info("%d jobs left running by a stopped tagd are queued again", reaped)
+
+    def run(self, *, stop: Callable[[], bool] = lambda: False) -> Outcome:
+        """Claim and process jobs until the queue has nothing runnable (or `stop()`)."""
+
+        self.reap_orphans()
 
         def take(room: int) -> list[queue.Job]:
             if stop():
