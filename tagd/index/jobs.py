@@ -215,6 +215,42 @@ def fail(
     return state
 
 
+def forget_path(conn: sqlite3.Connection, path: str) -> None:
+    """The file at `path` went away before it was tagged: its job (unless running) goes."""
+    conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (to_db(path),))
+
+
+def forget_under(conn: sqlite3.Connection, low: str, high: str) -> None:
+    """A folder went away: the jobs of the paths in [low, high) (unless running) go."""
+    conn.execute(
+        f"""DELETE FROM jobs
+            WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
+        (to_db(low), to_db(high)),
+    )
+
+
+def queue_untagged(conn: sqlite3.Connection, model_ids: list[int]) -> int:
+    """Queue known, present files that lack a result from any of `model_ids` (one statement)."""
+    if not model_ids:
+        return 0
+    marks = ",".join("?" * len(model_ids))
+    now = time.time()
+    with db.write(conn):
+        return conn.execute(
+            f"""INSERT INTO jobs(path, state, size, mtime_ns, created_at, updated_at)
+                SELECT p.path, 'queued', p.size, p.mtime_ns, ?, ? FROM paths p
+                WHERE p.missing = 0 AND p.file_id IS NOT NULL
+                  AND EXISTS (SELECT 1 FROM models m WHERE m.id IN ({marks})
+                              AND NOT EXISTS (SELECT 1 FROM taggings t
+                                              WHERE t.file_id = p.file_id AND t.model_id = m.id))
+                ON CONFLICT(path) DO UPDATE SET
+                    state = 'queued', attempts = 0, error = NULL, not_before = 0,
+                    updated_at = excluded.updated_at
+                WHERE jobs.state = 'done'""",
+            [now, now, *model_ids],
+        ).rowcount
+
+
 def drop(conn: sqlite3.Connection, job: Job, owner: str) -> None:
     """Remove a job whose file no longer exists."""
     conn.execute("DELETE FROM jobs WHERE id = ? AND lease_owner = ?", (job.id, owner))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tagd.config import Config, WatchRoot
-from tagd.index import db, jobs
+from tagd.index import db, jobs, store
 from tagd.ingest.filters import excluded, wanted
 from tagd.names import AS_TEXT, to_db
 
@@ -194,12 +194,7 @@ def mark_missing(conn: sqlite3.Connection, root: str, before: float) -> int:
     """Paths under `root` not seen by the walk that started at `before` are gone."""
     low, high = under(root)
     with db.write(conn):
-        return conn.execute(
-            f"""UPDATE paths SET missing = 1
-               WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND missing = 0
-                 AND (last_seen IS NULL OR last_seen < ?)""",
-            (to_db(low), to_db(high), before),
-        ).rowcount
+        return store.mark_missing_under(conn, low, high, seen_before=before)
 
 
 def scan_folder(
@@ -225,22 +220,5 @@ def scan_folder(
 
 
 def queue_untagged(conn: sqlite3.Connection, model_ids: list[int]) -> int:
-    """Queue known, present files that lack a result from any of `model_ids` (one statement)."""
-    if not model_ids:
-        return 0
-    marks = ",".join("?" * len(model_ids))
-    now = time.time()
-    with db.write(conn):
-        return conn.execute(
-            f"""INSERT INTO jobs(path, state, size, mtime_ns, created_at, updated_at)
-                SELECT p.path, 'queued', p.size, p.mtime_ns, ?, ? FROM paths p
-                WHERE p.missing = 0 AND p.file_id IS NOT NULL
-                  AND EXISTS (SELECT 1 FROM models m WHERE m.id IN ({marks})
-                              AND NOT EXISTS (SELECT 1 FROM taggings t
-                                              WHERE t.file_id = p.file_id AND t.model_id = m.id))
-                ON CONFLICT(path) DO UPDATE SET
-                    state = 'queued', attempts = 0, error = NULL, not_before = 0,
-                    updated_at = excluded.updated_at
-                WHERE jobs.state = 'done'""",
-            [now, now, *model_ids],
-        ).rowcount
+    """Queue known, present files that lack a result from any of `model_ids`."""
+    return jobs.queue_untagged(conn, model_ids)

@@ -41,7 +41,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from tagd.config import Config, WatchRoot
-from tagd.index import db
+from tagd.index import db, store
 from tagd.index import jobs as queue
 from tagd.ingest.filters import excluded, wanted
 from tagd.ingest.scanner import scan_folder, under
@@ -443,21 +443,11 @@ class Watcher:
             low, high = under(path)
             for p in [p for p in self._pending if low <= p < high]:
                 del self._pending[p]
-            bounds = (to_db(low), to_db(high))
-            conn.execute(
-                f"""UPDATE paths SET missing = 1
-                    WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND missing = 0""",
-                bounds,
-            )
-            conn.execute(
-                f"""DELETE FROM jobs
-                    WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
-                bounds,
-            )
+            store.mark_missing_under(conn, low, high)
+            queue.forget_under(conn, low, high)
             return
-        key = to_db(path)
-        conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (key,))
-        conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (key,))
+        store.mark_missing(conn, path)
+        queue.forget_path(conn, path)
 
     def _check_roots(self) -> None:
         """Unwatch roots that vanished or were replaced; rewatch and reconcile returning ones.

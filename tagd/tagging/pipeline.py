@@ -25,7 +25,6 @@ import numpy as np
 from tagd.config import Config
 from tagd.index import db, store
 from tagd.index import jobs as queue
-from tagd.names import AS_TEXT, to_db
 from tagd.tagging import media, results, sizing, tagrules, workers
 from tagd.tagging.decode import FileBytes
 from tagd.tagging.media import MediaInfo, frames_of
@@ -520,7 +519,7 @@ class Pipeline:
         """The file was deleted or moved away before we got to it: nothing left to do."""
         with db.write(conn):
             queue.drop(conn, job, self.owner)
-            conn.execute(f"UPDATE paths SET missing = 1 WHERE path = {AS_TEXT}", (to_db(job.path),))
+            store.mark_missing(conn, job.path)
         log.info("gone before tagging: %s", job.path)
 
     def _fail(
