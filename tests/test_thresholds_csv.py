@@ -95,3 +95,27 @@ def test_scan_and_reindex_select_with_the_shipped_thresholds(tmp_path: Path) -> 
         assert found("g2") == []
         r = run_tagd("-c", str(cfg), "reindex", "--no-progress")
         assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_a_hub_repo_thresholds_csv_is_fetched_and_used_offline(tmp_path: Path) -> None:
+    from hf_server import HubServer
+
+    repo = pixai_folder(tmp_path / "repo")
+    write_thresholds_csv(repo, [(0, "general", 0.2), (4, "character", 0.7)], metrics=False)
+    cache = tmp_path / "hf"
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    entry = {"name": "px", "repo": "deepghs/pixai", "family": "pixai"}
+    online = write_config(tmp_path / "on.yaml", {"hf_cache": str(cache), "models": [entry]})
+    with HubServer({"deepghs/pixai": repo}, commit) as server:
+        env = {"HF_ENDPOINT": server.url, "HF_HUB_DISABLE_XET": "1"}
+        r = run_tagd("-c", str(online), "models", "pull", "px", env=env)
+        assert r.returncode == 0, r.stderr
+    snapshot = cache / "models--deepghs--pixai" / "snapshots" / commit
+    assert (snapshot / "thresholds.csv").is_file()
+    fam = families.get("pixai")
+    model = ModelConfig(name="px", repo="deepghs/pixai", family="pixai")
+    files = hub.resolve(model, fam, cache_dir=cache, offline=True)
+    assert files.extras["thresholds.csv"].parent == snapshot
+    tagger = Tagger(model, fam, files, InferenceConfig("cpu"))
+    assert tagger.thresholds == {"general": 0.2, "character": 0.7}
