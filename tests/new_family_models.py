@@ -200,3 +200,17 @@ def camie_folder(folder: Path) -> Path:
     }
     (folder / "camie-tagger-v2-metadata.json").write_text(json.dumps(meta))
     return folder
+
+
+def write_thresholds_csv(
+    folder: Path, rows: list[tuple[int, str, float]], *, metrics: bool
+) -> Path:
+    """deepghs `thresholds.csv`: PixAI's `category,name,threshold`; animetimm's adds alpha
+    and the validation metrics after the threshold."""
+    with open(folder / "thresholds.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        extra = ["f1", "precision", "recall"] if metrics else []
+        w.writerow(["category", "name", *(["alpha"] if metrics else []), "threshold", *extra])
+        for cat, name, value in rows:
+            w.writerow([cat, name, *([0.5] if metrics else []), value, *([0.6] * len(extra))])
+    return folder / "thresholds.csv"

@@ -42,7 +42,11 @@ def run(ctx: Context) -> int:
     retag: list[str] = []
     for m in chosen:
         family = families.get(m.family, config.families)
-        thresholds = {**family.thresholds, **m.thresholds}
+        thresholds = {
+            **family.thresholds,
+            **reindex.model_file_thresholds(conn, m.name),
+            **m.thresholds,
+        }
         total = inventory.tagged_count(conn, m.name)
         enabled = False if ctx.args.no_progress else None
         with Progress(m.name, enabled=enabled, total=total, unit="files") as bar:

@@ -38,6 +38,9 @@ class Family:
     embedding_output: str | None = None
     # A file beside the model whose preprocessing stages replace `preprocess` when present.
     config_file: str | None = None
+    # A file beside the model with per-category thresholds (deepghs `thresholds.csv`); when
+    # present its values replace the preset's numbers, and the config's `thresholds:` wins.
+    thresholds_file: str | None = None
     # Why a preset may not match its reference; logged at load when not empty.
     unverified: str = ""
 
@@ -155,6 +158,7 @@ PIXAI = Family(
     output="prediction",
     embedding_output="embedding",
     config_file="preprocess.json",
+    thresholds_file="thresholds.csv",
 )
 
 # cella110n's cl_tagger (celll1/tagutl onnx_predict.py, training loader in lora.py): alpha on
@@ -217,6 +221,7 @@ ANIMETIMM = Family(
     output="prediction",
     embedding_output="embedding",
     config_file="preprocess.json",
+    thresholds_file="thresholds.csv",
 )
 
 # Camie tagger v2. The author's utils/onnx_processing.py was not readable here; two ports

@@ -64,8 +64,9 @@ def _local(model: ModelConfig, family: Family) -> ModelFiles:
             )
         check_readable(model.name, p)
     extras = {}
-    if family.config_file and (folder / family.config_file).is_file():
-        extras[family.config_file] = folder / family.config_file
+    for extra in (family.config_file, family.thresholds_file):
+        if extra and (folder / extra).is_file():
+            extras[extra] = folder / extra
     return ModelFiles(
         onnx_path, labels, "sha256:" + _file_digest(model.name, onnx_path)[:16], extras
     )
@@ -129,8 +130,11 @@ def _from_hub(
     paths: list[Path] = []
     extras: dict[str, Path] = {}
     # Optional: weights stored outside the graph (`model.onnx.data`, which ONNX Runtime finds
-    # beside the graph) and the family's preprocessing file.
-    optional = [f"{family.model_file}.data", *([family.config_file] if family.config_file else [])]
+    # beside the graph), the family's preprocessing file and its thresholds file.
+    optional = [
+        f"{family.model_file}.data",
+        *(f for f in (family.config_file, family.thresholds_file) if f),
+    ]
     for filename in (family.model_file, family.label_file, *optional):
         try:
             local = hf_hub_download(

@@ -85,6 +85,45 @@ def _best_threshold(raw: str | None, path: Path, line: int) -> float:
     return value
 
 
+def read_thresholds_csv(path: Path) -> dict[str, float]:
+    """Per-category thresholds a deepghs export ships (`thresholds.csv`: PixAI's
+    `category,name,threshold`, animetimm's with alpha/f1/precision/recall after it), as
+    {namespace: threshold}. The first row of a category wins, as imgutils reads it."""
+    out: dict[str, float] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            if "threshold" not in header or not ({"category", "name"} & set(header)):
+                raise LabelError(
+                    f"{path.name}: expected a header with category, name and threshold columns "
+                    f"(category,name,threshold), found {','.join(header) or 'nothing'}"
+                )
+            for line, row in enumerate(reader, start=2):
+                raw = (row.get("category") or "").strip()
+                name = (row.get("name") or "").strip()
+                try:
+                    namespace = DANBOORU_CATEGORIES.get(int(raw), name or f"category{raw}")
+                except ValueError:
+                    namespace = name or raw
+                if not namespace:
+                    raise LabelError(f"{path.name} line {line}: no category or name")
+                try:
+                    value = float(row.get("threshold") or "")
+                except ValueError:
+                    raise LabelError(
+                        f"{path.name} line {line}: threshold is not a number"
+                    ) from None
+                if not 0.0 <= value <= 1.0:
+                    raise LabelError(f"{path.name} line {line}: threshold {value} is not in 0..1")
+                out.setdefault(namespace, value)
+    except OSError as exc:
+        raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise LabelError(f"{path.name}: not a readable CSV file ({exc})") from exc
+    return out
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")

@@ -202,6 +202,13 @@ def video(
         return Frames(images, width, height, str(ctx.name).upper(), MediaInfo(duration, count, fps))
 
 
+def poster(source: str, max_pixels: int, size: int) -> Image.Image:
+    """The middle frame of a video, decoded at about `size` pixels: the web UI's thumbnail.
+    The middle, not the first, because first frames are often black or a title card."""
+    frames = video(source, max_pixels, VideoSettings(frames=1, skip=0.0), (size, size))
+    return frames.images[0]
+
+
 def _scan_duration(container: Any, stream: Any) -> float:
     """The last packet's end time, from the packets alone (no decoding); 0 if none."""
     end = 0

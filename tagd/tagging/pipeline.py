@@ -74,6 +74,7 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.Mo
             "thresholds": tagger.thresholds,
             "floor": floor,
             **tag_thresholds_setting(tagger.labels.thresholds),
+            **({"file_thresholds": tagger.file_thresholds} if tagger.file_thresholds else {}),
         },
     )
     if tagger.head is not None:

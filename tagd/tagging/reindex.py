@@ -62,6 +62,19 @@ def model_tag_thresholds(
     return [float("nan") if v is None else float(v) for v in values]
 
 
+def model_file_thresholds(conn: sqlite3.Connection, name: str) -> dict[str, float]:
+    """The per-category thresholds from the model's thresholds.csv, recorded when it last
+    ran: reindex layers them between the family preset and the config, as tagging does."""
+    row = conn.execute("SELECT settings FROM models WHERE name = ?", (name,)).fetchone()
+    try:
+        values = json.loads(row[0] or "{}").get("file_thresholds") if row else None
+    except ValueError:
+        return {}
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items() if isinstance(v, int | float)}
+
+
 def lowest_threshold(namespaces: tuple[str, ...], thresholds: Mapping[str, float | str]) -> float:
     """The smallest numeric threshold any namespace of this model uses (1.0 if none)."""
     out = 1.0

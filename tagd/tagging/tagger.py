@@ -124,6 +124,15 @@ class Tagger:
 
                 spec = read_preprocess_json(files.extras[family.config_file], family.preprocess)
                 self.family = family = replace(family, preprocess=spec)
+            self.file_thresholds: dict[str, float] = {}
+            if family.thresholds_file and family.thresholds_file in files.extras:
+                from tagd.tagging.labels import read_thresholds_csv
+
+                shipped = read_thresholds_csv(files.extras[family.thresholds_file])
+                # A top-1 group (rating) stays top-1: a number there could pick two ratings.
+                self.file_thresholds = {
+                    ns: v for ns, v in shipped.items() if family.thresholds.get(ns) != "top"
+                }
         except LabelError as exc:
             raise ModelError(f"model {self.name!r}: {exc}") from None
         if family.unverified:
@@ -152,7 +161,11 @@ class Tagger:
                 self.threads = wanted
                 self.session = self._create_session(inference, self._source)
                 self.info = self._inspect(inference)
-        self.thresholds: dict[str, float | str] = {**family.thresholds, **config.thresholds}
+        self.thresholds: dict[str, float | str] = {
+            **family.thresholds,
+            **self.file_thresholds,
+            **config.thresholds,
+        }
 
     def _cache_key(self, inference: InferenceConfig) -> str | None:
         """None when the cache is off or the model file's hash cannot be read."""

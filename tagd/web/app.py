@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from tagd.config import Config, WebConfig
+from tagd.tagging import media
 from tagd.web import queries
 from tagd.web.state import (
     COOKIE,
@@ -43,6 +44,16 @@ from tagd.web.state import (
     search_page,
 )
 from tagd.web.thumbs import PLACEHOLDER_SVG
+
+# Browsers pick a player by content type; the system's mime table may lack some of these.
+VIDEO_TYPES = {
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".webm": "video/webm",
+    ".mkv": "video/x-matroska",
+    ".mov": "video/quicktime",
+    ".avi": "video/x-msvideo",
+}
 
 
 def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = True) -> Starlette:
@@ -118,6 +129,7 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
                 "sort": request.query_params.get("sort", "score"),
                 "pos": pos,
                 "hydrus_url": hydrus_url,
+                "is_video": any(media.is_video_path(p) for p in info.paths),
             },
         )
 
@@ -173,7 +185,11 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
             return PlainTextResponse("no such file in the index", status_code=404)
         for path in found[1]:
             if _allowed(state, path):
-                kind = mimetypes.guess_type(path)[0] or "application/octet-stream"
+                kind = (
+                    VIDEO_TYPES.get(os.path.splitext(path)[1].lower())
+                    or mimetypes.guess_type(path)[0]
+                    or "application/octet-stream"
+                )
                 return FileResponse(
                     path,
                     media_type=kind,

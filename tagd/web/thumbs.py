@@ -1,8 +1,9 @@
 """Thumbnails: WebP, made on first request from the original, cached on disk by content hash.
 
 A bounded pool makes them (a cold grid of 100 queues 100 jobs on a few threads rather than
-decoding 100 images at once), and two requests for the same hash wait on one job. Images
-that cannot be decoded, or are larger than `max_pixels`, get a placeholder, never an error.
+decoding 100 images at once), and two requests for the same hash wait on one job. Videos get
+their middle frame (PyAV, through tagging.media). Files that cannot be decoded, or are larger
+than `max_pixels`, get a placeholder, never an error.
 """
 
 from __future__ import annotations
@@ -75,12 +76,30 @@ class Thumbnailer:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _is_video(path: str) -> bool:
+    from tagd.tagging import media
+
+    if media.is_video_path(path):
+        return True
+    with open(path, "rb") as f:
+        return media.looks_like_video(f.read(16))
+
+
 def render(path: str, size: int, max_pixels: int) -> bytes:
-    """A WebP of at most size×size, EXIF orientation applied, alpha kept."""
+    """A WebP of at most size×size, EXIF orientation applied, alpha kept; for a video, its
+    middle frame (an animation's first frame comes from Pillow as-is)."""
     import io
 
     from PIL import Image, ImageOps
 
+    if _is_video(path):
+        from tagd.tagging import media
+
+        frame = media.poster(path, max_pixels, size).convert("RGB")
+        frame.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        buf = io.BytesIO()
+        frame.save(buf, "WEBP", quality=80, method=2)
+        return buf.getvalue()
     with Image.open(path) as im:
         w, h = im.size
         if w * h > max_pixels:
