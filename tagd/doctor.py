@@ -13,8 +13,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tagd.config import Config, InferenceConfig, ModelConfig
+
+if TYPE_CHECKING:
+    from tagd.ingest.scanner import Skipped
 
 MIN_FREE_BYTES = 1 << 30
 INOTIFY_MAX = Path("/proc/sys/fs/inotify/max_user_watches")
@@ -56,13 +60,14 @@ def probe_provider(inference: InferenceConfig) -> str:
     return str(session.get_providers()[0])
 
 
-def count_images(config: Config, index: int) -> tuple[int, int]:
-    """(images tagd would index, folders) under one root, walking as the scanner does."""
+def count_images(config: Config, index: int, skipped: Skipped | None = None) -> tuple[int, int]:
+    """(images tagd would index, folders) under one root, walking as the scanner does;
+    `skipped` collects files left out by extension and folders that cannot be listed."""
     from tagd.ingest.filters import excluded
     from tagd.ingest.scanner import walk
 
     root = config.watch[index]
-    images = sum(1 for _ in walk(root, config.extensions))
+    images = sum(1 for _ in walk(root, config.extensions, skipped=skipped))
     folders = 1
     for dirpath, dirnames, _ in os.walk(root.path):
         keep = []
@@ -86,9 +91,29 @@ def check_roots(config: Config) -> Iterator[Check]:
         if not os.access(root.path, os.R_OK | os.X_OK):
             yield Check(name, False, "not readable", f"grant read access to {os.getuid()}")
             continue
-        images, _ = count_images(config, i)
+        from tagd.ingest.scanner import Skipped
+
+        skipped = Skipped()
+        images, _ = count_images(config, i, skipped)
         plural = "image" if images == 1 else "images"
-        yield Check(name, True, f"readable, {images} {plural}")
+        left_out = sum(skipped.by_extension.values())
+        detail = f"readable, {images} {plural}"
+        if left_out:
+            kinds = ", ".join(
+                f"{ext} {n}"
+                for ext, n in sorted(skipped.by_extension.items(), key=lambda kv: -kv[1])[:5]
+            )
+            detail += f"; {left_out} other file{'' if left_out == 1 else 's'} skipped ({kinds})"
+        if skipped.unlistable:
+            yield Check(
+                name,
+                False,
+                f"{detail}; {skipped.unlistable} folder(s) cannot be listed "
+                f"(e.g. {skipped.examples[0]})",
+                f"grant user {os.getuid()} read and execute access to them",
+            )
+            continue
+        yield Check(name, True, detail)
 
 
 def check_inotify(config: Config) -> Check:

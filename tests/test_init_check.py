@@ -164,3 +164,42 @@ def test_check_with_a_broken_config(tmp_path: Path) -> None:
     r = run_tagd("--config", str(cfg), "check")
     assert r.returncode == 1
     assert r.stdout.startswith("FAIL config: ") and "did you mean 'models'?" in r.stdout
+
+
+@pytest.mark.slow
+def test_check_counts_files_skipped_by_extension(config_file: Path, gallery: Path) -> None:
+    save(gallery / "a.png", (1, 2, 3))
+    for name in ("notes.txt", "more.txt", "clip.xyz"):
+        (gallery / name).write_text("x")
+    r = run_tagd("--config", str(config_file), "check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("ok   watch[0]"))
+    assert line.endswith("readable, 1 image; 3 other files skipped (.txt 2, .xyz 1)"), line
+
+
+def test_check_fails_on_a_folder_it_cannot_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tagd import doctor
+    from tagd.config import parse
+    from tagd.ingest import scanner
+
+    gallery = tmp_path / "g"
+    save(gallery / "a.png", (1, 2, 3))
+    (gallery / "locked").mkdir()
+    real_scandir = scanner.os.scandir
+
+    def scandir(path: str) -> object:
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(scanner.os, "scandir", scandir)
+    cfg = parse(
+        {"database": str(tmp_path / "t.db"), "watch": [str(gallery)], "models": []},
+        base=tmp_path,
+    )
+    (check,) = list(doctor.check_roots(cfg))
+    assert not check.ok
+    assert "1 folder(s) cannot be listed" in check.detail and "locked" in check.detail
+    assert "read and execute access" in check.fix
