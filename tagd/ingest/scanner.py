@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tagd.config import Config, WatchRoot
-from tagd.index import db, jobs, store
+from tagd.index import db, jobs, paths
 from tagd.ingest.filters import excluded, wanted
 from tagd.names import AS_TEXT, to_db
 
@@ -194,7 +194,7 @@ def mark_missing(conn: sqlite3.Connection, root: str, before: float) -> int:
     """Paths under `root` not seen by the walk that started at `before` are gone."""
     low, high = under(root)
     with db.write(conn):
-        return store.mark_missing_under(conn, low, high, seen_before=before)
+        return paths.mark_missing_under(conn, low, high, seen_before=before)
 
 
 def scan_folder(

@@ -41,7 +41,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from tagd.config import Config, WatchRoot
-from tagd.index import db, store
+from tagd.index import db, paths
 from tagd.index import jobs as queue
 from tagd.ingest.filters import excluded, wanted
 from tagd.ingest.scanner import scan_folder, under
@@ -443,10 +443,10 @@ class Watcher:
             low, high = under(path)
             for p in [p for p in self._pending if low <= p < high]:
                 del self._pending[p]
-            store.mark_missing_under(conn, low, high)
+            paths.mark_missing_under(conn, low, high)
             queue.forget_under(conn, low, high)
             return
-        store.mark_missing(conn, path)
+        paths.mark_missing(conn, path)
         queue.forget_path(conn, path)
 
     def _check_roots(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import Config
-from tagd.index import db, store
+from tagd.index import db, paths, store
 from tagd.index import jobs as queue
 from tagd.tagging import media, results, sizing, tagrules, workers
 from tagd.tagging.decode import FileBytes
@@ -520,7 +520,7 @@ class Pipeline:
         """The file was deleted or moved away before we got to it: nothing left to do."""
         with db.write(conn):
             queue.drop(conn, job, self.owner)
-            store.mark_missing(conn, job.path)
+            paths.mark_missing(conn, job.path)
         log.info("gone before tagging: %s", job.path)
 
     def _fail(
