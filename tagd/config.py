@@ -106,6 +106,8 @@ class DaemonConfig:
     lease_seconds: float = 300.0
     max_attempts: int = 5
     retry_backoff: float = 30.0
+    # Without a terminal (systemd, a log file): one "progress:" line this often while busy.
+    progress_log_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -712,6 +714,7 @@ _DAEMON_KEYS = (
     "lease_seconds",
     "max_attempts",
     "retry_backoff",
+    "progress_log_interval",
 )
 
 
@@ -736,6 +739,11 @@ def _daemon(value: Any, key: str) -> DaemonConfig:
         max_attempts=_int(d.get("max_attempts", base.max_attempts), f"{key}.max_attempts", 1),
         retry_backoff=_number(
             d.get("retry_backoff", base.retry_backoff), f"{key}.retry_backoff", 0.0
+        ),
+        progress_log_interval=_number(
+            d.get("progress_log_interval", base.progress_log_interval),
+            f"{key}.progress_log_interval",
+            1.0,
         ),
     )
 

@@ -98,8 +98,7 @@ class Progress:
 
     def summary(self) -> str:
         """`in 12.3 s (4.5 images/s)`, for the closing line."""
-        elapsed = time.monotonic() - self.started
-        return f"in {elapsed:.1f} s ({self.rate():.1f} {self.unit}/s)"
+        return summary(self.done, time.monotonic() - self.started, self.unit)
 
     def __exit__(
         self,
@@ -112,6 +111,13 @@ class Progress:
         self._swapped.clear()
         if self._bar is not None:
             self._bar.stop()
+
+
+def summary(done: int, elapsed: float, unit: str) -> str:
+    """`in 12.3 s (4.5 files/s)`: the tail of every long command's closing line on stderr,
+    for work counted across several bars (one per model)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    return f"in {elapsed:.1f} s ({rate:.1f} {unit}/s)"
 
 
 class _ConsoleStream:

@@ -104,9 +104,11 @@ def _hydrus_truth(ctx: Context) -> Lookup:
 
 
 def run(ctx: Context) -> int:
+    import time
+
     from tagd.outputs import evaluate
     from tagd.outputs.effective import iter_files
-    from tagd.progress import Progress
+    from tagd.progress import Progress, summary
     from tagd.search.query import QueryError, parse
 
     node = None
@@ -119,6 +121,9 @@ def run(ctx: Context) -> int:
     lookup = _truth_lookup(ctx)
     reports = []
     from tagd.search.suggest import unknown_model
+
+    started = time.monotonic()
+    read = 0
 
     for model in ctx.args.model:
         if (message := unknown_model(conn, model)) is not None:
@@ -146,7 +151,14 @@ def run(ctx: Context) -> int:
                     )
         except ValueError as exc:
             raise UserError(str(exc), 2) from None
+        read += bar.done
         reports.append(evaluate.evaluate(model, samples, top=ctx.args.top))
+    scored = ", ".join(f"{r.model} {r.files}" for r in reports)
+    print(
+        f"tagd: eval: {read} files read, scored with ground truth: {scored} "
+        f"{summary(read, time.monotonic() - started, 'files')}",
+        file=sys.stderr,
+    )
     if all(r.files == 0 for r in reports):
         raise UserError(f"no tagged images with ground truth from {ctx.args.truth}", 1)
     if ctx.args.json:

@@ -63,5 +63,5 @@ def run_sync(ctx: Context) -> int:
         for sha, tags in report.planned.items():
             for tag in tags:
                 print(f"{sha_to_path[sha]}\t{tag}")
-    print(f"tagd: {report.line()}", file=sys.stderr)
+    print(f"tagd: {report.line()} {bar.summary()}", file=sys.stderr)
     return 0

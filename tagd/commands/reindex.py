@@ -26,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ctx: Context) -> int:
-    from tagd.progress import Progress
+    import sys
+    import time
+
+    from tagd.progress import Progress, summary
     from tagd.tagging import families, reindex
 
     config = ctx.config
@@ -40,6 +43,8 @@ def run(ctx: Context) -> int:
 
     tag_rules = tagrules.effective(conn, config.tags)
     retag: list[str] = []
+    started = time.monotonic()
+    files = changed = 0
     for m in chosen:
         family = families.get(m.family, config.families)
         thresholds = {
@@ -58,6 +63,8 @@ def run(ctx: Context) -> int:
                 floor=config.floor_for(m),
                 progress=bar.advance,
             )
+        files += report.files
+        changed += report.changed_rows
         log.info(
             "%s: %d files (%d from stored scores, %d from embeddings), %d rows changed, %.1f s",
             m.name,
@@ -88,4 +95,10 @@ def run(ctx: Context) -> int:
     from tagd.search import bitmaps
 
     log.info("search bitmaps: %s", bitmaps.refresh(conn, config.database))
+    print(
+        f"tagd: reindexed {files} file{'' if files == 1 else 's'} for {len(chosen)} "
+        f"model{'' if len(chosen) == 1 else 's'}, {changed} rows changed "
+        f"{summary(files, time.monotonic() - started, 'files')}",
+        file=sys.stderr,
+    )
     return 1 if retag else 0

@@ -44,6 +44,10 @@ def run(ctx: Context) -> int:
         except QueryError as exc:
             raise UserError(f"bad query: {exc}", 2) from None
         where, params = compiled.sql, list(compiled.params)
+    import sys
+
+    from tagd.progress import Progress
+
     conn = ctx.db()
     rows = inventory.paths_to_retag(
         conn,
@@ -54,11 +58,16 @@ def run(ctx: Context) -> int:
     )
     force = (model.name,) if ctx.args.all else ()
     queued = 0
-    with db.write(conn):
-        for r in rows:
+    with Progress(f"retag {model.name}", total=len(rows), unit="files") as bar, db.write(conn):
+        for i, r in enumerate(rows, 1):
             queued += jobs.enqueue(
                 conn, r.path, r.size, r.mtime_ns, force_models=force, requeue=True
             )
+            bar.update(i)
+    print(
+        f"tagd: retag {model.name}: queued {queued} of {len(rows)} matching files {bar.summary()}",
+        file=sys.stderr,
+    )
     files = "file" if len(rows) == 1 else "files"
     if not rows:
         lacking = "matches" if ctx.args.all else f"lacks results from {model.name}"

@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.25
 STATUS_EVERY_S = 5.0
-# Without a terminal (systemd, a log file): one progress line this often while there is work.
-PROGRESS_LOG_EVERY_S = 60.0
 IDLE_POLL_S = 1.0
 STOP_GRACE_S = 10.0
 REAP_EVERY_S = 60.0
@@ -494,7 +492,8 @@ class Daemon:
             if now - self._last_heartbeat >= lease / 3 and alive:
                 jobs.heartbeat(self.conn, self.owner, lease)
                 self._last_heartbeat = now
-            if now - self._last_status < STATUS_EVERY_S and not self.trouble.active:
+            every = min(STATUS_EVERY_S, self.config.daemon.progress_log_interval)
+            if now - self._last_status < every and not self.trouble.active:
                 return None
             line = self.publish()
         except (sqlite3.Error, db.DatabaseError) as exc:
@@ -620,7 +619,10 @@ class Daemon:
                     if self.counts and not self.trouble.active:
                         if live is not None:
                             self._show_live(live)
-                        elif now - last_line >= PROGRESS_LOG_EVERY_S and self._busy():
+                        elif (
+                            now - last_line >= self.config.daemon.progress_log_interval
+                            and self._busy()
+                        ):
                             log.info("progress: %s", self._progress_text())
                             last_line = now
                 if ping_every is not None and now - last_ping >= ping_every and self.healthy():
