@@ -15,6 +15,8 @@ when too many changed. Below MIN_FILES embeddings the exact scan is as fast: no 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sqlite3
 import time
@@ -32,7 +34,19 @@ ENV = "TAGD_ANN"
 def enabled() -> bool:
     """The HNSW path is opt-in (TAGD_ANN=on) until its recall is measured on real galleries;
     the exact scan is the default and always correct."""
-    return os.environ.get(ENV, "").strip().lower() in ("1", "on", "true", "yes")
+    if os.environ.get(ENV, "").strip().lower() not in ("1", "on", "true", "yes"):
+        return False
+    try:
+        import usearch  # noqa: F401
+    except ImportError:
+        _warn_once(f"{ENV}=on, but usearch is not installed: pip install 'tagd[ann]'")
+        return False
+    return True
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logging.getLogger(__name__).warning("%s; using the exact scan", message)
 
 
 FORMAT = 1
