@@ -315,18 +315,25 @@ def process_start(pid: int) -> str | None:
     return fields[19].decode() if len(fields) > 19 else None
 
 
-def owner_alive(owner: str, host: str) -> bool:
-    """Whether the process named by a lease owner taken on `host` still runs (owners from
-    other hosts cannot be checked and count as alive: their lease expiry covers them)."""
-    pid = owner_pid(owner, host)
-    if pid is None:
-        return True
+def pid_running(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one owned by another user too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass
+    return True
+
+
+def owner_alive(owner: str, host: str) -> bool:
+    """Whether the process named by a lease owner taken on `host` still runs (owners from
+    other hosts cannot be checked and count as alive: their lease expiry covers them)."""
+    pid = owner_pid(owner, host)
+    if pid is None:
+        return True
+    if not pid_running(pid):
+        return False
     start = process_start(pid)
     if start is None:
         return not os.path.isdir("/proc/self")

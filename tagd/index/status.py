@@ -96,12 +96,7 @@ def _alive(info: dict[str, Any], now: float | None = None) -> bool:
         return False
     pid = info.get("pid")
     if info.get("host") == socket.gethostname() and isinstance(pid, int):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
+        return queue.pid_running(pid)
     return True
 
 

@@ -20,19 +20,17 @@ checking it against the old ones; every other file is ranked exactly as of its s
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tagd.index import changes
+from tagd.index import changes, sidecache
 from tagd.index.atomic import write_atomic
 
 SCALE = 65535
@@ -137,21 +135,6 @@ def best_scores(
             (json.dumps(list(file_ids)), json.dumps(list(tag_ids)), *models),
         )
     }
-
-
-@contextmanager
-def _locked(db_path: str | Path) -> Iterator[bool]:
-    """Serialise writers of the cache (daemon, scan); yields False if the lock is unusable."""
-    try:
-        fd = os.open(f"{db_path}.rank.lock", os.O_RDWR | os.O_CREAT, 0o660)
-    except OSError:
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield True
-    finally:
-        os.close(fd)
 
 
 def common_tags(
@@ -261,7 +244,7 @@ def refresh(
     max_age_s: float = REBUILD_AFTER_S,
 ) -> str:
     """Patch or rebuild the cache as needed: 'fresh', 'patched N', 'built' or 'skipped'."""
-    with _locked(db_path) as ok:
+    with sidecache.locked(db_path, "rank") as ok:
         if not ok:
             return "skipped"
         try:
