@@ -158,11 +158,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     for version, name, sql in migrations():
         if version in applied(conn):
             continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with write(conn):
             if version in applied(conn):
-                conn.execute("ROLLBACK")
-                continue
+                continue  # another process applied it while this one waited for the lock
             for statement in _split_sql(sql):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {max(version, schema_version(conn))}")
@@ -170,14 +168,6 @@ def migrate(conn: sqlite3.Connection) -> int:
                 "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)",
                 (f"migration.{version:04d}", f"{name} applied {time.time():.0f}"),
             )
-        except BaseException:
-            rollback(conn)
-            raise
-        try:
-            conn.execute("COMMIT")
-        except BaseException:
-            rollback(conn)
-            raise
     return schema_version(conn)
 
 
