@@ -287,3 +287,28 @@ def test_serve_without_the_extra_says_what_to_install(site: dict) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "pip install 'tagd[web]'" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_image_page_says_a_file_is_in_hydrus_without_leaking_the_key(
+    site: dict, tmp_path: Path
+) -> None:
+    sha = _sha(site, "red.png")
+    conn = sqlite3.connect(site["config"].database)
+    try:
+        file_id = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha,)).fetchone()[0]
+        conn.execute(
+            "INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,"
+            " checked_at) VALUES (?, 'svc', 1, '', '[]', 0)",
+            (file_id,),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    hydrus = dataclasses.replace(
+        site["config"].hydrus, enabled=True, url="http://user:secret@127.0.0.1:45869"
+    )
+    config = dataclasses.replace(site["config"], hydrus=hydrus)
+    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+        page = client.get(f"/image/{sha}").text
+    assert f"system:hash = {sha}" in page and "in Hydrus" in page
+    assert "secret" not in page and "get_files" not in page and "45869" not in page

@@ -113,9 +113,11 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
         if info is None:
             return PlainTextResponse("no such file in the index", status_code=404)
         hydrus = config.hydrus
-        hydrus_url = None
-        if hydrus.enabled and queries.hydrus_known(conn, info.file_id):
-            hydrus_url = f"{hydrus.url.rstrip('/')}/get_files/file?hash={sha}"
+        # Hydrus's file URLs need the access key, which must never reach a page: say where
+        # the file is instead, and how to find it in the Hydrus client.
+        in_hydrus = (
+            hydrus.service if hydrus.enabled and queries.hydrus_known(conn, info.file_id) else None
+        )
         try:
             pos = int_param(request, "i", -1)
         except ValueError:
@@ -128,7 +130,7 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
                 "q": request.query_params.get("q", ""),
                 "sort": request.query_params.get("sort", "score"),
                 "pos": pos,
-                "hydrus_url": hydrus_url,
+                "in_hydrus": in_hydrus,
                 "is_video": any(media.is_video_path(p) for p in info.paths),
             },
         )
