@@ -464,11 +464,9 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
     name = scope_model(node)
     if name is None:
         return
-    from tagd.search.suggest import unknown_model
+    from tagd.index.inventory import require_model_id
 
-    message = unknown_model(conn, name)
-    if message is not None:
-        raise SearchError(message)
+    require_model_id(conn, name)
 
 
 def build_sql(

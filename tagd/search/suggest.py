@@ -106,16 +106,6 @@ def _suggest(conn: sqlite3.Connection, term: Tag) -> str | None:
     return None
 
 
-def unknown_model(conn: sqlite3.Connection, name: str) -> str | None:
-    """None when the index has a model `name`; else the one message every command uses."""
-    if conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is not None:
-        return None
-    known = [str(r[0]) for r in conn.execute("SELECT name FROM models ORDER BY name")]
-    guess = difflib.get_close_matches(name, known, n=1, cutoff=_CUTOFF)
-    hint = f"; did you mean '{guess[0]}'?" if guess else ""
-    return f"no model named {name!r} in the index (known: {', '.join(known) or 'none'}){hint}"
-
-
 def tag_names(conn: sqlite3.Connection, prefix: str, limit: int) -> list[str]:
     """Tag names starting with `prefix` (after an optional `namespace:`), most used first,
     for shell completion."""
