@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,17 +64,26 @@ class Hit:
     mtime_ns: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchOptions:
+    """What the user asked for: order and page. What the index answers about the query is
+    in `Resolved`, so one request can run against any index without being rewritten."""
+
     sort: str = "score"
     descending: bool | None = None
     limit: int | None = None
     offset: int = 0
     with_tags: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one query needs from the index, looked up once per query and passed down."""
+
+    # Files found by each `similar:` term, with their similarity (see resolve_similar).
+    similar: Mapping[Similar, dict[int, float]] = field(default_factory=dict)
     # Every model id, bound as literals so per-file probes seek the whole primary key.
     model_ids: tuple[int, ...] | None = None
-    # Files found by each `similar:` term, with their similarity (see resolve_similar).
-    similar: dict[Similar, dict[int, float]] = field(default_factory=dict)
     # Human verdicts exist (tagd/review.py): tag terms follow them.
     reviews: bool = False
 
@@ -90,7 +99,7 @@ class _Ctx:
     files: str | None
     mtime: str | None
     model: str | None
-    similar: dict[Similar, dict[int, float]]
+    similar: Mapping[Similar, dict[int, float]]
     now: float
     untagged: bool = False
     correlated: bool = False
@@ -470,7 +479,12 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
 
 
 def build_sql(
-    node: Node, opts: SearchOptions, *, count: bool = False, restrict: str | None = None
+    node: Node,
+    opts: SearchOptions,
+    *,
+    count: bool = False,
+    restrict: str | None = None,
+    resolved: Resolved | None = None,
 ) -> Compiled:
     """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed.
 
@@ -479,6 +493,7 @@ def build_sql(
     """
     if opts.sort not in SORTS:
         raise SearchError(f"unknown sort {opts.sort!r}: use one of {', '.join(SORTS)}")
+    resolved = resolved or Resolved()
     now = time.time()
     model = scope_model(node)
     files_join = _uses_files(node)
@@ -504,12 +519,12 @@ def build_sql(
             "f" if files_join else None,
             "p.mtime_ns",
             model,
-            opts.similar,
+            resolved.similar,
             now,
             _has_flag(node, "untagged"),
             restrict is not None,
-            opts.model_ids,
-            opts.reviews,
+            resolved.model_ids,
+            resolved.reviews,
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
@@ -561,21 +576,30 @@ def _uses_files(node: Node) -> bool:
 
 
 def iter_search(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
 ) -> Iterator[Hit]:
+    """Hits of `node`; `similar` holds its `similar:` terms, resolved (resolve_similar)."""
     opts = opts or SearchOptions()
     check_model(conn, node)
-    opts.reviews = review.in_use(conn)
-    opts.model_ids = tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id"))
+    resolved = Resolved(
+        similar=similar or {},
+        model_ids=tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id")),
+        reviews=review.in_use(conn),
+    )
     wanted = positive_tags(node) if opts.with_tags else []
-    ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
-    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts)
+    ctx = _Ctx("?", None, None, None, scope_model(node), resolved.similar, 0)
+    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
     if rows is None:
         driver = _driver(conn, node, opts)
         if driver is not None:
-            rows = _top_k(conn, node, opts, _driver_walk(conn, node, driver, opts.reviews))
+            walk = _driver_walk(conn, node, driver, resolved.reviews)
+            rows = _top_k(conn, node, opts, resolved, walk)
         else:
-            q = build_sql(node, opts)
+            q = build_sql(node, opts, resolved=resolved)
             rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
@@ -619,7 +643,9 @@ def _driver(
     return walkable[best]
 
 
-def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> list[tuple] | None:
+def _cached_top_k(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, resolved: Resolved
+) -> list[tuple] | None:
     """A ranked page of several tags, at least one of them common, checked in the order of
     rank bounds from the cache next to the database (tagd/rankcache.py); None where the cache
     cannot serve the query.
@@ -639,7 +665,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
-    if opts.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
+    if resolved.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
         return None  # the cache bounds model scores only; a verdict can lift a rank to 1
     from tagd.index import changes
     from tagd.search import rankcache
@@ -662,7 +688,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
             ]
             driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
         ids, bounds = rankcache.candidates(conn, cache, groups, dirty, driver)
-        return _top_k(conn, node, opts, rankcache.descending(ids, bounds))
+        return _top_k(conn, node, opts, resolved, rankcache.descending(ids, bounds))
     finally:
         if began:
             conn.execute("COMMIT")
@@ -791,7 +817,11 @@ def _greatest(parts: list[Compiled]) -> Compiled:
 
 
 def _top_k(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions, walk: Iterator[tuple[float, int]]
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions,
+    resolved: Resolved,
+    walk: Iterator[tuple[float, int]],
 ) -> list[tuple]:
     """The best `limit + offset` rows by rank without ranking every match.
 
@@ -819,10 +849,7 @@ def _top_k(
         else:
             exhausted = True
         if pending:
-            narrowed = SearchOptions(
-                similar=opts.similar, model_ids=opts.model_ids, reviews=opts.reviews
-            )
-            q = build_sql(node, narrowed, restrict=json.dumps(pending))
+            q = build_sql(node, SearchOptions(), restrict=json.dumps(pending), resolved=resolved)
             rows.extend(conn.execute(q.sql, q.params))
         rows.sort(key=lambda r: (-r[4], r[0]))
         del rows[k:]
@@ -851,22 +878,28 @@ def search(
     return list(iter_search(conn, node, opts))
 
 
-def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None) -> int:
+def count(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
+) -> int:
     opts = opts or SearchOptions()
     check_model(conn, node)
-    opts.reviews = review.in_use(conn)
+    resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
     # Human verdicts change what a tag term matches; the bitmaps hold model selections only.
-    if os.environ.get("TAGD_BITMAPS", "") != "off" and not opts.reviews:
+    if os.environ.get("TAGD_BITMAPS", "") != "off" and not resolved.reviews:
         from tagd.search import bitmaps
 
         def count_sql(restrict: str) -> tuple[str, Sequence[object]]:
-            q = build_sql(node, opts, count=True, restrict=restrict)
+            q = build_sql(node, opts, count=True, restrict=restrict, resolved=resolved)
             return q.sql, q.params
 
         fast = bitmaps.count(conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql)
         if fast is not None:
             return fast
-    q = build_sql(node, opts, count=True)
+    q = build_sql(node, opts, count=True, resolved=resolved)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 
 
