@@ -92,15 +92,21 @@ class SearchError(Exception):
     """A well-formed query that cannot run against this index (unknown model, ...)."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Ctx:
-    file: str
-    path: str | None
-    files: str | None
-    mtime: str | None
-    model: str | None
-    similar: Mapping[Similar, dict[int, float]]
-    now: float
+    """How one query compiles: the `*_sql` fields are SQL text spliced into the statement
+    (column expressions, a table alias), the rest are values bound or consulted."""
+
+    # The file id column, or "?" where the file id is bound per probe.
+    file_sql: str = "?"
+    # A path row's path and mtime columns; None tests any of the file's live paths.
+    path_sql: str | None = None
+    mtime_sql: str | None = None
+    # The alias of a joined `files` row; None reads it by id.
+    files_sql: str | None = None
+    model: str | None = None
+    similar: Mapping[Similar, dict[int, float]] = field(default_factory=dict)
+    now: float = 0
     untagged: bool = False
     correlated: bool = False
     model_ids: tuple[int, ...] | None = None
@@ -135,15 +141,15 @@ def compile_where(
     paths; `similar` holds the resolved `similar:` terms.
     """
     ctx = _Ctx(
-        file_col,
-        path_col,
-        files_alias,
-        mtime_col,
-        scope_model(node),
-        similar or {},
-        time.time() if now is None else now,
-        _has_flag(node, "untagged"),
-        correlated,
+        file_sql=file_col,
+        path_sql=path_col,
+        files_sql=files_alias,
+        mtime_sql=mtime_col,
+        model=scope_model(node),
+        similar=similar or {},
+        now=time.time() if now is None else now,
+        untagged=_has_flag(node, "untagged"),
+        correlated=correlated,
         reviews=reviews,
     )
     return _where(node, ctx)
@@ -205,8 +211,8 @@ def _in(ctx: _Ctx, col: str, source: str, cond: str) -> str:
     a primary-key probe, for checking a few known candidates (ranked pages).
     """
     if ctx.correlated:
-        return f"EXISTS (SELECT 1 FROM {source} WHERE {col} = {ctx.file} AND {cond})"
-    return f"{ctx.file} IN (SELECT {col} FROM {source} WHERE {cond})"
+        return f"EXISTS (SELECT 1 FROM {source} WHERE {col} = {ctx.file_sql} AND {cond})"
+    return f"{ctx.file_sql} IN (SELECT {col} FROM {source} WHERE {cond})"
 
 
 def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple[str, list]:
@@ -217,7 +223,7 @@ def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple
 
 
 def _where(node: Node, ctx: _Ctx) -> Compiled:
-    f = ctx.file
+    f = ctx.file_sql
     if isinstance(node, Tag):
         sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
         if ctx.reviews:
@@ -302,11 +308,11 @@ def _reviewed(term: Tag, ctx: _Ctx, sub: str, params: list[object]) -> Compiled:
 
 def _on_path(ctx: _Ctx, cond: str, params: list[object], mtime: bool = False) -> Compiled:
     """`cond` over a path expression {p} (and {m} = its mtime_ns)."""
-    if ctx.path is not None:
-        return Compiled(cond.format(p=ctx.path, m=ctx.mtime or "NULL"), params)
+    if ctx.path_sql is not None:
+        return Compiled(cond.format(p=ctx.path_sql, m=ctx.mtime_sql or "NULL"), params)
     inner = cond.format(p="q.path", m="q.mtime_ns")
     return Compiled(
-        f"EXISTS (SELECT 1 FROM paths q WHERE q.file_id = {ctx.file} AND q.missing = 0 "
+        f"EXISTS (SELECT 1 FROM paths q WHERE q.file_id = {ctx.file_sql} AND q.missing = 0 "
         f"AND {inner})",
         params,
     )
@@ -349,16 +355,16 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
         msql, mparams = _model_clause("s", ctx)
         expr = (
             "(SELECT count(DISTINCT s.tag_id) FROM scores s "
-            f"WHERE s.file_id = {ctx.file} AND s.selected = 1{msql})"
+            f"WHERE s.file_id = {ctx.file_sql} AND s.selected = 1{msql})"
         )
         cond, params = _range_sql(expr, node.range)
         return Compiled(f"({cond})", _repeat(mparams, params))
     column = {"width": "width", "height": "height", "size": "size", "duration": "duration"}[key]
-    if ctx.files is not None:
-        cond, params = _range_sql(f"{ctx.files}.{column}", node.range)
+    if ctx.files_sql is not None:
+        cond, params = _range_sql(f"{ctx.files_sql}.{column}", node.range)
         return Compiled(f"coalesce({cond}, 0)", params)  # unknown (not hashed yet) = no match
     cond, params = _range_sql(column, node.range)
-    return Compiled(f"{ctx.file} IN (SELECT id FROM files WHERE {cond})", params)
+    return Compiled(f"{ctx.file_sql} IN (SELECT id FROM files WHERE {cond})", params)
 
 
 def _repeat(mparams: list[object], params: list[object]) -> list[object]:
@@ -381,7 +387,7 @@ def _score_condition(term: Tag | Score) -> tuple[str, list[object], str, list[ob
 
 
 def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
-    f = ctx.file
+    f = ctx.file_sql
     if isinstance(node, Tag | Score):
         ids, params, cond, cparams = _score_condition(node)
         msql, mparams = _model_clause("s", ctx, probe=True)
@@ -514,17 +520,17 @@ def build_sql(
         )
     for file_col, source, base in sources:
         ctx = _Ctx(
-            file_col,
-            "p.path",
-            "f" if files_join else None,
-            "p.mtime_ns",
-            model,
-            resolved.similar,
-            now,
-            _has_flag(node, "untagged"),
-            restrict is not None,
-            resolved.model_ids,
-            resolved.reviews,
+            file_sql=file_col,
+            path_sql="p.path",
+            files_sql="f" if files_join else None,
+            mtime_sql="p.mtime_ns",
+            model=model,
+            similar=resolved.similar,
+            now=now,
+            untagged=_has_flag(node, "untagged"),
+            correlated=restrict is not None,
+            model_ids=resolved.model_ids,
+            reviews=resolved.reviews,
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
@@ -591,7 +597,7 @@ def iter_search(
         reviews=review.in_use(conn),
     )
     wanted = positive_tags(node) if opts.with_tags else []
-    ctx = _Ctx("?", None, None, None, scope_model(node), resolved.similar, 0)
+    ctx = _Ctx(model=scope_model(node), similar=resolved.similar)
     rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
     if rows is None:
         driver = _driver(conn, node, opts)
@@ -778,7 +784,7 @@ def _driver_walk(
     Every rank factor is at most 1 and the driver's factor is at most its current walk score
     (the best branch, for an OR), so a file's rank is at most that score.
     """
-    msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
+    msql, mparams = _model_clause("s", _Ctx(model=scope_model(node)))
     model = Compiled(msql, mparams)
     walks = []
     for tag_id, term in driver:
@@ -919,7 +925,7 @@ def matched_scores(
     ctx: _Ctx | None = None,
 ) -> dict[str, float]:
     """The best stored score of each matched tag, keyed `namespace:name`."""
-    ctx = ctx or _Ctx("?", None, None, None, None, {}, 0)
+    ctx = ctx or _Ctx()
     out: dict[str, float] = {}
     for term in terms:
         ids, params, cond, cparams = _score_condition(term)
