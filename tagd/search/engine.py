@@ -38,6 +38,7 @@ from tagd.search.query import (
     Tag,
     TimeBound,
     TimeRange,
+    walk,
 )
 
 SORTS = ("score", "mtime", "path", "random")
@@ -426,33 +427,15 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
 
 
 def _has_flag(node: Node, name: str) -> bool:
-    if isinstance(node, Flag):
-        return node.name == name
-    if isinstance(node, Not):
-        return _has_flag(node.term, name)
-    if isinstance(node, And | Or):
-        return any(_has_flag(t, name) for t in node.terms)
-    return False
+    return any(isinstance(n, Flag) and n.name == name for n in walk(node))
 
 
 def _needs_jobs(node: Node) -> bool:
-    if isinstance(node, Flag):
-        return node.name in ("untagged", "failed")
-    if isinstance(node, Not):
-        return _needs_jobs(node.term)
-    if isinstance(node, And | Or):
-        return any(_needs_jobs(t) for t in node.terms)
-    return False
+    return any(isinstance(n, Flag) and n.name in ("untagged", "failed") for n in walk(node))
 
 
 def _similar_terms(node: Node) -> list[Similar]:
-    if isinstance(node, Similar):
-        return [node]
-    if isinstance(node, Not):
-        return _similar_terms(node.term)
-    if isinstance(node, And | Or):
-        return [s for t in node.terms for s in _similar_terms(t)]
-    return []
+    return [n for n in walk(node) if isinstance(n, Similar)]
 
 
 def resolve_similar(
@@ -572,13 +555,10 @@ def build_sql(
 
 
 def _uses_files(node: Node) -> bool:
-    if isinstance(node, FileFilter):
-        return node.key in ("width", "height", "size", "duration")
-    if isinstance(node, Not):
-        return _uses_files(node.term)
-    if isinstance(node, And | Or):
-        return any(_uses_files(t) for t in node.terms)
-    return False
+    return any(
+        isinstance(n, FileFilter) and n.key in ("width", "height", "size", "duration")
+        for n in walk(node)
+    )
 
 
 def iter_search(

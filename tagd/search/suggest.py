@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tagd.search.query import NAMESPACES, RATINGS, And, Node, Not, Or, Score, Tag
+from tagd.search.query import NAMESPACES, RATINGS, Node, Score, Tag, walk
 
 _CUTOFF = 0.6
 
@@ -27,15 +27,11 @@ class Unknown:
 
 def tag_terms(node: Node) -> Iterator[Tag]:
     """Every tag a query names, including those inside confidence filters."""
-    if isinstance(node, And | Or):
-        for t in node.terms:
-            yield from tag_terms(t)
-    elif isinstance(node, Not):
-        yield from tag_terms(node.term)
-    elif isinstance(node, Score):
-        yield node.tag
-    elif isinstance(node, Tag):
-        yield node
+    for n in walk(node):
+        if isinstance(n, Score):
+            yield n.tag
+        elif isinstance(n, Tag):
+            yield n
 
 
 def unknown_tags(conn: sqlite3.Connection, node: Node) -> list[Unknown]:
