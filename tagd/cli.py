@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tagd.commands import Context, UserError
 from tagd.commands.parser import build_parser
+from tagd.index.inventory import UnknownModel
 from tagd.names import for_humans
 
 EXIT_USAGE = 2
@@ -138,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"tagd: {for_humans(str(exc), keep_newlines=True)}", file=sys.stderr)
         return exc.exit_code
+    except UnknownModel as exc:
+        print(f"tagd: {for_humans(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("tagd: interrupted", file=sys.stderr)
         return 130

@@ -220,3 +220,15 @@ NESTED = st.recursive(
 def test_item12_long_and_deep_text_parses_or_fails_within_a_second(text: str) -> None:
     _, took = _timed_parse(text)
     assert took < 1.0, took
+
+
+def test_walk_visits_every_node_parents_first_in_query_order() -> None:
+    """walk() is the one traversal the "anywhere in the query" checks share."""
+    from tagd.search.query import walk
+
+    node = parse("a (b | -untagged) c:>0.5 -(d e)")
+    kinds = [type(n).__name__ for n in walk(node)]
+    assert kinds == ["And", "Tag", "Or", "Tag", "Not", "Flag", "Score", "Not", "And", "Tag", "Tag"]
+    seen = list(walk(node))
+    assert seen[0] is node
+    assert [n.name for n in seen if isinstance(n, Tag)] == ["a", "b", "d", "e"]

@@ -90,3 +90,20 @@ def test_search_names_unknown_tags_on_stderr(index) -> None:
     assert r.returncode == 0
     line = next(x for x in r.stdout.splitlines() if "'1grl'" in x)
     assert "[UNKNOWN: no tag '1grl' in the index; did you mean '1girl'?]" in line
+
+
+def test_one_error_names_an_unknown_model_with_a_guess(index: tuple[Path, Path]) -> None:
+    """Every lookup of a model by name goes through require_model_id and its one error."""
+    from tagd.index.inventory import UnknownModel, model_id, require_model_id
+
+    conn = connect(index[0], readonly=True)
+    try:
+        assert require_model_id(conn, "wd") == model_id(conn, "wd") is not None
+        with pytest.raises(UnknownModel) as err:
+            require_model_id(conn, "wdx")
+        assert (
+            str(err.value)
+            == "no model named 'wdx' in the index (known: dd, wd); did you mean 'wd'?"
+        )
+    finally:
+        conn.close()

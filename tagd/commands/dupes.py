@@ -39,10 +39,9 @@ def run(ctx: Context) -> int:
         raise UserError("--min-sim takes a cosine similarity in (0, 1]", 2)
     conn = ctx.db(readonly=True)
     if args.model is not None:
-        from tagd.search.suggest import unknown_model
+        from tagd.index.inventory import require_model_id
 
-        if (message := unknown_model(conn, args.model)) is not None:
-            raise UserError(message, 2)
+        require_model_id(conn, args.model)
     exact = [{"sha256": sha, "paths": paths} for sha, paths in exact_duplicates(conn)]
     near: list[list[dict[str, object]]] = []
     if not args.exact_only:

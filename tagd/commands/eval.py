@@ -120,14 +120,11 @@ def run(ctx: Context) -> int:
     conn = ctx.db(readonly=ctx.args.truth != "hydrus")
     lookup = _truth_lookup(ctx)
     reports = []
-    from tagd.search.suggest import unknown_model
-
     started = time.monotonic()
     read = 0
 
     for model in ctx.args.model:
-        if (message := unknown_model(conn, model)) is not None:
-            raise UserError(message, 2)
+        inventory.require_model_id(conn, model)
         known = inventory.model_label_namespaces(conn, model)
         done = inventory.tagged_file_ids(conn, model)
         samples = []

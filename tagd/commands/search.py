@@ -79,6 +79,7 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 def run(ctx: Context) -> int:
     from tagd.names import for_humans
     from tagd.search.engine import (
+        Resolved,
         SearchError,
         SearchOptions,
         build_sql,
@@ -122,17 +123,17 @@ def run(ctx: Context) -> int:
     for unknown in unknown_tags(conn, node):
         print(f"tagd: {unknown.message}", file=sys.stderr)
     try:
-        opts.similar = resolve_similar(conn, node, str(ctx.config.database))
+        similar = resolve_similar(conn, node, str(ctx.config.database))
         if args.sql:
-            q = build_sql(node, opts, count=args.count)
+            q = build_sql(node, opts, count=args.count, resolved=Resolved(similar=similar))
             print(q.sql)
             print(json.dumps(q.params, default=os.fsdecode))
             return 0
         if args.count:
-            n = count(conn, node, opts)
+            n = count(conn, node, opts, similar=similar)
             print(n)
             return 0 if n else 1
-        n = write_hits(iter_search(conn, node, opts), args.format, nul, sys.stdout)
+        n = write_hits(iter_search(conn, node, opts, similar=similar), args.format, nul, sys.stdout)
     except SearchError as exc:
         raise UserError(str(exc), 2) from None
     return 0 if n else 1

@@ -44,10 +44,9 @@ def run(ctx: Context) -> int:
         raise UserError("--min-sim takes a cosine similarity between -1 and 1", 2)
     conn = ctx.db(readonly=True)
     if args.model is not None:
-        from tagd.search.suggest import unknown_model
+        from tagd.index.inventory import require_model_id
 
-        if (message := unknown_model(conn, args.model)) is not None:
-            raise UserError(message, 2)
+        require_model_id(conn, args.model)
     try:
         file_id = resolve_ref(conn, args.ref)
         index = EmbeddingIndex.open(conn, ctx.config.database, args.model)

@@ -61,11 +61,7 @@ def run(ctx: Context) -> int:
     conn = ctx.db(readonly=True)
     model = None
     if args.model:
-        from tagd.search.suggest import unknown_model
-
-        model = inventory.model_id(conn, args.model)
-        if model is None:
-            raise UserError(unknown_model(conn, args.model) or args.model, 2)
+        model = inventory.require_model_id(conn, args.model)
     rows = inventory.tag_counts(conn, prefix=prefix, namespace=namespace, model=model, top=args.top)
     if args.format == "json":
         json.dump(

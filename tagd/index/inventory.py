@@ -6,6 +6,7 @@ takes an open connection and returns plain values.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -14,10 +15,30 @@ from dataclasses import dataclass
 JOB_STATES = ("queued", "running", "done", "failed")
 
 
+class UnknownModel(LookupError):
+    """A model name the index does not know; its message (with a did-you-mean) is what every
+    command prints, so the CLI and the web API translate this one error in one place each."""
+
+
 def model_id(conn: sqlite3.Connection, name: str) -> int | None:
     """The id of the model `name` in the index, None when it has never tagged here."""
     row = conn.execute("SELECT id FROM models WHERE name = ?", (name,)).fetchone()
     return None if row is None else int(row[0])
+
+
+def require_model_id(conn: sqlite3.Connection, name: str) -> int:
+    """The id of the model `name`; UnknownModel naming the known models when it is missing."""
+    found = model_id(conn, name)
+    if found is None:
+        raise UnknownModel(unknown_model_message(conn, name))
+    return found
+
+
+def unknown_model_message(conn: sqlite3.Connection, name: str) -> str:
+    known = [str(r[0]) for r in conn.execute("SELECT name FROM models ORDER BY name")]
+    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{guess[0]}'?" if guess else ""
+    return f"no model named {name!r} in the index (known: {', '.join(known) or 'none'}){hint}"
 
 
 def model_count(conn: sqlite3.Connection) -> int:

@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 from pyroaring import BitMap, FrozenBitMap
 
 from tagd.index import changes, sidecache
-from tagd.search.query import And, Node, Not, Or, Rating, Tag
+from tagd.search.query import And, Node, Not, Or, Rating, Tag, walk
 
 # SQL for a tag term's tag ids, and for counting the query over a JSON list of file ids.
 TagSql = Callable[[Tag], tuple[str, Sequence[object]]]
@@ -389,13 +389,7 @@ class Evaluator:
 def _needs_sqlite_only(node: Node) -> bool:
     from tagd.search.query import Flag, Model
 
-    if isinstance(node, Flag | Model):
-        return True
-    if isinstance(node, Not):
-        return _needs_sqlite_only(node.term)
-    if isinstance(node, And | Or):
-        return any(_needs_sqlite_only(t) for t in node.terms)
-    return False
+    return any(isinstance(n, Flag | Model) for n in walk(node))
 
 
 def _paths_logged(conn: sqlite3.Connection) -> bool:

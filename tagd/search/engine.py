@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from tagd.search.query import (
     Tag,
     TimeBound,
     TimeRange,
+    walk,
 )
 
 SORTS = ("score", "mtime", "path", "random")
@@ -64,17 +65,26 @@ class Hit:
     mtime_ns: int | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchOptions:
+    """What the user asked for: order and page. What the index answers about the query is
+    in `Resolved`, so one request can run against any index without being rewritten."""
+
     sort: str = "score"
     descending: bool | None = None
     limit: int | None = None
     offset: int = 0
     with_tags: bool = False
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What one query needs from the index, looked up once per query and passed down."""
+
+    # Files found by each `similar:` term, with their similarity (see resolve_similar).
+    similar: Mapping[Similar, dict[int, float]] = field(default_factory=dict)
     # Every model id, bound as literals so per-file probes seek the whole primary key.
     model_ids: tuple[int, ...] | None = None
-    # Files found by each `similar:` term, with their similarity (see resolve_similar).
-    similar: dict[Similar, dict[int, float]] = field(default_factory=dict)
     # Human verdicts exist (tagd/review.py): tag terms follow them.
     reviews: bool = False
 
@@ -83,15 +93,21 @@ class SearchError(Exception):
     """A well-formed query that cannot run against this index (unknown model, ...)."""
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class _Ctx:
-    file: str
-    path: str | None
-    files: str | None
-    mtime: str | None
-    model: str | None
-    similar: dict[Similar, dict[int, float]]
-    now: float
+    """How one query compiles: the `*_sql` fields are SQL text spliced into the statement
+    (column expressions, a table alias), the rest are values bound or consulted."""
+
+    # The file id column, or "?" where the file id is bound per probe.
+    file_sql: str = "?"
+    # A path row's path and mtime columns; None tests any of the file's live paths.
+    path_sql: str | None = None
+    mtime_sql: str | None = None
+    # The alias of a joined `files` row; None reads it by id.
+    files_sql: str | None = None
+    model: str | None = None
+    similar: Mapping[Similar, dict[int, float]] = field(default_factory=dict)
+    now: float = 0
     untagged: bool = False
     correlated: bool = False
     model_ids: tuple[int, ...] | None = None
@@ -126,15 +142,15 @@ def compile_where(
     paths; `similar` holds the resolved `similar:` terms.
     """
     ctx = _Ctx(
-        file_col,
-        path_col,
-        files_alias,
-        mtime_col,
-        scope_model(node),
-        similar or {},
-        time.time() if now is None else now,
-        _has_flag(node, "untagged"),
-        correlated,
+        file_sql=file_col,
+        path_sql=path_col,
+        files_sql=files_alias,
+        mtime_sql=mtime_col,
+        model=scope_model(node),
+        similar=similar or {},
+        now=time.time() if now is None else now,
+        untagged=_has_flag(node, "untagged"),
+        correlated=correlated,
         reviews=reviews,
     )
     return _where(node, ctx)
@@ -196,8 +212,8 @@ def _in(ctx: _Ctx, col: str, source: str, cond: str) -> str:
     a primary-key probe, for checking a few known candidates (ranked pages).
     """
     if ctx.correlated:
-        return f"EXISTS (SELECT 1 FROM {source} WHERE {col} = {ctx.file} AND {cond})"
-    return f"{ctx.file} IN (SELECT {col} FROM {source} WHERE {cond})"
+        return f"EXISTS (SELECT 1 FROM {source} WHERE {col} = {ctx.file_sql} AND {cond})"
+    return f"{ctx.file_sql} IN (SELECT {col} FROM {source} WHERE {cond})"
 
 
 def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple[str, list]:
@@ -208,7 +224,7 @@ def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple
 
 
 def _where(node: Node, ctx: _Ctx) -> Compiled:
-    f = ctx.file
+    f = ctx.file_sql
     if isinstance(node, Tag):
         sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
         if ctx.reviews:
@@ -293,11 +309,11 @@ def _reviewed(term: Tag, ctx: _Ctx, sub: str, params: list[object]) -> Compiled:
 
 def _on_path(ctx: _Ctx, cond: str, params: list[object], mtime: bool = False) -> Compiled:
     """`cond` over a path expression {p} (and {m} = its mtime_ns)."""
-    if ctx.path is not None:
-        return Compiled(cond.format(p=ctx.path, m=ctx.mtime or "NULL"), params)
+    if ctx.path_sql is not None:
+        return Compiled(cond.format(p=ctx.path_sql, m=ctx.mtime_sql or "NULL"), params)
     inner = cond.format(p="q.path", m="q.mtime_ns")
     return Compiled(
-        f"EXISTS (SELECT 1 FROM paths q WHERE q.file_id = {ctx.file} AND q.missing = 0 "
+        f"EXISTS (SELECT 1 FROM paths q WHERE q.file_id = {ctx.file_sql} AND q.missing = 0 "
         f"AND {inner})",
         params,
     )
@@ -340,16 +356,16 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
         msql, mparams = _model_clause("s", ctx)
         expr = (
             "(SELECT count(DISTINCT s.tag_id) FROM scores s "
-            f"WHERE s.file_id = {ctx.file} AND s.selected = 1{msql})"
+            f"WHERE s.file_id = {ctx.file_sql} AND s.selected = 1{msql})"
         )
         cond, params = _range_sql(expr, node.range)
         return Compiled(f"({cond})", _repeat(mparams, params))
     column = {"width": "width", "height": "height", "size": "size", "duration": "duration"}[key]
-    if ctx.files is not None:
-        cond, params = _range_sql(f"{ctx.files}.{column}", node.range)
+    if ctx.files_sql is not None:
+        cond, params = _range_sql(f"{ctx.files_sql}.{column}", node.range)
         return Compiled(f"coalesce({cond}, 0)", params)  # unknown (not hashed yet) = no match
     cond, params = _range_sql(column, node.range)
-    return Compiled(f"{ctx.file} IN (SELECT id FROM files WHERE {cond})", params)
+    return Compiled(f"{ctx.file_sql} IN (SELECT id FROM files WHERE {cond})", params)
 
 
 def _repeat(mparams: list[object], params: list[object]) -> list[object]:
@@ -372,7 +388,7 @@ def _score_condition(term: Tag | Score) -> tuple[str, list[object], str, list[ob
 
 
 def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
-    f = ctx.file
+    f = ctx.file_sql
     if isinstance(node, Tag | Score):
         ids, params, cond, cparams = _score_condition(node)
         msql, mparams = _model_clause("s", ctx, probe=True)
@@ -411,33 +427,15 @@ def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
 
 
 def _has_flag(node: Node, name: str) -> bool:
-    if isinstance(node, Flag):
-        return node.name == name
-    if isinstance(node, Not):
-        return _has_flag(node.term, name)
-    if isinstance(node, And | Or):
-        return any(_has_flag(t, name) for t in node.terms)
-    return False
+    return any(isinstance(n, Flag) and n.name == name for n in walk(node))
 
 
 def _needs_jobs(node: Node) -> bool:
-    if isinstance(node, Flag):
-        return node.name in ("untagged", "failed")
-    if isinstance(node, Not):
-        return _needs_jobs(node.term)
-    if isinstance(node, And | Or):
-        return any(_needs_jobs(t) for t in node.terms)
-    return False
+    return any(isinstance(n, Flag) and n.name in ("untagged", "failed") for n in walk(node))
 
 
 def _similar_terms(node: Node) -> list[Similar]:
-    if isinstance(node, Similar):
-        return [node]
-    if isinstance(node, Not):
-        return _similar_terms(node.term)
-    if isinstance(node, And | Or):
-        return [s for t in node.terms for s in _similar_terms(t)]
-    return []
+    return [n for n in walk(node) if isinstance(n, Similar)]
 
 
 def resolve_similar(
@@ -464,15 +462,18 @@ def check_model(conn: sqlite3.Connection, node: Node) -> None:
     name = scope_model(node)
     if name is None:
         return
-    from tagd.search.suggest import unknown_model
+    from tagd.index.inventory import require_model_id
 
-    message = unknown_model(conn, name)
-    if message is not None:
-        raise SearchError(message)
+    require_model_id(conn, name)
 
 
 def build_sql(
-    node: Node, opts: SearchOptions, *, count: bool = False, restrict: str | None = None
+    node: Node,
+    opts: SearchOptions,
+    *,
+    count: bool = False,
+    restrict: str | None = None,
+    resolved: Resolved | None = None,
 ) -> Compiled:
     """The full SELECT: live paths of hashed files, plus unfinished jobs for untagged/failed.
 
@@ -481,6 +482,7 @@ def build_sql(
     """
     if opts.sort not in SORTS:
         raise SearchError(f"unknown sort {opts.sort!r}: use one of {', '.join(SORTS)}")
+    resolved = resolved or Resolved()
     now = time.time()
     model = scope_model(node)
     files_join = _uses_files(node)
@@ -501,17 +503,17 @@ def build_sql(
         )
     for file_col, source, base in sources:
         ctx = _Ctx(
-            file_col,
-            "p.path",
-            "f" if files_join else None,
-            "p.mtime_ns",
-            model,
-            opts.similar,
-            now,
-            _has_flag(node, "untagged"),
-            restrict is not None,
-            opts.model_ids,
-            opts.reviews,
+            file_sql=file_col,
+            path_sql="p.path",
+            files_sql="f" if files_join else None,
+            mtime_sql="p.mtime_ns",
+            model=model,
+            similar=resolved.similar,
+            now=now,
+            untagged=_has_flag(node, "untagged"),
+            correlated=restrict is not None,
+            model_ids=resolved.model_ids,
+            reviews=resolved.reviews,
         )
         where = _where(node, ctx)
         rank = None if count or opts.sort != "score" else _rank(node, ctx)
@@ -553,31 +555,37 @@ def build_sql(
 
 
 def _uses_files(node: Node) -> bool:
-    if isinstance(node, FileFilter):
-        return node.key in ("width", "height", "size", "duration")
-    if isinstance(node, Not):
-        return _uses_files(node.term)
-    if isinstance(node, And | Or):
-        return any(_uses_files(t) for t in node.terms)
-    return False
+    return any(
+        isinstance(n, FileFilter) and n.key in ("width", "height", "size", "duration")
+        for n in walk(node)
+    )
 
 
 def iter_search(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
 ) -> Iterator[Hit]:
+    """Hits of `node`; `similar` holds its `similar:` terms, resolved (resolve_similar)."""
     opts = opts or SearchOptions()
     check_model(conn, node)
-    opts.reviews = review.in_use(conn)
-    opts.model_ids = tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id"))
+    resolved = Resolved(
+        similar=similar or {},
+        model_ids=tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id")),
+        reviews=review.in_use(conn),
+    )
     wanted = positive_tags(node) if opts.with_tags else []
-    ctx = _Ctx("?", None, None, None, scope_model(node), opts.similar, 0)
-    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts)
+    ctx = _Ctx(model=scope_model(node), similar=resolved.similar)
+    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
     if rows is None:
         driver = _driver(conn, node, opts)
         if driver is not None:
-            rows = _top_k(conn, node, opts, _driver_walk(conn, node, driver, opts.reviews))
+            walk = _driver_walk(conn, node, driver, resolved.reviews)
+            rows = _top_k(conn, node, opts, resolved, walk)
         else:
-            q = build_sql(node, opts)
+            q = build_sql(node, opts, resolved=resolved)
             rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
@@ -621,7 +629,9 @@ def _driver(
     return walkable[best]
 
 
-def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> list[tuple] | None:
+def _cached_top_k(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, resolved: Resolved
+) -> list[tuple] | None:
     """A ranked page of several tags, at least one of them common, checked in the order of
     rank bounds from the cache next to the database (tagd/rankcache.py); None where the cache
     cannot serve the query.
@@ -641,7 +651,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
-    if opts.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
+    if resolved.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
         return None  # the cache bounds model scores only; a verdict can lift a rank to 1
     from tagd.index import changes
     from tagd.search import rankcache
@@ -664,7 +674,7 @@ def _cached_top_k(conn: sqlite3.Connection, node: Node, opts: SearchOptions) -> 
             ]
             driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
         ids, bounds = rankcache.candidates(conn, cache, groups, dirty, driver)
-        return _top_k(conn, node, opts, rankcache.descending(ids, bounds))
+        return _top_k(conn, node, opts, resolved, rankcache.descending(ids, bounds))
     finally:
         if began:
             conn.execute("COMMIT")
@@ -754,7 +764,7 @@ def _driver_walk(
     Every rank factor is at most 1 and the driver's factor is at most its current walk score
     (the best branch, for an OR), so a file's rank is at most that score.
     """
-    msql, mparams = _model_clause("s", _Ctx("", None, None, None, scope_model(node), {}, 0))
+    msql, mparams = _model_clause("s", _Ctx(model=scope_model(node)))
     model = Compiled(msql, mparams)
     walks = []
     for tag_id, term in driver:
@@ -793,7 +803,11 @@ def _greatest(parts: list[Compiled]) -> Compiled:
 
 
 def _top_k(
-    conn: sqlite3.Connection, node: Node, opts: SearchOptions, walk: Iterator[tuple[float, int]]
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions,
+    resolved: Resolved,
+    walk: Iterator[tuple[float, int]],
 ) -> list[tuple]:
     """The best `limit + offset` rows by rank without ranking every match.
 
@@ -821,10 +835,7 @@ def _top_k(
         else:
             exhausted = True
         if pending:
-            narrowed = SearchOptions(
-                similar=opts.similar, model_ids=opts.model_ids, reviews=opts.reviews
-            )
-            q = build_sql(node, narrowed, restrict=json.dumps(pending))
+            q = build_sql(node, SearchOptions(), restrict=json.dumps(pending), resolved=resolved)
             rows.extend(conn.execute(q.sql, q.params))
         rows.sort(key=lambda r: (-r[4], r[0]))
         del rows[k:]
@@ -853,22 +864,28 @@ def search(
     return list(iter_search(conn, node, opts))
 
 
-def count(conn: sqlite3.Connection, node: Node, opts: SearchOptions | None = None) -> int:
+def count(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
+) -> int:
     opts = opts or SearchOptions()
     check_model(conn, node)
-    opts.reviews = review.in_use(conn)
+    resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
     # Human verdicts change what a tag term matches; the bitmaps hold model selections only.
-    if os.environ.get("TAGD_BITMAPS", "") != "off" and not opts.reviews:
+    if os.environ.get("TAGD_BITMAPS", "") != "off" and not resolved.reviews:
         from tagd.search import bitmaps
 
         def count_sql(restrict: str) -> tuple[str, Sequence[object]]:
-            q = build_sql(node, opts, count=True, restrict=restrict)
+            q = build_sql(node, opts, count=True, restrict=restrict, resolved=resolved)
             return q.sql, q.params
 
         fast = bitmaps.count(conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql)
         if fast is not None:
             return fast
-    q = build_sql(node, opts, count=True)
+    q = build_sql(node, opts, count=True, resolved=resolved)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 
 
@@ -888,7 +905,7 @@ def matched_scores(
     ctx: _Ctx | None = None,
 ) -> dict[str, float]:
     """The best stored score of each matched tag, keyed `namespace:name`."""
-    ctx = ctx or _Ctx("?", None, None, None, None, {}, 0)
+    ctx = ctx or _Ctx()
     out: dict[str, float] = {}
     for term in terms:
         ids, params, cond, cparams = _score_condition(term)

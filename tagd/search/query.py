@@ -18,6 +18,7 @@ reviewed source:human           files with a human verdict / with a tag a person
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -164,6 +165,21 @@ class Or:
 
 
 Node = Tag | Score | Rating | Model | FileFilter | Flag | Similar | Not | And | Or
+
+
+def walk(node: Node) -> Iterator[Node]:
+    """Every node of the tree, parents first, terms left to right: the one traversal the
+    questions "does the query use X anywhere" share. A Score's tag is part of the Score,
+    not a node of its own. Iterative, so a deeply nested query cannot hit the recursion limit.
+    """
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        yield current
+        if isinstance(current, Not):
+            stack.append(current.term)
+        elif isinstance(current, And | Or):
+            stack.extend(reversed(current.terms))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from tagd.index import changes, sidecache
+from tagd.index import changes, inventory, sidecache
 from tagd.index.atomic import write_atomic
 from tagd.names import AS_TEXT, for_humans, to_db
 from tagd.search import ann
@@ -59,10 +59,7 @@ def resolve_ref(conn: sqlite3.Connection, ref: str) -> int:
 def pick_model(conn: sqlite3.Connection, name: str | None) -> tuple[int, str]:
     """The named model, or the first (oldest) model that has embeddings."""
     if name is not None:
-        row = conn.execute("SELECT id, name FROM models WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            raise SimilarError(f"no model named {name!r} in the index")
-        return int(row[0]), str(row[1])
+        return inventory.require_model_id(conn, name), name
     row = conn.execute(
         "SELECT m.id, m.name FROM models m WHERE EXISTS "
         "(SELECT 1 FROM embeddings e WHERE e.model_id = m.id) ORDER BY m.id LIMIT 1"

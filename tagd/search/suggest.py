@@ -12,7 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from tagd.search.query import NAMESPACES, RATINGS, And, Node, Not, Or, Score, Tag
+from tagd.search.query import NAMESPACES, RATINGS, Node, Score, Tag, walk
 
 _CUTOFF = 0.6
 
@@ -27,15 +27,11 @@ class Unknown:
 
 def tag_terms(node: Node) -> Iterator[Tag]:
     """Every tag a query names, including those inside confidence filters."""
-    if isinstance(node, And | Or):
-        for t in node.terms:
-            yield from tag_terms(t)
-    elif isinstance(node, Not):
-        yield from tag_terms(node.term)
-    elif isinstance(node, Score):
-        yield node.tag
-    elif isinstance(node, Tag):
-        yield node
+    for n in walk(node):
+        if isinstance(n, Score):
+            yield n.tag
+        elif isinstance(n, Tag):
+            yield n
 
 
 def unknown_tags(conn: sqlite3.Connection, node: Node) -> list[Unknown]:
@@ -104,16 +100,6 @@ def _suggest(conn: sqlite3.Connection, term: Tag) -> str | None:
         ns = conn.execute("SELECT namespace FROM tags WHERE name = ?", (term.name,)).fetchone()[0]
         return f"{ns}:{term.name}"
     return None
-
-
-def unknown_model(conn: sqlite3.Connection, name: str) -> str | None:
-    """None when the index has a model `name`; else the one message every command uses."""
-    if conn.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is not None:
-        return None
-    known = [str(r[0]) for r in conn.execute("SELECT name FROM models ORDER BY name")]
-    guess = difflib.get_close_matches(name, known, n=1, cutoff=_CUTOFF)
-    hint = f"; did you mean '{guess[0]}'?" if guess else ""
-    return f"no model named {name!r} in the index (known: {', '.join(known) or 'none'}){hint}"
 
 
 def tag_names(conn: sqlite3.Connection, prefix: str, limit: int) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import db, store
+from tagd.index import db, inventory, store
 from tagd.tagging import results
 from tagd.tagging.graph import Head
 from tagd.tagging.labels import Labels
@@ -97,10 +97,10 @@ def reindex_model(
     """Recompute `selected` (and fill below-floor scores where needed) for one model."""
     start = time.perf_counter()
     report = Report(name)
-    row = conn.execute("SELECT id FROM models WHERE name = ?", (name,)).fetchone()
-    if row is None:
+    found = inventory.model_id(conn, name)
+    if found is None:
         return report
-    model_id = int(row[0])
+    model_id = found
     labels, tag_ids = stored_labels(conn, model_id)
     col = {int(t): i for i, t in enumerate(tag_ids)}
     by_ns = results.groups(labels.namespaces)

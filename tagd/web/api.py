@@ -26,12 +26,13 @@ def similar_of(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(nearest files, near duplicates among them at cosine >= 0.97); empty without
     embeddings."""
+    from tagd.index.inventory import UnknownModel
     from tagd.search.similar import SimilarError, paths_of
 
     try:
         index = state.similar_index(conn)
         near = index.nearest_to_file(file_id, limit=limit)
-    except (SimilarError, ValueError):
+    except (SimilarError, UnknownModel, ValueError):
         return [], []
     where = paths_of(conn, [f for f, _ in near])
     out = [
@@ -68,6 +69,7 @@ def routes(state: State) -> list[Route]:
         return JSONResponse(result)
 
     def count(request: Request) -> Response:
+        from tagd.index.inventory import UnknownModel
         from tagd.search.engine import SearchError
         from tagd.search.engine import count as count_of
         from tagd.search.query import QueryError, parse
@@ -77,7 +79,7 @@ def routes(state: State) -> list[Route]:
             return _bad("query longer than 1000 characters")
         try:
             return JSONResponse({"count": count_of(state.ro(), parse(q))})
-        except (QueryError, SearchError) as exc:
+        except (QueryError, SearchError, UnknownModel) as exc:
             return _bad(str(exc.args[0]))
 
     def tags(request: Request) -> Response:

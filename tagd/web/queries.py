@@ -17,7 +17,7 @@ from typing import Any
 
 from tagd.index import changes
 from tagd.index import reviews as review
-from tagd.search.query import NAMESPACES, And, Node, Not, Or, Tag
+from tagd.search.query import NAMESPACES, Node, Tag, walk
 
 SHA_RE = r"[0-9a-f]{64}"
 
@@ -168,13 +168,7 @@ def tag_names(conn: sqlite3.Connection, term: Tag) -> bool:
 
 def plain_tags(node: Node) -> list[Tag]:
     """Non-wildcard tag terms anywhere in the query (for the unknown-tag check)."""
-    if isinstance(node, Tag):
-        return [] if node.wildcard else [node]
-    if isinstance(node, Not):
-        return plain_tags(node.term)
-    if isinstance(node, And | Or):
-        return [t for term in node.terms for t in plain_tags(term)]
-    return []
+    return [n for n in walk(node) if isinstance(n, Tag) and not n.wildcard]
 
 
 class TagCounts:

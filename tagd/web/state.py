@@ -218,6 +218,7 @@ def search_page(
     with_tags: bool = True,
 ) -> dict[str, Any]:
     """One page of results as the API returns it; raises ValueError with a user message."""
+    from tagd.index.inventory import UnknownModel
     from tagd.search.engine import Hit, SearchError, SearchOptions, count, iter_search
     from tagd.search.query import QueryError, parse
 
@@ -245,7 +246,7 @@ def search_page(
             ]
         else:
             hits = [h for h in iter_search(conn, node, opts) if h.file_id and h.sha256]
-    except SearchError as exc:
+    except (SearchError, UnknownModel) as exc:
         raise ValueError(str(exc)) from None
     found = queries.dims(conn, [h.file_id for h in hits if h.file_id])
     total = None
