@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_tagd, wait_for, write_config
+from media_video import write_animation, write_video
 from onnx_models import build_wd_folder
 from PIL import Image
 
@@ -243,6 +244,50 @@ def test_cluster_rows_equal_local_pipeline(
     # The coordinator shipped the compressed files, never tensors.
     assert cp.bytes_shipped == sum(p.stat().st_size for p in gallery.iterdir())
     conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mapped", [False, True], ids=["shipped", "path_map"])
+def test_cluster_samples_videos_and_animations_like_the_local_pipeline(
+    tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any], mapped: bool
+) -> None:
+    """Shipped bytes (the video decoded from memory) and a mapped path (decoded from disk)."""
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    _, model = corpus
+    gallery = tmp_path / "media"
+    write_video(gallery / "clip.mp4")
+    write_animation(gallery / "loop.gif", "GIF")
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(gallery / "still.png")
+    media_sql = "SELECT sha256, duration, frames, fps FROM files ORDER BY 1"
+
+    local_cfg = _config(tmp_path, gallery, model, "local", batch=1)
+    conn = _scan(local_cfg)
+    with Pipeline(conn, local_cfg, tagger.load_all(local_cfg)) as p:
+        p.run()
+    local, local_media = _rows(conn), conn.execute(media_sql).fetchall()
+    conn.close()
+
+    section = {"path_map": {str(gallery): str(gallery)}} if mapped else {}
+    cluster_cfg = _config(tmp_path, gallery, model, "cluster", batch=1, cluster=section)
+    conn = _scan(cluster_cfg)
+    cp = ClusterPipeline(conn, cluster_cfg, tagger.load_all(cluster_cfg), actors=actors)
+    try:
+        outcome = cp.run()
+    finally:
+        cp.close()
+    assert cp.bytes_shipped == (0 if mapped else sum(f.stat().st_size for f in gallery.iterdir()))
+    remote, remote_media = _rows(conn), conn.execute(media_sql).fetchall()
+    conn.close()
+    assert outcome.done == 3 and outcome.failed == 0
+    assert remote["jobs"] == local["jobs"] == {"queued": 0, "running": 0, "done": 3, "failed": 0}
+    assert remote["files"] == local["files"]
+    assert {r[4] for r in remote["files"]} == {"MPEG4", "GIF", "PNG"}
+    assert remote["scores"] == local["scores"] and remote["scores"]
+    assert remote["embeddings"] == local["embeddings"]
+    assert [tuple(r) for r in remote_media] == [tuple(r) for r in local_media]
+    kinds = sorted((r[2] or 0, r[1]) for r in remote_media)
+    assert kinds == [(0, None), (10, pytest.approx(1.0)), (50, 5.0)]
 
 
 @pytest.mark.slow

@@ -207,8 +207,9 @@ class TagActor:
         """Decode (from shipped bytes, or the mapped path) and infer one batch.
 
         Each item is (task id, file bytes or None, path on this node or None, model names).
-        Returns per item ("ok", id, sha256, size, mtime_ns, width, height, format, outputs)
-        or ("failed", id, reason, transient, gone).
+        Returns per item ("ok", id, sha256, size, mtime_ns, width, height, format, outputs,
+        media info or None) or ("failed", id, reason, transient, gone). Videos and animations
+        are sampled as the local decoders do (`media.decode`) and their frames aggregated.
         """
         if not self.taggers:
             raise RuntimeError(self.load_error or "this tagd worker has no models loaded")
@@ -217,45 +218,68 @@ class TagActor:
         ready = [d for d in decoded if d[0] == "ok"]
         from tagd.tagging.pipeline import infer_tensors
 
-        scores = infer_tensors(self.taggers, [(d[1], d[8]) for d in ready], self.batch_size)
+        scores = infer_tensors(
+            self.taggers,
+            [(d[1], d[8]) for d in ready],
+            self.batch_size,
+            aggregate=self.config.video.aggregate,
+        )
         out: list[Any] = []
         for d in decoded:
             if d[0] != "ok":
                 out.append(d)
                 continue
             outputs = {name: scores[(d[1], name)] for name in d[8]}
-            out.append((*d[:8], outputs))
+            out.append((*d[:8], outputs, d[9]))
         self.done += len(ready)
         self.busy_s += time.perf_counter() - start
         return out
 
     def _decode(self, item: tuple[int, bytes | None, str | None, tuple[str, ...]]) -> tuple:
+        from tagd.tagging import media
         from tagd.tagging.decode import DecodeError, read_file
-        from tagd.tagging.workers import decode_and_prepare
+        from tagd.tagging.workers import decode_and_prepare, draft_size
 
         task_id, data, path, models = item
+        # A mapped video is hashed in chunks and decoded from its path, never read whole.
+        by_path = data is None and path is not None and media.is_video_path(path)
+        identity: tuple[str | None, int | None, int | None] = (None, None, None)
         if data is None:
             assert path is not None
             try:
-                file = read_file(path)
+                if by_path:
+                    identity = media.hash_file(path)
+                else:
+                    file = read_file(path)
+                    data = file.data
+                    identity = (file.sha256, file.size, file.mtime_ns)
             except DecodeError as exc:
                 return ("failed", task_id, exc.reason, exc.transient, exc.gone)
-            data = file.data
-            identity: tuple[str | None, int | None, int | None] = (
-                file.sha256,
-                file.size,
-                file.mtime_ns,
-            )
-        else:
-            identity = (None, None, None)
         specs = {t.name: t.spec for t in self.taggers if t.name in models}
+        info: Any = None
+        fmt: str | None
         try:
-            w, h, fmt, tensors = decode_and_prepare(data, specs, self.config.max_image_pixels)
+            source = path if by_path else data
+            assert source is not None
+            found = media.decode(
+                source,
+                specs,
+                self.config.max_image_pixels,
+                self.config.video,
+                draft_size(list(specs.values())),
+            )
+            if found is not None:
+                w, h, fmt, tensors, info = found
+                if by_path and path and media.changed(path, identity[1] or 0, identity[2] or 0):
+                    raise DecodeError("the file changed while it was read", transient=True)
+            else:
+                assert data is not None
+                w, h, fmt, tensors = decode_and_prepare(data, specs, self.config.max_image_pixels)
         except DecodeError as exc:
             return ("failed", task_id, exc.reason, exc.transient, False)
         except (MemoryError, Exception) as exc:
             return ("failed", task_id, f"decoder error: {type(exc).__name__}: {exc}", False, False)
-        return ("ok", task_id, *identity, w, h, fmt, tensors)
+        return ("ok", task_id, *identity, w, h, fmt, tensors, info)
 
 
 def _mapped_model(model: Any, config: Config) -> Any:
