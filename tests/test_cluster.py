@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -473,3 +474,77 @@ def test_unreachable_head_is_a_one_line_error_and_jobs_stay_queued(
     conn = db.connect(tmp_path / "u.db")
     assert jobs.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
     conn.close()
+
+
+# -- tagd check --------------------------------------------------------------------------------
+
+
+def _check_config(tmp: Path, model: Path, address: str) -> Path:
+    gallery = tmp / "g"
+    _noise_images(gallery, 1, (32, 24))
+    return write_config(
+        tmp / "check.yaml",
+        {
+            "database": str(tmp / "c.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"address": address},
+        },
+    )
+
+
+@pytest.mark.slow
+def test_check_joins_the_local_cluster_and_lists_its_node(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    out = run_tagd("--config", str(_check_config(tmp_path, probe_model, "local")), "check")
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if "cluster local" in ln)
+    import ray
+
+    assert line.startswith("ok   cluster local: reachable, 1 node: "), line
+    assert f"Ray {ray.__version__}, Python {sys.version.split()[0]} match" in line
+    assert "CPUs" in line and "GPUs" in line
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_check_with_an_unreachable_head_fails_fast_with_the_fix(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    cfg = _check_config(tmp_path, probe_model, "127.0.0.1:1")
+    start = time.monotonic()
+    out = run_tagd("--config", str(cfg), "check")
+    took = time.monotonic() - start
+    assert out.returncode == 1
+    line = next(ln for ln in out.stdout.splitlines() if "cluster 127.0.0.1:1" in ln)
+    assert line.startswith(
+        "FAIL cluster 127.0.0.1:1: not reachable: nothing answers at 127.0.0.1:1"
+    )
+    assert "-> start it with `ray start --head`" in line
+    assert took < 60, took  # the whole command, model load included; Ray alone retries minutes
+    assert "Traceback" not in out.stderr
+
+
+def test_ray_version_mismatch_becomes_one_line_with_the_fix() -> None:
+    """The text Ray raises when versions differ, made by Ray's own check."""
+    from ray._private.utils import check_version_info
+
+    from tagd.cluster import ray_backend as rb
+
+    with pytest.raises(RuntimeError) as err:
+        check_version_info(
+            {"ray_version": "2.9.3", "python_version": "3.10.12"},
+            "10.0.0.5",
+            raise_on_mismatch=True,
+        )
+    line = rb.version_fix(str(err.value))
+    import ray
+
+    here = sys.version.split()[0]
+    assert line == (
+        f"version mismatch: the cluster runs Ray 2.9.3 on Python 3.10.12, this machine Ray "
+        f"{ray.__version__} on Python {here}; install ray==2.9.3 with Python 3.10 on every machine"
+    )
+    assert rb.version_fix("some other failure") is None

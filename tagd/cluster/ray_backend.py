@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -77,6 +78,63 @@ def reachable(address: str, timeout: float = 5.0) -> None:
             pass
     except (OSError, ValueError) as exc:
         raise ConnectionError(f"nothing answers at {hostport} ({exc})") from None
+
+
+_MISMATCH = re.compile(
+    r"The cluster was started with:\s*Ray: (\S+)\s*Python: (\S+)\s*"
+    r"This process on .*? was started with:\s*Ray: (\S+)\s*Python: (\S+)",
+    re.S,
+)
+
+
+def version_fix(error: str) -> str | None:
+    """Ray's version-mismatch error (it prints both sides) as one line with the fix."""
+    m = _MISMATCH.search(error)
+    if m is None:
+        return None
+    ray_there, py_there, ray_here, py_here = m.groups()
+    return (
+        f"version mismatch: the cluster runs Ray {ray_there} on Python {py_there}, this machine "
+        f"Ray {ray_here} on Python {py_here}; install ray=={ray_there} with Python "
+        f"{'.'.join(py_there.split('.')[:2])} on every machine"
+    )
+
+
+def survey(address: str) -> dict[str, Any]:
+    """Join the cluster (bounded like `connect`) and describe its live nodes, for `tagd check`.
+
+    Returns {"nodes": [{"host", "cpus", "gpus"}], "ray", "python"}; raises ConnectionError
+    with a one-line reason when it cannot join.
+    """
+    try:
+        owned = connect(address)
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        fix = version_fix(text)
+        if fix:
+            raise ConnectionError(fix) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        raise ConnectionError(lines[-1] if lines else type(exc).__name__) from None
+    try:
+        nodes = [
+            {
+                "host": n.get("NodeManagerHostname") or n.get("NodeManagerAddress"),
+                "cpus": float(n.get("Resources", {}).get("CPU", 0.0)),
+                "gpus": float(n.get("Resources", {}).get("GPU", 0.0)),
+            }
+            for n in ray.nodes()
+            if n.get("Alive")
+        ]
+    finally:
+        if owned:
+            ray.shutdown()
+    return {
+        "nodes": nodes,
+        "ray": ray.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
 
 
 def cluster_gpus() -> float:
