@@ -7,11 +7,14 @@ own (`address: local`), as a user's would.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -137,7 +140,12 @@ def ray_cluster() -> Iterator[Any]:
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # noqa: SIM112 (Ray spells it so)
     import ray
 
+    # A private temp dir: `ray start` (the node-leaving test) records the cluster's address
+    # in the head's temp dir, where any other `ray.init()` on this machine would find it.
+    temp = tempfile.mkdtemp(prefix="tagd-ray-")
     ray.init(
+        address="local",
+        _temp_dir=temp,
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,
@@ -148,6 +156,7 @@ def ray_cluster() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +348,79 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
             return None
 
     wait_for(lambda: restarted_pid() not in (None, killed), timeout=60)
+    conn.close()
+
+
+@pytest.fixture
+def second_node(ray_cluster: Any, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """A second Ray node on loopback (`ray start --address`), with a `leaver` resource to pin
+    a worker there; its own process group, so the test can take the whole node away."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    start = ["start", f"--address={address}", "--num-cpus=1", '--resources={"leaver": 1}']
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", *start, "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "node.log").open("wb"),
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: ray_cluster.cluster_resources().get("leaver") == 1.0, timeout=60)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_node_leaving_mid_run_tags_every_file_exactly_once(
+    tmp_path: Path,
+    corpus: tuple[Path, Path],
+    actors: list[Any],
+    ray_cluster: Any,
+    second_node: subprocess.Popen,
+) -> None:
+    from tagd.cluster import ray_backend as rb
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    cfg = _config(tmp_path, gallery, model, "leave", cluster={"max_in_flight": 4})
+    leaver = (
+        ray_cluster.remote(rb.TagActor)
+        .options(num_cpus=0.5, resources={"leaver": 1}, max_restarts=-1, max_task_retries=0)
+        .remote(cfg, 1, None)
+    )
+    conn = _scan(cfg)
+    _count_taggings(conn)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg), actors=[leaver, actors[0]])
+    result: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            result["outcome"] = cp.run()
+        except BaseException as exc:
+            result["error"] = exc
+
+    cp.start()
+    away = next(a for a in cp.actors if a.handle == leaver)
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        wait_for(lambda: away.outstanding >= 1, timeout=60)
+        os.killpg(second_node.pid, signal.SIGKILL)  # raylet, its workers: the node is gone
+        thread.join(100)
+        assert not thread.is_alive()
+    finally:
+        cp.close()
+        ray_cluster.kill(leaver)
+    assert "error" not in result, result.get("error")
+    assert cp.deaths >= 1 and cp.resubmitted >= 1 and away.state != "ready"
+    assert result["outcome"].done == 24
+    assert jobs.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
+    writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
+    assert len(writes) == 24 and {n for _, n in writes} == {1}
     conn.close()
 
 

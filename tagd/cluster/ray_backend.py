@@ -58,7 +58,8 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
         kwargs["include_dashboard"] = False
         if object_store_bytes:
             kwargs["object_store_memory"] = object_store_bytes
-        ray.init(**kwargs)
+        # Spelled out: a bare ray.init() joins whatever cluster `ray start` last recorded.
+        ray.init(address="local", **kwargs)
     else:
         ray.init(address=address, **kwargs)
     # ray.init installs a C++ handler that dumps a stack trace on SIGTERM and aborts the
