@@ -204,6 +204,31 @@ def check_hydrus(config: Config) -> Check | None:
     return Check("hydrus", True, f"{cfg.url} answers (API version {version}), key accepted")
 
 
+def check_cluster(config: Config) -> Check | None:
+    """Joins the configured Ray cluster as `tagd scan` would: reachable, nodes, versions."""
+    if config.cluster is None:
+        return None
+    from tagd.cluster import ClusterError, survey
+
+    address = config.cluster.address
+    try:
+        found = survey(address)
+    except ClusterError as exc:
+        reason, _, fix = str(exc).rpartition("; ")
+        if not reason:
+            reason, fix = fix, ""
+        return Check(f"cluster {address}", False, reason, fix)
+    nodes = found["nodes"]
+    listed = ", ".join(f"{n['host']} ({n['cpus']:g} CPUs, {n['gpus']:g} GPUs)" for n in nodes)
+    plural = "node" if len(nodes) == 1 else "nodes"
+    return Check(
+        f"cluster {address}",
+        True,
+        f"reachable, {len(nodes)} {plural}: {listed}; Ray {found['ray']}, "
+        f"Python {found['python']} match",
+    )
+
+
 def run_checks(config: Config) -> Iterator[Check]:
     """Every check in order; slow ones (model loads) come after the quick ones."""
     yield from check_roots(config)
@@ -212,6 +237,9 @@ def run_checks(config: Config) -> Iterator[Check]:
     hydrus = check_hydrus(config)
     if hydrus is not None:
         yield hydrus
+    cluster = check_cluster(config)
+    if cluster is not None:
+        yield cluster
     if not config.models:
         yield Check("models", False, "none configured", "add one under `models:`")
     for model in config.models:

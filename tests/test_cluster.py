@@ -7,12 +7,16 @@ own (`address: local`), as a user's would.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import run_tagd, wait_for, write_config
+from media_video import write_animation, write_video
 from onnx_models import build_wd_folder
 from PIL import Image
 
@@ -135,7 +140,12 @@ def ray_cluster() -> Iterator[Any]:
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"  # noqa: SIM112 (Ray spells it so)
     import ray
 
+    # A private temp dir: `ray start` (the node-leaving test) records the cluster's address
+    # in the head's temp dir, where any other `ray.init()` on this machine would find it.
+    temp = tempfile.mkdtemp(prefix="tagd-ray-")
     ray.init(
+        address="local",
+        _temp_dir=temp,
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 * 1024 * 1024,
@@ -146,6 +156,7 @@ def ray_cluster() -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +257,50 @@ def test_cluster_rows_equal_local_pipeline(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mapped", [False, True], ids=["shipped", "path_map"])
+def test_cluster_samples_videos_and_animations_like_the_local_pipeline(
+    tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any], mapped: bool
+) -> None:
+    """Shipped bytes (the video decoded from memory) and a mapped path (decoded from disk)."""
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    _, model = corpus
+    gallery = tmp_path / "media"
+    write_video(gallery / "clip.mp4")
+    write_animation(gallery / "loop.gif", "GIF")
+    Image.new("RGB", (40, 30), (0, 255, 0)).save(gallery / "still.png")
+    media_sql = "SELECT sha256, duration, frames, fps FROM files ORDER BY 1"
+
+    local_cfg = _config(tmp_path, gallery, model, "local", batch=1)
+    conn = _scan(local_cfg)
+    with Pipeline(conn, local_cfg, tagger.load_all(local_cfg)) as p:
+        p.run()
+    local, local_media = _rows(conn), conn.execute(media_sql).fetchall()
+    conn.close()
+
+    section = {"path_map": {str(gallery): str(gallery)}} if mapped else {}
+    cluster_cfg = _config(tmp_path, gallery, model, "cluster", batch=1, cluster=section)
+    conn = _scan(cluster_cfg)
+    cp = ClusterPipeline(conn, cluster_cfg, tagger.load_all(cluster_cfg), actors=actors)
+    try:
+        outcome = cp.run()
+    finally:
+        cp.close()
+    assert cp.bytes_shipped == (0 if mapped else sum(f.stat().st_size for f in gallery.iterdir()))
+    remote, remote_media = _rows(conn), conn.execute(media_sql).fetchall()
+    conn.close()
+    assert outcome.done == 3 and outcome.failed == 0
+    assert remote["jobs"] == local["jobs"] == {"queued": 0, "running": 0, "done": 3, "failed": 0}
+    assert remote["files"] == local["files"]
+    assert {r[4] for r in remote["files"]} == {"MPEG4", "GIF", "PNG"}
+    assert remote["scores"] == local["scores"] and remote["scores"]
+    assert remote["embeddings"] == local["embeddings"]
+    assert [tuple(r) for r in remote_media] == [tuple(r) for r in local_media]
+    kinds = sorted((r[2] or 0, r[1]) for r in remote_media)
+    assert kinds == [(0, None), (10, pytest.approx(1.0)), (50, 5.0)]
+
+
+@pytest.mark.slow
 def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
     tmp_path: Path, corpus: tuple[Path, Path], actors: list[Any], ray_cluster: Any
 ) -> None:
@@ -293,6 +348,79 @@ def test_worker_sigkill_mid_batch_tags_every_file_exactly_once(
             return None
 
     wait_for(lambda: restarted_pid() not in (None, killed), timeout=60)
+    conn.close()
+
+
+@pytest.fixture
+def second_node(ray_cluster: Any, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    """A second Ray node on loopback (`ray start --address`), with a `leaver` resource to pin
+    a worker there; its own process group, so the test can take the whole node away."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    start = ["start", f"--address={address}", "--num-cpus=1", '--resources={"leaver": 1}']
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", *start, "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "node.log").open("wb"),
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: ray_cluster.cluster_resources().get("leaver") == 1.0, timeout=60)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_a_node_leaving_mid_run_tags_every_file_exactly_once(
+    tmp_path: Path,
+    corpus: tuple[Path, Path],
+    actors: list[Any],
+    ray_cluster: Any,
+    second_node: subprocess.Popen,
+) -> None:
+    from tagd.cluster import ray_backend as rb
+    from tagd.cluster.coordinator import ClusterPipeline
+
+    gallery, model = corpus
+    cfg = _config(tmp_path, gallery, model, "leave", cluster={"max_in_flight": 4})
+    leaver = (
+        ray_cluster.remote(rb.TagActor)
+        .options(num_cpus=0.5, resources={"leaver": 1}, max_restarts=-1, max_task_retries=0)
+        .remote(cfg, 1, None)
+    )
+    conn = _scan(cfg)
+    _count_taggings(conn)
+    cp = ClusterPipeline(conn, cfg, tagger.load_all(cfg), actors=[leaver, actors[0]])
+    result: dict[str, Any] = {}
+
+    def drive() -> None:
+        try:
+            result["outcome"] = cp.run()
+        except BaseException as exc:
+            result["error"] = exc
+
+    cp.start()
+    away = next(a for a in cp.actors if a.handle == leaver)
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        wait_for(lambda: away.outstanding >= 1, timeout=60)
+        os.killpg(second_node.pid, signal.SIGKILL)  # raylet, its workers: the node is gone
+        thread.join(100)
+        assert not thread.is_alive()
+    finally:
+        cp.close()
+        ray_cluster.kill(leaver)
+    assert "error" not in result, result.get("error")
+    assert cp.deaths >= 1 and cp.resubmitted >= 1 and away.state != "ready"
+    assert result["outcome"].done == 24
+    assert jobs.counts(conn) == {"queued": 0, "running": 0, "done": 24, "failed": 1}
+    writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
+    assert len(writes) == 24 and {n for _, n in writes} == {1}
     conn.close()
 
 
@@ -428,3 +556,77 @@ def test_unreachable_head_is_a_one_line_error_and_jobs_stay_queued(
     conn = db.connect(tmp_path / "u.db")
     assert jobs.counts(conn) == {"queued": 2, "running": 0, "done": 0, "failed": 0}
     conn.close()
+
+
+# -- tagd check --------------------------------------------------------------------------------
+
+
+def _check_config(tmp: Path, model: Path, address: str) -> Path:
+    gallery = tmp / "g"
+    _noise_images(gallery, 1, (32, 24))
+    return write_config(
+        tmp / "check.yaml",
+        {
+            "database": str(tmp / "c.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"address": address},
+        },
+    )
+
+
+@pytest.mark.slow
+def test_check_joins_the_local_cluster_and_lists_its_node(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    out = run_tagd("--config", str(_check_config(tmp_path, probe_model, "local")), "check")
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if "cluster local" in ln)
+    import ray
+
+    assert line.startswith("ok   cluster local: reachable, 1 node: "), line
+    assert f"Ray {ray.__version__}, Python {sys.version.split()[0]} match" in line
+    assert "CPUs" in line and "GPUs" in line
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_check_with_an_unreachable_head_fails_fast_with_the_fix(
+    tmp_path: Path, probe_model: Path
+) -> None:
+    cfg = _check_config(tmp_path, probe_model, "127.0.0.1:1")
+    start = time.monotonic()
+    out = run_tagd("--config", str(cfg), "check")
+    took = time.monotonic() - start
+    assert out.returncode == 1
+    line = next(ln for ln in out.stdout.splitlines() if "cluster 127.0.0.1:1" in ln)
+    assert line.startswith(
+        "FAIL cluster 127.0.0.1:1: not reachable: nothing answers at 127.0.0.1:1"
+    )
+    assert "-> start it with `ray start --head`" in line
+    assert took < 60, took  # the whole command, model load included; Ray alone retries minutes
+    assert "Traceback" not in out.stderr
+
+
+def test_ray_version_mismatch_becomes_one_line_with_the_fix() -> None:
+    """The text Ray raises when versions differ, made by Ray's own check."""
+    from ray._private.utils import check_version_info
+
+    from tagd.cluster import ray_backend as rb
+
+    with pytest.raises(RuntimeError) as err:
+        check_version_info(
+            {"ray_version": "2.9.3", "python_version": "3.10.12"},
+            "10.0.0.5",
+            raise_on_mismatch=True,
+        )
+    line = rb.version_fix(str(err.value))
+    import ray
+
+    here = sys.version.split()[0]
+    assert line == (
+        f"version mismatch: the cluster runs Ray 2.9.3 on Python 3.10.12, this machine Ray "
+        f"{ray.__version__} on Python {here}; install ray==2.9.3 with Python 3.10 on every machine"
+    )
+    assert rb.version_fix("some other failure") is None

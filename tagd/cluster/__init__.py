@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tagd.tagging.hub import ModelError
 
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tagd.tagging.pipeline import Pipeline
     from tagd.tagging.tagger import Tagger
 
-__all__ = ["ClusterError", "pipeline_for"]
+__all__ = ["ClusterError", "pipeline_for", "survey"]
 
 STATE_KEY = "cluster"
 
@@ -46,3 +46,24 @@ def pipeline_for(
             "pip install 'tagd[ray]', or remove `cluster:` from the config"
         ) from None
     return ClusterPipeline(conn, config, taggers, owner=owner)
+
+
+def survey(address: str) -> dict[str, Any]:
+    """The cluster's live nodes (see `ray_backend.survey`); ClusterError with one line and
+    its fix when Ray is missing, nothing answers, or the versions differ."""
+    try:
+        from tagd.cluster import ray_backend as rb
+    except ImportError as exc:
+        raise ClusterError(
+            f"Ray is not installed ({exc}); install it with pip install 'tagd[ray]'"
+        ) from None
+    try:
+        return rb.survey(address)
+    except ConnectionError as exc:
+        reason = str(exc)
+        if reason.startswith("version mismatch"):
+            raise ClusterError(reason) from None
+        raise ClusterError(
+            f"not reachable: {reason}; start it with `ray start --head` on the "
+            "head machine, check the address and the firewall, or use address: local"
+        ) from None

@@ -457,7 +457,7 @@ class ClusterPipeline(Pipeline):
                 _, _, reason, transient, gone = res
                 write((item.job, Failed(item.job.id, reason, transient, gone)))
                 continue
-            _, _, sha, size, mtime_ns, width, height, fmt, outputs = res
+            _, _, sha, size, mtime_ns, width, height, fmt, outputs, info = res
             file = _no_data(item.file) if item.file else FileBytes(b"", sha, size, mtime_ns)
             if item.file is None:
                 keep = {t.name for t in self.needed(item.job, file.sha256)}
@@ -466,7 +466,7 @@ class ClusterPipeline(Pipeline):
                 unchanged.append((item.job, file))
                 continue
             tensors = dict.fromkeys(outputs, _NO_TENSOR)
-            prepared.append(Prepared(item.job, file, width, height, fmt, tensors))
+            prepared.append(Prepared(item.job, file, width, height, fmt, tensors, info))
             for name, value in outputs.items():
                 scores[(item.job.id, name)] = value
         flight.actor.done += len(prepared) + len(unchanged)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -57,7 +58,8 @@ def connect(address: str, *, object_store_bytes: int | None = None) -> bool:
         kwargs["include_dashboard"] = False
         if object_store_bytes:
             kwargs["object_store_memory"] = object_store_bytes
-        ray.init(**kwargs)
+        # Spelled out: a bare ray.init() joins whatever cluster `ray start` last recorded.
+        ray.init(address="local", **kwargs)
     else:
         ray.init(address=address, **kwargs)
     # ray.init installs a C++ handler that dumps a stack trace on SIGTERM and aborts the
@@ -77,6 +79,63 @@ def reachable(address: str, timeout: float = 5.0) -> None:
             pass
     except (OSError, ValueError) as exc:
         raise ConnectionError(f"nothing answers at {hostport} ({exc})") from None
+
+
+_MISMATCH = re.compile(
+    r"The cluster was started with:\s*Ray: (\S+)\s*Python: (\S+)\s*"
+    r"This process on .*? was started with:\s*Ray: (\S+)\s*Python: (\S+)",
+    re.S,
+)
+
+
+def version_fix(error: str) -> str | None:
+    """Ray's version-mismatch error (it prints both sides) as one line with the fix."""
+    m = _MISMATCH.search(error)
+    if m is None:
+        return None
+    ray_there, py_there, ray_here, py_here = m.groups()
+    return (
+        f"version mismatch: the cluster runs Ray {ray_there} on Python {py_there}, this machine "
+        f"Ray {ray_here} on Python {py_here}; install ray=={ray_there} with Python "
+        f"{'.'.join(py_there.split('.')[:2])} on every machine"
+    )
+
+
+def survey(address: str) -> dict[str, Any]:
+    """Join the cluster (bounded like `connect`) and describe its live nodes, for `tagd check`.
+
+    Returns {"nodes": [{"host", "cpus", "gpus"}], "ray", "python"}; raises ConnectionError
+    with a one-line reason when it cannot join.
+    """
+    try:
+        owned = connect(address)
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        fix = version_fix(text)
+        if fix:
+            raise ConnectionError(fix) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        raise ConnectionError(lines[-1] if lines else type(exc).__name__) from None
+    try:
+        nodes = [
+            {
+                "host": n.get("NodeManagerHostname") or n.get("NodeManagerAddress"),
+                "cpus": float(n.get("Resources", {}).get("CPU", 0.0)),
+                "gpus": float(n.get("Resources", {}).get("GPU", 0.0)),
+            }
+            for n in ray.nodes()
+            if n.get("Alive")
+        ]
+    finally:
+        if owned:
+            ray.shutdown()
+    return {
+        "nodes": nodes,
+        "ray": ray.__version__,
+        "python": ".".join(map(str, sys.version_info[:3])),
+    }
 
 
 def cluster_gpus() -> float:
@@ -207,8 +266,9 @@ class TagActor:
         """Decode (from shipped bytes, or the mapped path) and infer one batch.
 
         Each item is (task id, file bytes or None, path on this node or None, model names).
-        Returns per item ("ok", id, sha256, size, mtime_ns, width, height, format, outputs)
-        or ("failed", id, reason, transient, gone).
+        Returns per item ("ok", id, sha256, size, mtime_ns, width, height, format, outputs,
+        media info or None) or ("failed", id, reason, transient, gone). Videos and animations
+        are sampled as the local decoders do (`media.decode`) and their frames aggregated.
         """
         if not self.taggers:
             raise RuntimeError(self.load_error or "this tagd worker has no models loaded")
@@ -217,45 +277,68 @@ class TagActor:
         ready = [d for d in decoded if d[0] == "ok"]
         from tagd.tagging.pipeline import infer_tensors
 
-        scores = infer_tensors(self.taggers, [(d[1], d[8]) for d in ready], self.batch_size)
+        scores = infer_tensors(
+            self.taggers,
+            [(d[1], d[8]) for d in ready],
+            self.batch_size,
+            aggregate=self.config.video.aggregate,
+        )
         out: list[Any] = []
         for d in decoded:
             if d[0] != "ok":
                 out.append(d)
                 continue
             outputs = {name: scores[(d[1], name)] for name in d[8]}
-            out.append((*d[:8], outputs))
+            out.append((*d[:8], outputs, d[9]))
         self.done += len(ready)
         self.busy_s += time.perf_counter() - start
         return out
 
     def _decode(self, item: tuple[int, bytes | None, str | None, tuple[str, ...]]) -> tuple:
+        from tagd.tagging import media
         from tagd.tagging.decode import DecodeError, read_file
-        from tagd.tagging.workers import decode_and_prepare
+        from tagd.tagging.workers import decode_and_prepare, draft_size
 
         task_id, data, path, models = item
+        # A mapped video is hashed in chunks and decoded from its path, never read whole.
+        by_path = data is None and path is not None and media.is_video_path(path)
+        identity: tuple[str | None, int | None, int | None] = (None, None, None)
         if data is None:
             assert path is not None
             try:
-                file = read_file(path)
+                if by_path:
+                    identity = media.hash_file(path)
+                else:
+                    file = read_file(path)
+                    data = file.data
+                    identity = (file.sha256, file.size, file.mtime_ns)
             except DecodeError as exc:
                 return ("failed", task_id, exc.reason, exc.transient, exc.gone)
-            data = file.data
-            identity: tuple[str | None, int | None, int | None] = (
-                file.sha256,
-                file.size,
-                file.mtime_ns,
-            )
-        else:
-            identity = (None, None, None)
         specs = {t.name: t.spec for t in self.taggers if t.name in models}
+        info: Any = None
+        fmt: str | None
         try:
-            w, h, fmt, tensors = decode_and_prepare(data, specs, self.config.max_image_pixels)
+            source = path if by_path else data
+            assert source is not None
+            found = media.decode(
+                source,
+                specs,
+                self.config.max_image_pixels,
+                self.config.video,
+                draft_size(list(specs.values())),
+            )
+            if found is not None:
+                w, h, fmt, tensors, info = found
+                if by_path and path and media.changed(path, identity[1] or 0, identity[2] or 0):
+                    raise DecodeError("the file changed while it was read", transient=True)
+            else:
+                assert data is not None
+                w, h, fmt, tensors = decode_and_prepare(data, specs, self.config.max_image_pixels)
         except DecodeError as exc:
             return ("failed", task_id, exc.reason, exc.transient, False)
         except (MemoryError, Exception) as exc:
             return ("failed", task_id, f"decoder error: {type(exc).__name__}: {exc}", False, False)
-        return ("ok", task_id, *identity, w, h, fmt, tensors)
+        return ("ok", task_id, *identity, w, h, fmt, tensors, info)
 
 
 def _mapped_model(model: Any, config: Config) -> Any:

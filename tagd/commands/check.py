@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="check config, roots, models, database (a doctor)",
         description="Check the config, every watch root, every model (loaded for real: files, "
         "label file against the graph, the provider that runs), the database, free disk space, "
-        "inotify watches and Hydrus. Exit 0 when all pass, 1 otherwise. A model that is not in "
+        "inotify watches, Hydrus and the Ray cluster (`cluster:`: reachable, nodes, versions). "
+        "Exit 0 when all pass, 1 otherwise. A model that is not in "
         "the Hugging Face cache is fetched, as `tagd models pull` would.",
     )
     p.set_defaults(func=run)
