@@ -630,3 +630,132 @@ def test_ray_version_mismatch_becomes_one_line_with_the_fix() -> None:
         f"{ray.__version__} on Python {here}; install ray==2.9.3 with Python 3.10 on every machine"
     )
     assert rb.version_fix("some other failure") is None
+
+
+# -- the Ray head restarting mid-run ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _head(port: int, temp: Path, log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """A `ray start --head --block` in its own process group with a private temp dir (its
+    address file stays there, never in /tmp/ray), killed whole on the way out."""
+    start = [
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=false",
+        f"--temp-dir={temp}",
+        "--block",
+        "--disable-usage-stats",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", *start],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+        start_new_session=True,
+    )
+    try:
+        # `ray start` records the address once the head is up (in the private temp dir).
+        wait_for(
+            lambda: (temp / "ray_current_cluster").exists() or proc.poll() is not None,
+            timeout=60,
+        )
+        assert proc.poll() is None, log.read_text()[-2000:]
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        (temp / "ray_current_cluster").unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_head_killed_mid_run_loses_nothing_and_the_next_run_finishes(
+    tmp_path: Path, corpus: tuple[Path, Path]
+) -> None:
+    gallery, model = corpus
+    port = _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="tagd-head-"))
+    cfg_path = write_config(
+        tmp_path / "h.yaml",
+        {
+            "database": str(tmp_path / "h.db"),
+            "watch": [str(gallery)],
+            "models": [{"name": "probe", "path": str(model)}],
+            "inference": {"device": "cpu"},
+            "cluster": {"engine": "ray", "address": f"127.0.0.1:{port}", "num_cpus": 0.5},
+        },
+    )
+    env = {**os.environ, "RAY_memory_monitor_refresh_ms": "0"}
+    env.pop("TAGD_CONFIG", None)
+    env.pop("RAY_ADDRESS", None)
+    # A loopback-only head: tokens would come from ~/.ray, shared with every other Ray here.
+    env["RAY_AUTH_MODE"] = "disabled"
+    args = [sys.executable, "-m", "tagd", "--config", str(cfg_path), "scan"]
+    conn = db.connect(tmp_path / "h.db")
+    _count_taggings(conn)
+
+    def count(state: str) -> int:
+        return conn.execute("SELECT count(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]
+
+    try:
+        with _head(port, temp, tmp_path / "head1.log", env) as head:
+            first = subprocess.Popen(
+                args,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                wait_for(lambda: count("done") >= 2 or first.poll() is not None, timeout=60)
+                assert first.poll() is None, first.communicate()[1][-3000:]
+                os.killpg(head.pid, signal.SIGKILL)
+                _, err = first.communicate(timeout=60)
+            finally:
+                if first.poll() is None:
+                    os.killpg(first.pid, signal.SIGKILL)
+                    first.wait(10)
+        # Ray's core worker ends the driver itself (`_exit(1)`) when the head's raylet dies
+        # under it; tagd's exit watcher prints the line. A Ray error reaching Python first is
+        # turned into tagd's own line (exit 3).
+        assert "Traceback" not in err
+        assert first.returncode != 0
+        lines = [ln for ln in err.splitlines() if "cluster.address 127.0.0.1" in ln]
+        assert len(lines) == 1, err[-3000:]
+        assert (
+            "the Ray cluster went away mid-run" in lines[0]
+            or "the Ray cluster stopped answering mid-run" in lines[0]
+        ), lines
+        assert 2 <= count("done") < 24
+        # Nothing lost: every unfinished job is queued or still leased to the dead coordinator.
+        leased = conn.execute(
+            "SELECT DISTINCT lease_owner FROM jobs WHERE state = 'running'"
+        ).fetchall()
+        assert all(str(first.pid) in (o or "") for (o,) in leased), leased
+        assert count("queued") + count("running") + count("done") + count("failed") == 25
+        with _head(port, temp, tmp_path / "head2.log", env):
+            second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "went away" not in second.stderr and "Traceback" not in second.stderr
+        if leased:
+            assert "jobs left running by a stopped tagd are queued again" in second.stderr
+        states = dict(conn.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+        assert states == {"done": 24, "failed": 1}
+        writes = conn.execute("SELECT file_id, count(*) FROM writes GROUP BY file_id").fetchall()
+        assert len(writes) == 24 and {n for _, n in writes} == {1}
+    finally:
+        conn.close()
+        shutil.rmtree(temp, ignore_errors=True)

@@ -11,12 +11,16 @@ lost with its actor (a killed process, a node that left) is shipped again; a fil
 
 from __future__ import annotations
 
+import atexit
 import collections
 import functools
 import itertools
 import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -131,6 +135,8 @@ class ClusterPipeline(Pipeline):
                 "start it with `ray start --head` or use address: local"
             ) from None
         self._connected = True
+        if c.address != "local":
+            _watch_for_abrupt_exit(c.address)
 
     def _spawn_all(self) -> list[Any]:
         c = self.cluster
@@ -427,11 +433,18 @@ class ClusterPipeline(Pipeline):
                     else:
                         flight.actor.lost_in_row = 0
                         self._accept(flight, answer, write, finish)
-        except BaseException:
+        except BaseException as exc:
             self._release(list(claimed.values()))
             if writer:
                 writer.finish(raising=False)
             queue.release(self.conn, self.owner)
+            if isinstance(exc, rb.ray.exceptions.RayError):
+                # Not a worker's answer (those are handled above): the cluster itself is gone.
+                raise ClusterError(
+                    f"cluster.address {self.cluster.address}: the Ray cluster stopped answering "
+                    f"mid-run ({_first_line(exc)}); the claimed jobs are queued again, run "
+                    "again once the head is back"
+                ) from None
             raise
         if writer:
             writer.finish(raising=True)
@@ -559,6 +572,46 @@ class ClusterPipeline(Pipeline):
 
 def _no_data(file: FileBytes) -> FileBytes:
     return FileBytes(b"", file.sha256, file.size, file.mtime_ns)
+
+
+_WATCHER = (
+    "import sys\nif sys.stdin.buffer.read() != b'ok':\n    sys.stderr.write(sys.argv[1] + '\\n')\n"
+)
+
+
+def _watch_for_abrupt_exit(address: str) -> None:
+    """Ray's core worker ends this process itself (`_exit(1)`, no Python code runs, its reason
+    only in the session's driver log) when the head node's raylet dies under it. A tiny child
+    that holds the other end of a pipe prints tagd's one line when that happens; a normal exit
+    tells it all is well (atexit), so it stays silent."""
+    message = (
+        f"tagd: cluster.address {address}: the Ray cluster went away mid-run (the head stopped "
+        "or restarted) and Ray ended the coordinator; its jobs are queued again by the next "
+        "`tagd scan` or `tagd run` once the head is back"
+    )
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WATCHER, message],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        log.debug("no exit watcher: %s", exc)
+        return
+    pipe = child.stdin
+    assert pipe is not None
+
+    def clean_exit() -> None:
+        try:
+            pipe.write(b"ok")
+            pipe.close()
+            child.wait(5)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.debug("exit watcher: %s", exc)
+
+    atexit.register(clean_exit)
+    os.set_inheritable(pipe.fileno(), False)
 
 
 def _first_line(exc: BaseException) -> str:
