@@ -135,7 +135,7 @@ class ClusterPipeline(Pipeline):
                 "start it with `ray start --head` or use address: local"
             ) from None
         self._connected = True
-        if c.address != "local":
+        if self._owns_ray and c.address != "local":
             _watch_for_abrupt_exit(c.address)
 
     def _spawn_all(self) -> list[Any]:
