@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_tagd
-from webindex import HOSTILE_NAME, HOSTILE_TAG, build
+from webindex import HOSTILE_NAME, HOSTILE_TAG, build, sha_of
 
 pytest.importorskip("starlette")
 from PIL import Image
@@ -32,18 +32,6 @@ def site(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> Iterato
     app = create_app(config)
     with TestClient(app, base_url="http://127.0.0.1") as client:
         yield {"root": root, "conf": conf, "config": config, "client": client, "app": app}
-
-
-def _sha(site: dict, name: str) -> str:
-    conn = sqlite3.connect(site["config"].database)
-    try:
-        row = conn.execute(
-            "SELECT f.sha256 FROM paths p JOIN files f ON f.id = p.file_id WHERE p.path = ?",
-            (str(site["root"] / "g" / name),),
-        ).fetchone()
-    finally:
-        conn.close()
-    return str(row[0])
 
 
 def _csrf(site: dict) -> dict[str, str]:
@@ -107,7 +95,7 @@ def test_autocomplete_prefix_wildcard_namespace_counts(site: dict) -> None:
 
 def test_file_metadata_scores_and_similar(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "red.png")
+    sha = sha_of(site, "red.png")
     info = c.get(f"/api/files/{sha}").json()
     assert info["paths"] == [str(site["root"] / "g" / "red.png")]
     assert (info["width"], info["height"]) == (64, 48)
@@ -116,7 +104,7 @@ def test_file_metadata_scores_and_similar(site: dict) -> None:
     assert any(s["tag"] == "red" and s["selected"] for s in scores)
     assert any(not s["selected"] for s in scores)  # below-threshold scores are there too
     sim = c.get(f"/api/similar/{sha}", params={"limit": 3}).json()
-    assert sim["similar"] and sim["similar"][0]["sha256"] == _sha(site, "red2.png")
+    assert sim["similar"] and sim["similar"][0]["sha256"] == sha_of(site, "red2.png")
     assert c.get(f"/api/files/{'0' * 64}").status_code == 404
     page = c.get(f"/image/{sha}")
     assert page.status_code == 200 and 'class="threshold"' in page.text
@@ -125,19 +113,19 @@ def test_file_metadata_scores_and_similar(site: dict) -> None:
 
 def test_thumbnails_cached_oriented_and_placeholder(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "rotated.jpg")
+    sha = sha_of(site, "rotated.jpg")
     r = c.get(f"/thumbs/{sha}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
     assert "immutable" in r.headers["cache-control"]
     im = Image.open(io.BytesIO(r.content))
     assert im.size[1] > im.size[0]  # EXIF orientation applied: 80x40 shown as 40x80
-    alpha = Image.open(io.BytesIO(c.get(f"/thumbs/{_sha(site, 'sub/alpha.png')}").content))
+    alpha = Image.open(io.BytesIO(c.get(f"/thumbs/{sha_of(site, 'sub/alpha.png')}").content))
     assert alpha.mode == "RGBA"
     thumbs = Path(f"{site['config'].database}.thumbs")
     assert (thumbs / sha[:2] / f"{sha}-128.webp").is_file()
     # an indexed file that no longer decodes: a placeholder, never a 500
     victim = site["root"] / "g" / "blue.png"
-    vsha = _sha(site, "blue.png")
+    vsha = sha_of(site, "blue.png")
     data = victim.read_bytes()
     victim.write_bytes(b"garbage")
     try:
@@ -149,7 +137,7 @@ def test_thumbnails_cached_oriented_and_placeholder(site: dict) -> None:
 
 def test_originals_by_hash_only_no_traversal_no_symlink_escape(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "green.png")
+    sha = sha_of(site, "green.png")
     r = c.get(f"/files/{sha}")
     assert r.status_code == 200 and r.content == (site["root"] / "g" / "green.png").read_bytes()
     for bad in ("../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/c.yaml", sha[:10]):
@@ -163,7 +151,7 @@ def test_originals_by_hash_only_no_traversal_no_symlink_escape(site: dict) -> No
     red2.unlink()
     os.symlink(outside, red2)
     try:
-        assert c.get(f"/files/{_sha(site, 'red2.png')}").status_code == 404
+        assert c.get(f"/files/{sha_of(site, 'red2.png')}").status_code == 404
     finally:
         red2.unlink()
         red2.write_bytes(keep)
@@ -171,7 +159,7 @@ def test_originals_by_hash_only_no_traversal_no_symlink_escape(site: dict) -> No
 
 def test_hostile_names_are_escaped(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, HOSTILE_NAME)
+    sha = sha_of(site, HOSTILE_NAME)
     r = c.post(f"/api/files/{sha}/review", json={"accept": [HOSTILE_TAG]}, headers=_csrf(site))
     assert r.status_code == 200, r.text
     page = c.get(f"/image/{sha}").text
@@ -184,7 +172,7 @@ def test_hostile_names_are_escaped(site: dict) -> None:
 
 def test_review_through_the_api_changes_search(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "green.png")
+    sha = sha_of(site, "green.png")
     before = [h["sha256"] for h in c.get("/api/search", params={"q": "green"}).json()["hits"]]
     assert sha in before
     r = c.post(
@@ -210,7 +198,7 @@ def test_review_through_the_api_changes_search(site: dict) -> None:
 
 def test_writes_need_csrf_same_origin_and_allow_edits(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "red.png")
+    sha = sha_of(site, "red.png")
     url = f"/api/files/{sha}/review"
     assert c.post(url, json={"accept": ["x"]}).status_code == 403
     assert c.post(url, json={"accept": ["x"]}, headers={"x-csrf-token": "nope"}).status_code == 403
@@ -292,7 +280,7 @@ def test_serve_without_the_extra_says_what_to_install(site: dict) -> None:
 def test_image_page_says_a_file_is_in_hydrus_without_leaking_the_key(
     site: dict, tmp_path: Path
 ) -> None:
-    sha = _sha(site, "red.png")
+    sha = sha_of(site, "red.png")
     conn = sqlite3.connect(site["config"].database)
     try:
         file_id = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha,)).fetchone()[0]

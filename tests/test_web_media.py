@@ -5,13 +5,12 @@ byte ranges (browsers seek a video with Range requests)."""
 from __future__ import annotations
 
 import io
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from media_video import write_animation, write_video
-from webindex import build
+from webindex import build, sha_of
 
 pytest.importorskip("starlette")
 pytest.importorskip("av")
@@ -35,21 +34,8 @@ def site(tmp_path_factory: pytest.TempPathFactory, probe_model: Path) -> Iterato
         yield {"root": root, "config": config, "client": client}
 
 
-def _sha(site: dict, name: str) -> str:
-    conn = sqlite3.connect(site["config"].database)
-    try:
-        row = conn.execute(
-            "SELECT f.sha256 FROM paths p JOIN files f ON f.id = p.file_id WHERE p.path = ?",
-            (str(site["root"] / "g" / name),),
-        ).fetchone()
-    finally:
-        conn.close()
-    assert row is not None, f"{name} is not in the index"
-    return str(row[0])
-
-
 def test_a_video_thumbnail_is_its_middle_frame(site: dict) -> None:
-    r = site["client"].get(f"/thumbs/{_sha(site, 'clip.mp4')}")
+    r = site["client"].get(f"/thumbs/{sha_of(site, 'clip.mp4')}")
     assert r.status_code == 200 and r.headers["content-type"] == "image/webp"
     im = Image.open(io.BytesIO(r.content)).convert("RGB")
     assert max(im.size) <= 128
@@ -70,7 +56,7 @@ def test_an_undecodable_video_gets_the_placeholder(site: dict, tmp_path: Path) -
 
 
 def test_the_image_page_plays_a_video(site: dict) -> None:
-    sha = _sha(site, "clip.mp4")
+    sha = sha_of(site, "clip.mp4")
     html = site["client"].get(f"/image/{sha}").text
     assert f'<video id="full" class="fit" src="/files/{sha}"' in html
     assert "controls" in html.split("<video", 1)[1].split(">", 1)[0]
@@ -78,7 +64,7 @@ def test_the_image_page_plays_a_video(site: dict) -> None:
 
 
 def test_an_animation_is_shown_as_is(site: dict) -> None:
-    sha = _sha(site, "anim.gif")
+    sha = sha_of(site, "anim.gif")
     html = site["client"].get(f"/image/{sha}").text
     assert f'<img id="full" class="fit checker" src="/files/{sha}"' in html
     assert "<video" not in html
@@ -89,7 +75,7 @@ def test_an_animation_is_shown_as_is(site: dict) -> None:
 
 def test_a_video_is_served_as_video_mp4_with_byte_ranges(site: dict) -> None:
     c = site["client"]
-    sha = _sha(site, "clip.mp4")
+    sha = sha_of(site, "clip.mp4")
     whole = (site["root"] / "g" / "clip.mp4").read_bytes()
     r = c.get(f"/files/{sha}")
     assert r.status_code == 200 and r.content == whole

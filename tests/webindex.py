@@ -3,6 +3,7 @@ probe model, plus a hostile file name, a transparent image and a failed file."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from conftest import run_tagd, save, write_config
@@ -38,3 +39,17 @@ def build(root: Path, probe_model: Path, **web: object) -> Path:
     r = run_tagd("--config", str(conf), "scan")
     assert r.returncode == 0, r.stderr
     return conf
+
+
+def sha_of(site: dict, name: str) -> str:
+    """The content hash of gallery file `name` in the site's index."""
+    conn = sqlite3.connect(site["config"].database)
+    try:
+        row = conn.execute(
+            "SELECT f.sha256 FROM paths p JOIN files f ON f.id = p.file_id WHERE p.path = ?",
+            (str(site["root"] / "g" / name),),
+        ).fetchone()
+    finally:
+        conn.close()
+    assert row is not None, f"{name} is not in the index"
+    return str(row[0])

@@ -157,14 +157,21 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
             return page(request, "login.html", {"failed": True}, 401)
         return page(request, "login.html", {"failed": False})
 
-    def thumb(request: Request) -> Response:
+    def indexed(request: Request) -> tuple[str, Any] | Response:
+        """(sha256, the file's id and present paths) for the route's hash, or the 404."""
         sha = request.path_params["sha"]
         if not SHA.match(sha):
             return PlainTextResponse("not a sha256", status_code=404)
-        conn = state.ro()
-        found = queries.file_by_sha(conn, sha)
+        found = queries.file_by_sha(state.ro(), sha)
         if found is None:
             return PlainTextResponse("no such file in the index", status_code=404)
+        return sha, found
+
+    def thumb(request: Request) -> Response:
+        looked_up = indexed(request)
+        if isinstance(looked_up, Response):
+            return looked_up
+        sha, found = looked_up
         made = state.thumbs.get(sha, lambda: [p for p in found[1] if _allowed(state, p)])
         if made is None:
             return Response(
@@ -179,12 +186,10 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
         )
 
     def original(request: Request) -> Response:
-        sha = request.path_params["sha"]
-        if not SHA.match(sha):
-            return PlainTextResponse("not a sha256", status_code=404)
-        found = queries.file_by_sha(state.ro(), sha)
-        if found is None:
-            return PlainTextResponse("no such file in the index", status_code=404)
+        looked_up = indexed(request)
+        if isinstance(looked_up, Response):
+            return looked_up
+        _, found = looked_up
         for path in found[1]:
             if _allowed(state, path):
                 kind = (
