@@ -71,6 +71,27 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
+def connect_bare_readonly(path: str | Path) -> sqlite3.Connection:
+    """A read-only connection without tagd's pragmas or version check, for decode workers:
+    cheap to open in every worker process, and it only asks which models tagged a file (the
+    parent already opened, migrated and checked the database)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+
+
+def database_file(conn: sqlite3.Connection) -> str | None:
+    """The main database's file, or None for an in-memory database."""
+    for row in conn.execute("PRAGMA database_list"):
+        if row[1] == "main":
+            return row[2] or None
+    return None
+
+
+def checkpoint(conn: sqlite3.Connection, *, truncate: bool) -> None:
+    """Fold the WAL back into the database; `truncate` also shrinks the WAL file to zero,
+    which waits for readers, so it is kept for when the WAL has grown large."""
+    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchall()
+
+
 def _enable_wal(conn: sqlite3.Connection) -> None:
     """Switch to WAL once per database file. The switch needs a moment of exclusive access
     and does not wait on the busy handler, so two processes creating the database together

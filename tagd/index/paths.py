@@ -5,7 +5,9 @@ folder ranges) starts without it."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from collections.abc import Iterable, Sequence
 
 from tagd.names import AS_TEXT, to_db
 
@@ -29,3 +31,81 @@ def mark_missing_under(
             WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND missing = 0{seen}""",
         params,
     ).rowcount
+
+
+def mark_seen(conn: sqlite3.Connection, path: str, at: float) -> None:
+    """A watcher event showed the file at `path` is here (again), at `at`."""
+    conn.execute(
+        f"UPDATE paths SET missing = 0, last_seen = ? WHERE path = {AS_TEXT}", (at, to_db(path))
+    )
+
+
+def mark_seen_many(conn: sqlite3.Connection, paths: Iterable[str], at: float) -> None:
+    """A walk that started at `at` found these paths: later mark_missing_under spares them."""
+    conn.executemany(
+        f"UPDATE paths SET last_seen = ?, missing = 0 WHERE path = {AS_TEXT}",
+        [(at, to_db(p)) for p in paths],
+    )
+
+
+def move(conn: sqlite3.Connection, src: str, dest: str, at: float) -> None:
+    """A file renamed inside the roots keeps its row (and so its tags) under the new name;
+    a row already at `dest` is replaced."""
+    conn.execute(
+        f"""UPDATE OR REPLACE paths SET path = {AS_TEXT}, missing = 0, last_seen = ?
+           WHERE path = {AS_TEXT}""",
+        (to_db(dest), at, to_db(src)),
+    )
+
+
+def below_folder_sql(low: str) -> tuple[str, int]:
+    """SQL for the part of `path` below the folder whose range starts at `low`, and its
+    parameter: cut in bytes, as raw names are not UTF-8 characters."""
+    return "CAST(substr(CAST(path AS BLOB), ?) AS TEXT)", len(os.fsencode(low)) + 1
+
+
+def move_under(conn: sqlite3.Connection, low: str, high: str, dest: str, at: float) -> None:
+    """A folder (paths in [low, high)) renamed to `dest`: every row below it moves along."""
+    tail, cut = below_folder_sql(low)
+    conn.execute(
+        f"""UPDATE OR REPLACE paths SET path = {AS_TEXT} || {tail}, missing = 0,
+               last_seen = ? WHERE path >= {AS_TEXT} AND path < {AS_TEXT}""",
+        (to_db(dest.rstrip("/") + "/"), cut, at, to_db(low), to_db(high)),
+    )
+
+
+def present_file_count(conn: sqlite3.Connection) -> int:
+    """Files with at least one path that is not missing."""
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM files f WHERE EXISTS "
+            "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0)"
+        ).fetchone()[0]
+    )
+
+
+def present_files(
+    conn: sqlite3.Connection, where: str = "1", params: Sequence[object] = ()
+) -> list[tuple[int, str]]:
+    """(id, sha256) of files with a present path that match the compiled query `where` (over
+    `files f`), in id order."""
+    return [
+        (int(fid), str(sha))
+        for fid, sha in conn.execute(
+            "SELECT f.id, f.sha256 FROM files f WHERE EXISTS "
+            "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0) "
+            f"AND ({where}) ORDER BY f.id",
+            list(params),
+        )
+    ]
+
+
+def present_paths_of(conn: sqlite3.Connection, file_ids: Iterable[int]) -> dict[int, list[str]]:
+    """File id → its present paths, sorted."""
+    ids = ",".join(str(int(f)) for f in file_ids)
+    out: dict[int, list[str]] = {}
+    for fid, path in conn.execute(
+        f"SELECT file_id, path FROM paths WHERE missing = 0 AND file_id IN ({ids}) ORDER BY path"
+    ):
+        out.setdefault(int(fid), []).append(str(path))
+    return out

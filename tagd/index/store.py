@@ -161,3 +161,26 @@ def models_done(conn: sqlite3.Connection, file_id: int) -> set[int]:
 def file_id_for_sha(conn: sqlite3.Connection, sha256: str) -> int | None:
     row = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
     return None if row is None else int(row[0])
+
+
+def set_media_info(
+    conn: sqlite3.Connection,
+    file_id: int,
+    duration: float | None,
+    frames: int | None,
+    fps: float | None,
+) -> None:
+    """A video's or animation's length (migration 0012); stills keep NULLs."""
+    conn.execute(
+        "UPDATE files SET duration = ?, frames = ?, fps = ? WHERE id = ?",
+        (duration, frames, fps, file_id),
+    )
+
+
+def model_ids_for_sha(conn: sqlite3.Connection, sha256: str) -> set[int]:
+    """Models that already tagged the file with this content (a worker skips them)."""
+    rows = conn.execute(
+        "SELECT t.model_id FROM taggings t JOIN files f ON f.id = t.file_id WHERE f.sha256 = ?",
+        (sha256,),
+    ).fetchall()
+    return {r[0] for r in rows}

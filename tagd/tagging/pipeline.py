@@ -122,14 +122,6 @@ def decode_and_prepare(
     return workers.decode_and_prepare(file.data, specs, max_pixels, budget=budget)
 
 
-def database_file(conn: sqlite3.Connection) -> str | None:
-    """The main database's file, or None for an in-memory database."""
-    for row in conn.execute("PRAGMA database_list"):
-        if row[1] == "main":
-            return row[2] or None
-    return None
-
-
 @dataclass
 class _Batch:
     prepared: list[Prepared]
@@ -204,7 +196,7 @@ class Pipeline:
             )
             for t in self.taggers
         }
-        self.database = database_file(conn)
+        self.database = db.database_file(conn)
         self._pool: DecodePool | None = None
         self._marks: sqlite3.Connection | None = None
         self._marks_lock = threading.Lock()
