@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
+from typing import TypeAlias
 
 from tagd.names import text_for_db
 
@@ -23,6 +24,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # tagd.names.from_db as a C-level callable: paths stored as raw bytes (names that are not
 # UTF-8) read back as the surrogateescape strings the filesystem gave, at C speed.
 TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+
+# Names the layers above use instead of importing sqlite3: commands hold no SQL (issue #13).
+Connection: TypeAlias = sqlite3.Connection
+SQLiteError = sqlite3.Error
 
 
 class DatabaseError(Exception):

@@ -434,3 +434,12 @@ def move_under(conn: sqlite3.Connection, low: str, high: str, dest: str, at: flo
            WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
         (to_db(dest.rstrip("/") + "/"), cut, at, to_db(low), to_db(high)),
     )
+
+
+def done_since(conn: sqlite3.Connection, since: float) -> int:
+    """Jobs finished after `since` (the recent tagging rate)."""
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'done' AND updated_at > ?", (since,)
+        ).fetchone()[0]
+    )

@@ -1,4 +1,5 @@
-"""The `paths` table's state changes that several stages make (watcher, scanner, pipeline).
+"""Files and their paths as the stages see them: a path's state changes (watcher, scanner,
+pipeline), moves, and which files are present. Writing a new file's rows is store.py's.
 
 Kept apart from store.py, which needs numpy, so `tagd search` (which reaches the scanner's
 folder ranges) starts without it."""
@@ -109,3 +110,9 @@ def present_paths_of(conn: sqlite3.Connection, file_ids: Iterable[int]) -> dict[
     ):
         out.setdefault(int(fid), []).append(str(path))
     return out
+
+
+def file_id_for_sha(conn: sqlite3.Connection, sha256: str) -> int | None:
+    """The id of the file with this content, None when the index has never seen it."""
+    row = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
+    return None if row is None else int(row[0])

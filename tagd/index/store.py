@@ -158,11 +158,6 @@ def models_done(conn: sqlite3.Connection, file_id: int) -> set[int]:
     }
 
 
-def file_id_for_sha(conn: sqlite3.Connection, sha256: str) -> int | None:
-    row = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
-    return None if row is None else int(row[0])
-
-
 def set_media_info(
     conn: sqlite3.Connection,
     file_id: int,

@@ -431,7 +431,7 @@ class Pipeline:
 
     def needed(self, job: queue.Job, sha256: str) -> list[Tagger]:
         """Models that have no result for this content yet, plus any the job forces."""
-        file_id = store.file_id_for_sha(self.conn, sha256)
+        file_id = paths.file_id_for_sha(self.conn, sha256)
         done = store.models_done(self.conn, file_id) if file_id is not None else set()
         return [
             t
@@ -501,7 +501,7 @@ class Pipeline:
                 if queue.complete(conn, p.job, self.owner):
                     outcome.done += 1
             for job, file in unchanged:
-                known = store.file_id_for_sha(conn, file.sha256)
+                known = paths.file_id_for_sha(conn, file.sha256)
                 # The worker found this content in the index; files rows are never deleted.
                 assert known is not None, file.sha256
                 store.upsert_path(conn, job.path, known, file.size, file.mtime_ns)
