@@ -8,6 +8,7 @@ named anything, or `sqlite3.connect` reached through an alias is still found, wh
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,70 @@ def test_commands_do_not_import_sqlite3() -> None:
     commands = _modules(PACKAGE / "commands")
     assert len(commands) > 10
     assert [str(p.relative_to(PACKAGE.parent)) for p in commands if imports_sqlite3(p)] == []
+
+
+# One owner per table (docs/design.md, "Table owners"): the only module that writes it.
+OWNERS = {
+    "files": "index/paths.py",
+    "paths": "index/paths.py",
+    "models": "index/models.py",
+    "tags": "index/models.py",
+    "model_tags": "index/models.py",
+    "model_heads": "index/models.py",
+    "scores": "index/scores.py",
+    "taggings": "index/scores.py",
+    "embeddings": "index/scores.py",
+    "score_changes": "index/scores.py",
+    "jobs": "index/jobs.py",
+    "state": "index/db.py",
+    "reviews": "index/reviews.py",
+    "tag_rules": "index/tag_rules.py",
+    "hydrus_pushed": "index/hydrus_state.py",
+    "sidecars": "index/sidecars.py",
+}
+WRITE = re.compile(
+    r"(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|(?<!DO )UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+(\w+)",
+)
+
+
+def written_tables(path: Path) -> set[str]:
+    """Tables that the SQL text in `path` (string literals, f-strings' literal parts) writes.
+    Keywords in capitals, as tagd writes SQL, so prose ("update a model") is not SQL."""
+    texts = []
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.JoinedStr):
+            texts.append(
+                "".join(
+                    v.value
+                    for v in node.values
+                    if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                )
+            )
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            texts.append(node.value)
+    return {m.group(1) for text in texts for m in WRITE.finditer(text)}
+
+
+def test_each_table_has_one_writer() -> None:
+    """A table's writes live in one index module, so its schema changes touch one place."""
+    writers: dict[str, set[str]] = {}
+    for p in _modules(PACKAGE):
+        for table in written_tables(p):
+            writers.setdefault(table, set()).add(str(p.relative_to(PACKAGE)))
+    assert writers == {t: {m} for t, m in OWNERS.items()}
+
+
+def test_writer_scan_reads_sql_text(tmp_path: Path) -> None:
+    """The scan behind the owner check sees f-strings and OR clauses, not upserts or prose."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        'a = f"UPDATE OR REPLACE paths SET x = {y}"\n'
+        '"""INSERT INTO t(a) VALUES (1) ON CONFLICT(a) DO UPDATE SET a = 2"""\n'
+        "b = 'DELETE FROM jobs WHERE 1'\n"
+        "'''Create or update a model row.'''\n"
+        "c = 'SELECT * FROM files'  # a read\n"
+    )
+    assert written_tables(probe) == {"paths", "t", "jobs"}
 
 
 @pytest.mark.parametrize(

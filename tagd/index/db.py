@@ -219,6 +219,10 @@ def get_state(conn: sqlite3.Connection, key: str, default: str | None = None) ->
     return default if row is None else row[0]
 
 
+def delete_state(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("DELETE FROM state WHERE key = ?", (key,))
+
+
 def set_state(conn: sqlite3.Connection, key: str, value: str | None) -> None:
     """Values may quote file names (the last error), so raw bytes are escaped first."""
     if value is not None:

@@ -1,9 +1,9 @@
-"""The model family beyond registration (store.register_model) and lookups by name
-(inventory.model_id): recorded output columns (`model_tags`), settings (`models.settings`)
-and the embedding → tag head (`model_heads`).
+"""The models-and-labels family (`models`, `tags`, `model_tags`, `model_heads`): registering a
+model with its output columns, the tags they name, recorded settings, and the embedding →
+tag head. Lookups by name for messages are inventory.model_id's.
 
-Plain values in and out, no numpy: the head's float32 arrays travel as bytes and the tagging
-stage shapes them, so a reader of settings does not pay numpy's import."""
+numpy only where a model is registered: the head's float32 arrays travel as bytes and the
+tagging stage shapes them, so a reader of settings does not pay numpy's import."""
 
 from __future__ import annotations
 
@@ -11,7 +11,76 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from tagd.tagging.labels import Labels
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: int
+    name: str
+    revision: str | None
+    tag_ids: np.ndarray  # column → tag id
+
+
+def tag_id(conn: sqlite3.Connection, namespace: str, name: str) -> int:
+    """The id of the tag, created when new."""
+    row = conn.execute(
+        """INSERT INTO tags(namespace, name) VALUES (?, ?)
+           ON CONFLICT(name, namespace) DO UPDATE SET name = excluded.name
+           RETURNING id""",
+        (namespace, name),
+    ).fetchone()
+    return int(row[0])
+
+
+def register_model(
+    conn: sqlite3.Connection,
+    *,
+    name: str,
+    family: str,
+    source: str,
+    revision: str | None,
+    labels: Labels,
+    settings: dict[str, object],
+) -> ModelRecord:
+    """Create or update a model row and its output-index → tag mapping."""
+    import numpy as np
+
+    row = conn.execute(
+        """INSERT INTO models(name, family, source, revision, n_tags, settings, updated_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?)
+           ON CONFLICT(name) DO UPDATE SET
+               family = excluded.family, source = excluded.source,
+               revision = excluded.revision, n_tags = excluded.n_tags,
+               settings = excluded.settings, updated_at = excluded.updated_at
+           RETURNING id""",
+        (
+            name,
+            family,
+            source,
+            revision,
+            len(labels),
+            json.dumps(settings, sort_keys=True),
+            time.time(),
+        ),
+    ).fetchone()
+    model_id = int(row[0])
+    existing = conn.execute(
+        "SELECT idx, tag_id FROM model_tags WHERE model_id = ? ORDER BY idx", (model_id,)
+    ).fetchall()
+    ids = [tag_id(conn, ns, n) for n, ns in zip(labels.names, labels.namespaces, strict=True)]
+    if [r[1] for r in existing] != ids:
+        conn.execute("DELETE FROM model_tags WHERE model_id = ?", (model_id,))
+        conn.executemany(
+            "INSERT INTO model_tags(model_id, idx, tag_id) VALUES (?, ?, ?)",
+            [(model_id, i, t) for i, t in enumerate(ids)],
+        )
+    return ModelRecord(model_id, name, revision, np.asarray(ids, dtype=np.int64))
 
 
 def ids_by_name(conn: sqlite3.Connection) -> dict[str, int]:

@@ -1,13 +1,14 @@
-"""Files and their paths as the stages see them: a path's state changes (watcher, scanner,
-pipeline), moves, and which files are present. Writing a new file's rows is store.py's.
+"""The files-and-paths family (`files`, `paths`): a file's row by content, the paths that
+point at it, their state changes (watcher, scanner, pipeline), moves, and which files are
+present. Callers own the transaction.
 
-Kept apart from store.py, which needs numpy, so `tagd search` (which reaches the scanner's
-folder ranges) starts without it."""
+Free of numpy, so `tagd search` (which reaches the scanner's folder ranges) starts without it."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 
 from tagd.names import AS_TEXT, to_db
@@ -116,3 +117,51 @@ def file_id_for_sha(conn: sqlite3.Connection, sha256: str) -> int | None:
     """The id of the file with this content, None when the index has never seen it."""
     row = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha256,)).fetchone()
     return None if row is None else int(row[0])
+
+
+def upsert_file(
+    conn: sqlite3.Connection,
+    sha256: str,
+    size: int,
+    width: int | None,
+    height: int | None,
+    fmt: str | None,
+) -> int:
+    row = conn.execute(
+        """INSERT INTO files(sha256, size, width, height, format, first_seen)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT(sha256) DO UPDATE SET
+               width = coalesce(excluded.width, width),
+               height = coalesce(excluded.height, height),
+               format = coalesce(excluded.format, format)
+           RETURNING id""",
+        (sha256, size, width, height, fmt, time.time()),
+    ).fetchone()
+    return int(row[0])
+
+
+def upsert_path(
+    conn: sqlite3.Connection, path: str, file_id: int | None, size: int, mtime_ns: int
+) -> None:
+    conn.execute(
+        f"""INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen)
+           VALUES ({AS_TEXT}, ?, ?, ?, 0, ?)
+           ON CONFLICT(path) DO UPDATE SET
+               file_id = excluded.file_id, size = excluded.size,
+               mtime_ns = excluded.mtime_ns, missing = 0, last_seen = excluded.last_seen""",
+        (to_db(path), file_id, size, mtime_ns, time.time()),
+    )
+
+
+def set_media_info(
+    conn: sqlite3.Connection,
+    file_id: int,
+    duration: float | None,
+    frames: int | None,
+    fps: float | None,
+) -> None:
+    """A video's or animation's length (migration 0012); stills keep NULLs."""
+    conn.execute(
+        "UPDATE files SET duration = ?, frames = ?, fps = ? WHERE id = ?",
+        (duration, frames, fps, file_id),
+    )

@@ -1,11 +1,58 @@
-"""Scores, taggings and embeddings beyond one fresh result (store.save_prediction): alias
-rows, embeddings, the chunked reads and rewrites of `tagd reindex`, and the reads of effective
-tags. Rewrites log the files they change in `score_changes` (changes.py) for the caches."""
+"""The scores family (`scores`, `taggings`, `embeddings`, and the `score_changes` log they
+feed): one fresh result per (file, model), alias rows, embeddings, the chunked reads and
+rewrites of `tagd reindex`, and the reads of effective tags. Callers own the transaction.
+
+Results are keyed by content (sha256) and model, so storing the same result twice replaces it
+instead of duplicating it — a job retried after a crash is harmless. Rewrites log the files
+they change in `score_changes` (changes.py) for the caches; triggers log fresh results."""
 
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import repeat
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tagd.index.models import ModelRecord
+
+
+def save_prediction(
+    conn: sqlite3.Connection,
+    *,
+    file_id: int,
+    model: ModelRecord,
+    scores: np.ndarray,
+    selected: np.ndarray,
+    floor: float,
+) -> int:
+    """Replace one (file, model) result: scores >= floor plus every selected tag."""
+    keep = np.flatnonzero((scores >= floor) | selected)
+    conn.execute("DELETE FROM scores WHERE file_id = ? AND model_id = ?", (file_id, model.id))
+    # tolist() converts whole arrays to the same Python ints and floats that per-element
+    # int()/float() gave, at a fraction of the CPU (this runs for every image).
+    conn.executemany(
+        "INSERT INTO scores(file_id, model_id, tag_id, score, selected) VALUES (?, ?, ?, ?, ?)",
+        zip(
+            repeat(file_id),
+            repeat(model.id),
+            model.tag_ids[keep].tolist(),
+            scores[keep].tolist(),
+            selected[keep].astype(np.int64).tolist(),
+        ),
+    )
+    conn.execute(
+        """INSERT INTO taggings(file_id, model_id, revision, floor, tagged_at)
+           VALUES (?, ?, ?, ?, ?)
+           ON CONFLICT(file_id, model_id) DO UPDATE SET
+               revision = excluded.revision, floor = excluded.floor,
+               tagged_at = excluded.tagged_at""",
+        (file_id, model.id, model.revision, floor, time.time()),
+    )
+    return len(keep)
 
 
 def add_alias_score(
@@ -112,3 +159,19 @@ def tags_of(
         f"AND s.model_id IN ({mids}){selected} ORDER BY s.file_id, s.score DESC"
     ):
         yield int(fid), int(mid), str(ns), str(name), float(score), bool(sel)
+
+
+def models_done(conn: sqlite3.Connection, file_id: int) -> set[int]:
+    return {
+        int(r[0])
+        for r in conn.execute("SELECT model_id FROM taggings WHERE file_id = ?", (file_id,))
+    }
+
+
+def model_ids_for_sha(conn: sqlite3.Connection, sha256: str) -> set[int]:
+    """Models that already tagged the file with this content (a worker skips them)."""
+    rows = conn.execute(
+        "SELECT t.model_id FROM taggings t JOIN files f ON f.id = t.file_id WHERE f.sha256 = ?",
+        (sha256,),
+    ).fetchall()
+    return {r[0] for r in rows}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import db, inventory, models, scores, store
+from tagd.index import db, inventory, models, scores
 from tagd.tagging import results
 from tagd.tagging.graph import Head
 from tagd.tagging.labels import Labels
@@ -106,7 +106,7 @@ def reindex_model(
     lowest = lowest_threshold(labels.namespaces, thresholds)
     head_row = results.load_head(conn, model_id)
     head = head_row[1] if head_row and head_row[1].weights.shape[1] == len(labels) else None
-    record = store.ModelRecord(model_id, name, None, tag_ids)
+    record = models.ModelRecord(model_id, name, None, tag_ids)
     tag_cache: dict[tuple[str, str], int] = {}
     last = -1
     while True:
@@ -153,7 +153,7 @@ def _record_thresholds(
 def _chunk(
     conn: sqlite3.Connection,
     chunk: list[tuple[int, float]],
-    record: store.ModelRecord,
+    record: models.ModelRecord,
     col: dict[int, int],
     labels: Labels,
     by_ns: dict[str, np.ndarray],
@@ -214,7 +214,7 @@ def _chunk(
             want[int(record.tag_ids[k])] = (float(dense[i, k]), int(selected[i, k]))
         for target, score in targets.items():
             if target not in tag_cache:
-                tag_cache[target] = store.tag_id(conn, *target)
+                tag_cache[target] = models.tag_id(conn, *target)
             tid = tag_cache[target]
             prev = want.get(tid, (0.0, 0))
             want[tid] = (max(prev[0], score), 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import models, store
+from tagd.index import models
 from tagd.index import scores as score_rows
 from tagd.tagging.graph import Head
 from tagd.tagging.thresholds import (
@@ -252,7 +252,7 @@ def save(
     conn: sqlite3.Connection,
     *,
     file_id: int,
-    model: store.ModelRecord,
+    model: models.ModelRecord,
     scores: np.ndarray,
     thresholds: Mapping[str, float | str],
     rules: Rules,
@@ -261,11 +261,11 @@ def save(
 ) -> None:
     """Replace one (file, model) result, alias rows and embedding included."""
     selected, targets = decide(scores, thresholds, rules)
-    store.save_prediction(
+    score_rows.save_prediction(
         conn, file_id=file_id, model=model, scores=scores, selected=selected, floor=floor
     )
     for (ns, name), score in targets.items():
-        score_rows.add_alias_score(conn, file_id, model.id, store.tag_id(conn, ns, name), score)
+        score_rows.add_alias_score(conn, file_id, model.id, models.tag_id(conn, ns, name), score)
     if embedding is not None:
         save_embedding(conn, file_id, model.id, embedding)
 
@@ -278,7 +278,7 @@ def save_embedding(
     score_rows.save_embedding(conn, file_id, model_id, int(vector.shape[-1]), "float16", data)
 
 
-def save_head(conn: sqlite3.Connection, model: store.ModelRecord, head: Head) -> None:
+def save_head(conn: sqlite3.Connection, model: models.ModelRecord, head: Head) -> None:
     """The head as little-endian float32, so reindex can recompute scores below the floor."""
     models.save_head(
         conn,

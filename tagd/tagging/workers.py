@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tagd.config import VideoSettings
-from tagd.index import db, store
+from tagd.index import db, scores
 from tagd.names import for_humans
 from tagd.tagging import media
 from tagd.tagging.decode import DecodeError, FileBytes, open_image, read_file
@@ -148,7 +148,7 @@ class Decoder:
             return set()
         if self._conn is None:
             self._conn = db.connect_bare_readonly(self.setup.database)
-        ids = store.model_ids_for_sha(self._conn, sha256)
+        ids = scores.model_ids_for_sha(self._conn, sha256)
         return {name for name, mid in self.setup.model_ids.items() if mid in ids}
 
     def __call__(self, task: Task) -> Result:
