@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import db, store
+from tagd.index import db, models
 from tagd.tagging import reindex, results
 from tagd.tagging.graph import Head
 from tagd.tagging.labels import Labels
@@ -32,7 +32,7 @@ def build(path: Path, n_files: int, seed: int = 0) -> None:
     namespaces += ["character"] * (N_TAGS - len(namespaces))
     labels = Labels(tuple(f"tag{i}" for i in range(N_TAGS)), tuple(namespaces))
     with db.write(conn):
-        record = store.register_model(
+        record = models.register_model(
             conn,
             name="bench",
             family="wd14",

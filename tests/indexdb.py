@@ -1,4 +1,4 @@
-"""Build a real tagd index without images: files, paths and stored predictions via tagd.store."""
+"""Build a real tagd index without images: files, paths and stored predictions via tagd.index."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tagd.index import db, store
+from tagd.index import db, models, paths, scores
 from tagd.tagging.labels import Labels
 from tagd.tagging.thresholds import select
 
@@ -62,7 +62,7 @@ def make_index(
     """`files`: image path → {tag: score}; selection uses RULES like the pipeline would."""
     conn = db.connect(path)
     with db.write(conn):
-        rec = store.register_model(
+        rec = models.register_model(
             conn,
             name=model,
             family="wd14",
@@ -72,10 +72,10 @@ def make_index(
             settings={},
         )
         for p, tags in files.items():
-            fid = store.upsert_file(conn, sha_of(p), 10, 8, 8, "PNG")
-            store.upsert_path(conn, p, fid, 10, 1)
+            fid = paths.upsert_file(conn, sha_of(p), 10, 8, 8, "PNG")
+            paths.upsert_path(conn, p, fid, 10, 1)
             probs = scores_for(tags)
-            store.save_prediction(
+            scores.save_prediction(
                 conn,
                 file_id=fid,
                 model=rec,

@@ -23,7 +23,8 @@ from conftest import save, wait_for, write_config
 from onnx_models import build_wd_folder
 
 from tagd import config as cfg
-from tagd.index import db, jobs, store
+from tagd.index import db, jobs
+from tagd.index.paths import upsert_path
 from tagd.ingest import scanner
 from tagd.ingest.watcher import Watcher, changed_mounts, mounts_under, read_mounts
 from tagd.names import for_humans, json_path, to_db, tsv_field
@@ -192,7 +193,7 @@ def test_item01_raw_names_round_trip_in_sqlite_and_match_folder_ranges(tmp_path:
         names = [fs(b"/g/sub/\xff.png"), fs(b"/g/sub/\xc3.png"), "/g/sub/ü.png", "/g/other.png"]
         with db.write(conn):
             for i, p in enumerate(names):
-                store.upsert_path(conn, p, None, i, i)
+                upsert_path(conn, p, None, i, i)
                 jobs.enqueue(conn, p, i, i)
         got = [r[0] for r in conn.execute("SELECT path FROM paths ORDER BY id")]
         assert got == names and [os.fsencode(p) for p in got] == [os.fsencode(p) for p in names]
@@ -265,9 +266,9 @@ def test_item08_mountinfo_changes_below_a_root_rescan_that_folder(
     sub = gallery / "sub dir"
     keep = save(sub / "keep.png", (9, 9, 9))
     with db.write(conn):
-        store.upsert_path(conn, str(keep), None, 1, 1)
-        store.upsert_path(conn, str(sub / "hidden.png"), None, 1, 1)  # gone from the folder
-        store.upsert_path(conn, str(gallery / "elsewhere.png"), None, 1, 1)
+        upsert_path(conn, str(keep), None, 1, 1)
+        upsert_path(conn, str(sub / "hidden.png"), None, 1, 1)  # gone from the folder
+        upsert_path(conn, str(gallery / "elsewhere.png"), None, 1, 1)
     point = str(sub).replace(" ", "\\040")  # as the kernel escapes a space
     w.start()
     info.write_text(f"40 27 0:99 / {point} rw,relatime - tmpfs none rw\n")
@@ -316,7 +317,7 @@ def test_item08_real_tmpfs_mounted_below_a_root_is_noticed(watched: tuple, galle
     hidden = [save(sub / f"h{i}.png", (i, i, i)) for i in range(3)]
     with db.write(conn):
         for p in hidden:
-            store.upsert_path(conn, str(p), None, 1, 1)
+            upsert_path(conn, str(p), None, 1, 1)
     w.start()
     if not _can_mount(sub):
         pytest.skip("mount -t tmpfs is not permitted here (the mountinfo test covers detection)")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import db, store
+from tagd.index import db, models, paths
 from tagd.tagging import results
 from tagd.tagging.labels import Labels
 from tagd.tagging.thresholds import groups
@@ -33,10 +33,10 @@ def test_save_stores_floor_and_selected_rows_and_replaces_them(tmp_path: Path) -
         LABELS.names, LABELS.namespaces, TagRules(aliases={"general:long_hair": "general:hair"})
     )
     with db.write(conn):
-        model = store.register_model(
+        model = models.register_model(
             conn, name="m", family="wd14", source="x", revision="r1", labels=LABELS, settings={}
         )
-        file_id = store.upsert_file(conn, "a" * 64, 10, 1, 1, "PNG")
+        file_id = paths.upsert_file(conn, "a" * 64, 10, 1, 1, "PNG")
         first = np.array([0.03, 0.01, 0.7, 0.6, 0.2, 0.04], dtype=np.float32)
         results.save(
             conn,

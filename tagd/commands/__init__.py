@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sqlite3
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tagd.config import Config
+    from tagd.index.db import Connection
 
 COMMAND_MODULES = (
     "scan",
@@ -51,7 +51,7 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self._config: Config | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
 
     @property
     def config(self) -> Config:
@@ -64,13 +64,13 @@ class Context:
                 raise UserError(str(exc), exit_code=2) from None
         return self._config
 
-    def db(self, *, readonly: bool = False) -> sqlite3.Connection:
+    def db(self, *, readonly: bool = False) -> Connection:
         if self._conn is None:
-            from tagd.index.db import DatabaseError, connect
+            from tagd.index.db import DatabaseError, SQLiteError, connect
 
             try:
                 self._conn = connect(self.config.database, readonly=readonly)
-            except (DatabaseError, sqlite3.Error) as exc:
+            except (DatabaseError, SQLiteError) as exc:
                 where = str(self.config.database)
                 raise UserError(
                     str(exc) if where in str(exc) else f"database {where}: {exc}"

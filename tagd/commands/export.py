@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
+    from tagd.index.db import Connection
     from tagd.outputs.effective import FileTagSet
 
 EPILOG = """examples:
@@ -92,7 +92,7 @@ def run(ctx: Context) -> int:
     return 0
 
 
-def _sidecars(ctx: Context, conn: sqlite3.Connection, files: Iterable[FileTagSet]) -> int:
+def _sidecars(ctx: Context, conn: Connection, files: Iterable[FileTagSet]) -> int:
     from pathlib import Path
 
     from tagd.index import db

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sqlite3
 import time
 from typing import TYPE_CHECKING
 
@@ -12,6 +11,7 @@ from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
     from tagd.config import Config
+    from tagd.index.db import Connection
     from tagd.tagging.pipeline import Outcome
     from tagd.tagging.tagger import Tagger
 
@@ -121,14 +121,14 @@ class _Publisher:
         self.total = total
         self.last = 0.0
         try:
-            self.conn: sqlite3.Connection | None = db.connect(config.database)
-        except (db.DatabaseError, sqlite3.Error) as exc:
+            self.conn: Connection | None = db.connect(config.database)
+        except (db.DatabaseError, db.SQLiteError) as exc:
             log.debug("scan progress not published: %s", exc)
             self.conn = None
         self.publish(0, 0.0, 0, 0)
 
     def publish(self, done: int, rate: float, tagged: int, failed: int) -> None:
-        from tagd.index import status
+        from tagd.index import db, status
 
         now = time.monotonic()
         if self.conn is None or (done and now - self.last < PUBLISH_EVERY_S):
@@ -136,17 +136,17 @@ class _Publisher:
         self.last = now
         try:
             status.publish_scan(self.conn, done, self.total, rate, tagged=tagged, failed=failed)
-        except sqlite3.Error as exc:
+        except db.SQLiteError as exc:
             log.debug("scan progress not published: %s", exc)
 
     def close(self) -> None:
-        from tagd.index import status
+        from tagd.index import db, status
 
         if self.conn is None:
             return
         try:
             status.clear_scan(self.conn)
-        except sqlite3.Error as exc:
+        except db.SQLiteError as exc:
             log.debug("scan progress not cleared: %s", exc)
         self.conn.close()
         self.conn = None

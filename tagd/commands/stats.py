@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tagd.commands import Context
 from tagd.index import inventory
 from tagd.ingest import scanner
+
+if TYPE_CHECKING:
+    from tagd.index.db import Connection
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def collect(conn: sqlite3.Connection, db_path: str) -> dict[str, Any]:
+def collect(conn: Connection, db_path: str) -> dict[str, Any]:
     counts = inventory.index_counts(conn, db_path)
     return {
         "files": counts.files,
@@ -63,7 +65,7 @@ def skipped_lines(skipped: dict[str, object] | None) -> list[str]:
     return lines
 
 
-def _untagged(conn: sqlite3.Connection) -> int:
+def _untagged(conn: Connection) -> int:
     """Exactly what `tagd search untagged` counts (live paths no model processed, queued and
     failed ones included), so the two never disagree."""
     from tagd.search.execute import count

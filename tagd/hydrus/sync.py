@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tagd.config import DEFAULT_NAMESPACES, HydrusConfig
-from tagd.index import db
+from tagd.index import hydrus_state, paths
+from tagd.index.hydrus_state import Pushed
 from tagd.outputs.effective import FileTagSet, iter_files
 from tagd.tagtext import hydrus_tag
 
@@ -310,15 +311,6 @@ def plan_file(
     )
 
 
-@dataclass(frozen=True)
-class _Prev:
-    known: bool
-    desired_hash: str
-    pushed: frozenset[str]
-    checked_at: float
-    retracted: frozenset[str]
-
-
 @dataclass
 class _Pending:
     """One file's record while its groups go out: what Hydrus has confirmed so far."""
@@ -331,41 +323,17 @@ class _Pending:
 
 
 PREV_CHUNK = 512
-_UPSERT = """INSERT INTO hydrus_pushed(file_id, service_key, known, desired_hash, pushed,
-                                       checked_at, retracted)
-              VALUES (?, ?, ?, ?, ?, ?, ?)
-              ON CONFLICT(file_id, service_key) DO UPDATE SET known = excluded.known,
-                  desired_hash = excluded.desired_hash, pushed = excluded.pushed,
-                  checked_at = excluded.checked_at, retracted = excluded.retracted"""
-
-
-def _previous(conn: sqlite3.Connection, service_key: str, ids: list[int]) -> dict[int, _Prev]:
-    rows = conn.execute(
-        "SELECT file_id, known, desired_hash, pushed, checked_at, retracted FROM hydrus_pushed "
-        "WHERE service_key = ? AND file_id IN (SELECT value FROM json_each(?))",
-        (service_key, json.dumps(ids)),
-    )
-    return {
-        int(r[0]): _Prev(
-            bool(r[1]),
-            str(r[2]),
-            frozenset(json.loads(r[3])),
-            float(r[4]),
-            frozenset(json.loads(r[5])),
-        )
-        for r in rows
-    }
 
 
 def _changed(
     conn: sqlite3.Connection, cfg: HydrusConfig, service_key: str, report: SyncReport, now: float
-) -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
+) -> Iterator[tuple[FileTagSet, list[str], str, Pushed | None]]:
     """Files whose effective tags changed since the last sync (or worth a recheck), streamed:
     at most PREV_CHUNK files and their records are in memory at a time."""
     chunk: list[FileTagSet] = []
 
-    def flush() -> Iterator[tuple[FileTagSet, list[str], str, _Prev | None]]:
-        prev = _previous(conn, service_key, [fs.file_id for fs in chunk])
+    def flush() -> Iterator[tuple[FileTagSet, list[str], str, Pushed | None]]:
+        prev = hydrus_state.previous(conn, service_key, [fs.file_id for fs in chunk])
         for fs in chunk:
             desired = desired_tags(fs, cfg)
             digest = _digest(desired)
@@ -396,13 +364,10 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _row(service_key: str, p: _Pending, known: int, now: float) -> tuple[Any, ...]:
+def _row(p: _Pending, known: bool, now: float) -> tuple[int, Pushed]:
     # A file with calls still to make keeps no digest, so the next sync plans it again.
     digest = p.digest if p.calls_left == 0 else ""
-    return (
-        p.file_id, service_key, known, digest, json.dumps(sorted(p.pushed)), now,
-        json.dumps(sorted(p.retracted)),
-    )  # fmt: skip
+    return p.file_id, Pushed(known, digest, frozenset(p.pushed), now, frozenset(p.retracted))
 
 
 def sync(
@@ -425,13 +390,10 @@ def sync(
     service_key = client.tag_service_key(cfg.service)
     now = time.time()
     report = SyncReport(dry_run=dry_run)
-    total = conn.execute(
-        "SELECT count(*) FROM files f WHERE EXISTS "
-        "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0)"
-    ).fetchone()[0]
+    total = paths.present_file_count(conn)
     for batch in _batches(_changed(conn, cfg, service_key, report, now), cfg.batch_size):
         remote = client.file_tags([fs.sha256 for fs, _, _, _ in batch], service_key)
-        settled: list[tuple[Any, ...]] = []
+        settled: list[tuple[int, Pushed]] = []
         pending: dict[str, _Pending] = {}
         # (action, tags) → hashes; "readd": tags tagd itself removed, past their deletion record
         groups: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -442,9 +404,7 @@ def sync(
             state = remote.get(fs.sha256)
             if state is None:
                 report.unknown += 1
-                settled.append(
-                    _row(service_key, _Pending(fs.file_id, digest, pushed, retracted, 0), 0, now)
-                )
+                settled.append(_row(_Pending(fs.file_id, digest, pushed, retracted, 0), False, now))
                 continue
             present, deleted = state
             plan = plan_file(desired, present, deleted, pushed, retracted, cfg.retract)
@@ -464,14 +424,13 @@ def sync(
             if calls:
                 pending[fs.sha256] = record
             else:
-                settled.append(_row(service_key, record, 1, now))
+                settled.append(_row(record, True, now))
         if dry_run:
             if progress:
                 progress(report.considered, total)
             continue
         if settled:
-            with db.write(conn):
-                conn.executemany(_UPSERT, settled)
+            hydrus_state.save(conn, service_key, settled)
         for (action, group_tags), hashes in groups.items():
             if action == "remove":
                 client.delete_tags(hashes, service_key, group_tags)
@@ -488,9 +447,8 @@ def sync(
                     rec.pushed |= sent
                     rec.retracted -= sent
                 rec.calls_left -= 1
-                rows.append(_row(service_key, rec, 1, now))
-            with db.write(conn):
-                conn.executemany(_UPSERT, rows)
+                rows.append(_row(rec, True, now))
+            hydrus_state.save(conn, service_key, rows)
         if progress:
             progress(report.considered, total)
     log.info("%s", report.line())

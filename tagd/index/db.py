@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
 from pathlib import Path
+from typing import TypeAlias
 
 from tagd.names import text_for_db
 
@@ -23,6 +24,11 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 # tagd.names.from_db as a C-level callable: paths stored as raw bytes (names that are not
 # UTF-8) read back as the surrogateescape strings the filesystem gave, at C speed.
 TEXT_FACTORY = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+
+
+# Names the layers above use instead of importing sqlite3: commands hold no SQL (issue #13).
+Connection: TypeAlias = sqlite3.Connection
+SQLiteError = sqlite3.Error
 
 
 class DatabaseError(Exception):
@@ -69,6 +75,27 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def connect_bare_readonly(path: str | Path) -> sqlite3.Connection:
+    """A read-only connection without tagd's pragmas or version check, for decode workers:
+    cheap to open in every worker process, and it only asks which models tagged a file (the
+    parent already opened, migrated and checked the database)."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+
+
+def database_file(conn: sqlite3.Connection) -> str | None:
+    """The main database's file, or None for an in-memory database."""
+    for row in conn.execute("PRAGMA database_list"):
+        if row[1] == "main":
+            return row[2] or None
+    return None
+
+
+def checkpoint(conn: sqlite3.Connection, *, truncate: bool) -> None:
+    """Fold the WAL back into the database; `truncate` also shrinks the WAL file to zero,
+    which waits for readers, so it is kept for when the WAL has grown large."""
+    conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchall()
 
 
 def _enable_wal(conn: sqlite3.Connection) -> None:
@@ -190,6 +217,10 @@ def _split_sql(sql: str) -> list[str]:
 def get_state(conn: sqlite3.Connection, key: str, default: str | None = None) -> str | None:
     row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
     return default if row is None else row[0]
+
+
+def delete_state(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("DELETE FROM state WHERE key = ?", (key,))
 
 
 def set_state(conn: sqlite3.Connection, key: str, value: str | None) -> None:

@@ -16,7 +16,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 
-from tagd.index import db
+from tagd.index import db, paths
 from tagd.names import AS_TEXT, text_for_db, to_db
 
 DEFAULT_LEASE_S = 300.0
@@ -409,3 +409,37 @@ def job_state(conn: sqlite3.Connection, path: str) -> tuple[str, str | None, int
     """(state, error, attempts) of the job for `path`, or None when it has none."""
     row = conn.execute("SELECT state, error, attempts FROM jobs WHERE path = ?", (path,)).fetchone()
     return None if row is None else (str(row[0]), row[1], int(row[2]))
+
+
+def move(conn: sqlite3.Connection, src: str, dest: str, at: float) -> None:
+    """A file renamed before it was tagged: its waiting job follows it (replacing one already
+    waiting at `dest`), so the file is read once. A running job is left to finish."""
+    s, d = to_db(src), to_db(dest)
+    if conn.execute(
+        f"SELECT 1 FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (s,)
+    ).fetchall():
+        conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (d,))
+        conn.execute(
+            f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT}, updated_at = ?
+                WHERE path = {AS_TEXT}""",
+            (d, at, s),
+        )
+
+
+def move_under(conn: sqlite3.Connection, low: str, high: str, dest: str, at: float) -> None:
+    """A folder (paths in [low, high)) renamed to `dest`: its jobs not running follow it."""
+    tail, cut = paths.below_folder_sql(low)
+    conn.execute(
+        f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT} || {tail}, updated_at = ?
+           WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
+        (to_db(dest.rstrip("/") + "/"), cut, at, to_db(low), to_db(high)),
+    )
+
+
+def done_since(conn: sqlite3.Connection, since: float) -> int:
+    """Jobs finished after `since` (the recent tagging rate)."""
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM jobs WHERE state = 'done' AND updated_at > ?", (since,)
+        ).fetchone()[0]
+    )

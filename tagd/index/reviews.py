@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tagd.index.db import write
+from tagd.index.models import tag_id
 from tagd.tagtext import NAMESPACES
 from tagd.tagtext import with_underscores as normalise_tag
 
@@ -87,14 +88,6 @@ def split_tag(conn: sqlite3.Connection, text: str) -> tuple[str, str]:
     return namespace, name
 
 
-def _tag_id(conn: sqlite3.Connection, namespace: str, name: str) -> int:
-    conn.execute("INSERT OR IGNORE INTO tags(namespace, name) VALUES (?, ?)", (namespace, name))
-    row = conn.execute(
-        "SELECT id FROM tags WHERE namespace = ? AND name = ?", (namespace, name)
-    ).fetchone()
-    return int(row[0])
-
-
 def apply(
     conn: sqlite3.Connection,
     file_id: int,
@@ -110,7 +103,7 @@ def apply(
     with write(conn):
         for text, verdict in changes:
             ns, name = split_tag(conn, text)
-            tid = _tag_id(conn, ns, name)
+            tid = tag_id(conn, ns, name)
             if verdict is None:
                 conn.execute("DELETE FROM reviews WHERE file_id = ? AND tag_id = ?", (file_id, tid))
             else:

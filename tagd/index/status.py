@@ -125,7 +125,7 @@ def publish_scan(
 
 def clear_scan(conn: sqlite3.Connection) -> None:
     with db.write(conn):
-        conn.execute("DELETE FROM state WHERE key = ?", (SCAN_KEY,))
+        db.delete_state(conn, SCAN_KEY)
 
 
 def scan_running(conn: sqlite3.Connection) -> dict[str, Any] | None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from tagd.config import Config, WatchRoot
 from tagd.index import db, jobs, paths
 from tagd.ingest.filters import excluded, wanted
-from tagd.names import AS_TEXT, to_db
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +176,7 @@ def _enqueue(conn: sqlite3.Connection, batch: list[Found], priority: int, seen_a
     if not batch:
         return 0
     with db.write(conn):
-        conn.executemany(
-            f"UPDATE paths SET last_seen = ?, missing = 0 WHERE path = {AS_TEXT}",
-            [(seen_at, to_db(f.path)) for f in batch],
-        )
+        paths.mark_seen_many(conn, (f.path for f in batch), seen_at)
         return sum(jobs.enqueue(conn, f.path, f.size, f.mtime_ns, priority=priority) for f in batch)
 
 

@@ -45,7 +45,7 @@ from tagd.index import db, paths
 from tagd.index import jobs as queue
 from tagd.ingest.filters import excluded, wanted
 from tagd.ingest.scanner import scan_folder, under
-from tagd.names import AS_TEXT, for_humans, to_db
+from tagd.names import for_humans
 
 log = logging.getLogger(__name__)
 
@@ -388,10 +388,7 @@ class Watcher:
     def _enqueue(self, path: str, sig: tuple[int, int]) -> int:
         conn = self._conn
         assert conn is not None
-        conn.execute(
-            f"UPDATE paths SET missing = 0, last_seen = ? WHERE path = {AS_TEXT}",
-            (time.time(), to_db(path)),
-        )
+        paths.mark_seen(conn, path, time.time())
         return int(queue.enqueue(conn, path, sig[0], sig[1]))
 
     def _rename(self, src: str, dest: str, *, folder: bool = False) -> None:
@@ -401,36 +398,11 @@ class Watcher:
         now = time.time()
         if folder:
             low, high = under(src)
-            new = to_db(dest.rstrip("/") + "/")
-            cut = len(os.fsencode(low)) + 1  # in bytes: raw names are not UTF-8 characters
-            tail = "CAST(substr(CAST(path AS BLOB), ?) AS TEXT)"
-            bounds = (to_db(low), to_db(high))
-            conn.execute(
-                f"""UPDATE OR REPLACE paths SET path = {AS_TEXT} || {tail}, missing = 0,
-                       last_seen = ? WHERE path >= {AS_TEXT} AND path < {AS_TEXT}""",
-                (new, cut, now, *bounds),
-            )
-            conn.execute(
-                f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT} || {tail}, updated_at = ?
-                   WHERE path >= {AS_TEXT} AND path < {AS_TEXT} AND state != 'running'""",
-                (new, cut, now, *bounds),
-            )
+            paths.move_under(conn, low, high, dest, now)
+            queue.move_under(conn, low, high, dest, now)
             return
-        s, d = to_db(src), to_db(dest)
-        if conn.execute(
-            f"SELECT 1 FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (s,)
-        ).fetchall():
-            conn.execute(f"DELETE FROM jobs WHERE path = {AS_TEXT} AND state != 'running'", (d,))
-            conn.execute(
-                f"""UPDATE OR IGNORE jobs SET path = {AS_TEXT}, updated_at = ?
-                    WHERE path = {AS_TEXT}""",
-                (d, now, s),
-            )
-        conn.execute(
-            f"""UPDATE OR REPLACE paths SET path = {AS_TEXT}, missing = 0, last_seen = ?
-               WHERE path = {AS_TEXT}""",
-            (d, now, s),
-        )
+        queue.move(conn, src, dest, now)
+        paths.move(conn, src, dest, now)
 
     def _gone(self, rw: RootWatch, path: str, *, folder: bool = False) -> None:
         """Deleted (or moved out of the roots): marked missing, never dropped from the index.

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from tagd.index import models, paths, scores
 from tagd.search.query import Node
 
 CHUNK = 500
@@ -44,7 +45,7 @@ class FileTagSet:
 
 def model_ids(conn: sqlite3.Connection, names: Sequence[str] | None) -> dict[str, int]:
     """Known models by name; an unknown name is a ValueError naming the known ones."""
-    rows = {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, id FROM models")}
+    rows = models.ids_by_name(conn)
     if not names:
         return rows
     missing = [n for n in names if n not in rows]
@@ -77,39 +78,23 @@ def iter_files(
     if node is not None:
         compiled = compile_where(node, reviews=reviews and review.in_use(conn))
         where, params = compiled.sql, list(compiled.params)
-    file_rows = conn.execute(
-        "SELECT f.id, f.sha256 FROM files f WHERE EXISTS "
-        "(SELECT 1 FROM paths p WHERE p.file_id = f.id AND p.missing = 0) "
-        f"AND ({where}) ORDER BY f.id",
-        params,
-    ).fetchall()
+    file_rows = paths.present_files(conn, where, params)
     names = {v: k for k, v in ids.items()}
-    mids = ",".join(str(i) for i in ids.values())
-    selected = "" if all_scores else " AND s.selected = 1"
     for start in range(0, len(file_rows), CHUNK):
         chunk = file_rows[start : start + CHUNK]
-        fids = ",".join(str(int(r[0])) for r in chunk)
-        paths: dict[int, list[str]] = {}
-        for fid, path in conn.execute(
-            f"SELECT file_id, path FROM paths WHERE missing = 0 AND file_id IN ({fids}) "
-            "ORDER BY path"
-        ):
-            paths.setdefault(int(fid), []).append(str(path))
+        chunk_ids = [fid for fid, _ in chunk]
+        found_paths = paths.present_paths_of(conn, chunk_ids)
         tags: dict[int, list[ScoredTag]] = {}
-        for fid, mid, ns, name, score, sel in conn.execute(
-            "SELECT s.file_id, s.model_id, t.namespace, t.name, s.score, s.selected FROM scores s "
-            f"JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN ({fids}) "
-            f"AND s.model_id IN ({mids}){selected} ORDER BY s.file_id, s.score DESC"
+        for fid, mid, ns, name, score, sel in scores.tags_of(
+            conn, chunk_ids, ids.values(), selected_only=not all_scores
         ):
-            tags.setdefault(int(fid), []).append(
-                ScoredTag(names[int(mid)], str(ns), str(name), float(score), bool(sel))
-            )
+            tags.setdefault(fid, []).append(ScoredTag(names[mid], ns, name, score, sel))
         verdicts = review.overrides(conn, (r[0] for r in chunk)) if reviews else {}
         for fid, sha in chunk:
             found = tags.get(int(fid), [])
             if int(fid) in verdicts:
                 found = _reviewed(found, verdicts[int(fid)])
-            yield FileTagSet(int(fid), str(sha), tuple(paths.get(int(fid), ())), tuple(found))
+            yield FileTagSet(int(fid), str(sha), tuple(found_paths.get(int(fid), ())), tuple(found))
 
 
 def _reviewed(tags: list[ScoredTag], verdicts: dict[tuple[str, str], int]) -> list[ScoredTag]:

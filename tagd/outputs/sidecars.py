@@ -10,14 +10,14 @@ import hashlib
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from tagd.config import DEFAULT_NAMESPACES
+from tagd.index import sidecars as sidecar_rows
 from tagd.index.atomic import write_atomic
-from tagd.names import AS_TEXT, json_path, to_db
+from tagd.names import json_path
 from tagd.tagtext import escape_parentheses, hydrus_tag, with_spaces, with_underscores
 
 STYLES = ("hydrus", "kohya", "json")
@@ -121,14 +121,9 @@ def write_sidecar(
     if existing is not None:
         if existing == data:
             return "unchanged"
-        row = conn.execute(
-            f"SELECT content_sha FROM sidecars WHERE path = {AS_TEXT}", (to_db(str(target)),)
-        ).fetchone()
-        if not overwrite and (row is None or row[0] != _sha(existing)):
+        ours = sidecar_rows.written_sha(conn, str(target))
+        if not overwrite and (ours is None or ours != _sha(existing)):
             return "kept"
     write_atomic(target, lambda fh: fh.write(data), mode=sidecar_mode(image), durable=True)
-    conn.execute(
-        f"INSERT OR REPLACE INTO sidecars(path, content_sha, written_at) VALUES ({AS_TEXT}, ?, ?)",
-        (to_db(str(target)), _sha(data), time.time()),
-    )
+    sidecar_rows.record_written(conn, str(target), _sha(data))
     return "written"

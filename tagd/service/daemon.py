@@ -384,7 +384,7 @@ class Daemon:
             return
         conn = db.connect(self.config.database)
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if big else 'PASSIVE'})").fetchall()
+            db.checkpoint(conn, truncate=big)
         finally:
             conn.close()
 

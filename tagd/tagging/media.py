@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from tagd.config import VideoSettings
+from tagd.index import paths
 from tagd.tagging.formats import CORE_FORMATS, missing_plugin, plugin_formats, still_formats
 
 __all__ = ["CORE_FORMATS", "missing_plugin", "plugin_formats", "still_formats"]
@@ -320,7 +321,4 @@ def decode(
 
 def save_info(conn: Any, file_id: int, info: MediaInfo) -> None:
     """files.duration/frames/fps (migration 0012) for a video or animation."""
-    conn.execute(
-        "UPDATE files SET duration = ?, frames = ?, fps = ? WHERE id = ?",
-        (info.duration, info.frames, info.fps, file_id),
-    )
+    paths.set_media_info(conn, file_id, info.duration, info.frames, info.fps)

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import Config
-from tagd.index import db, paths, store
+from tagd.index import db, models, paths
 from tagd.index import jobs as queue
+from tagd.index import scores as score_rows
 from tagd.tagging import media, results, sizing, tagrules, workers
 from tagd.tagging.decode import FileBytes
 from tagd.tagging.media import MediaInfo, frames_of
@@ -61,9 +62,9 @@ class Outcome:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
-def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> store.ModelRecord:
+def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> models.ModelRecord:
     """Record a loaded model, its output → tag mapping and its head (for reindex)."""
-    record = store.register_model(
+    record = models.register_model(
         conn,
         name=tagger.name,
         family=tagger.family.name,
@@ -98,8 +99,8 @@ def store_file(
     fmt: str | None,
 ) -> int:
     """The file row and its path, as every writer of results records them; returns the id."""
-    file_id = store.upsert_file(conn, file.sha256, file.size, width, height, fmt)
-    store.upsert_path(conn, path, file_id, file.size, file.mtime_ns)
+    file_id = paths.upsert_file(conn, file.sha256, file.size, width, height, fmt)
+    paths.upsert_path(conn, path, file_id, file.size, file.mtime_ns)
     return file_id
 
 
@@ -120,14 +121,6 @@ def decode_and_prepare(
 ) -> tuple[int, int, str | None, dict[str, np.ndarray]]:
     """Decode once, preprocess for every model that needs this file. Raises DecodeError."""
     return workers.decode_and_prepare(file.data, specs, max_pixels, budget=budget)
-
-
-def database_file(conn: sqlite3.Connection) -> str | None:
-    """The main database's file, or None for an in-memory database."""
-    for row in conn.execute("PRAGMA database_list"):
-        if row[1] == "main":
-            return row[2] or None
-    return None
 
 
 @dataclass
@@ -196,7 +189,7 @@ class Pipeline:
         gpu = any(t.on_gpu for t in self.taggers)
         self.plan = sizing.plan(config.inference, gpu=gpu, cores=sizing.available_cores())
         self.batch_size = batch_size or self.plan.batch_size
-        self.records: dict[str, store.ModelRecord] = {}
+        self.records: dict[str, models.ModelRecord] = {}
         tag_rules = tagrules.effective(conn, config.tags)
         self.rules = {
             t.name: results.resolve_rules(
@@ -204,7 +197,7 @@ class Pipeline:
             )
             for t in self.taggers
         }
-        self.database = database_file(conn)
+        self.database = db.database_file(conn)
         self._pool: DecodePool | None = None
         self._marks: sqlite3.Connection | None = None
         self._marks_lock = threading.Lock()
@@ -439,8 +432,8 @@ class Pipeline:
 
     def needed(self, job: queue.Job, sha256: str) -> list[Tagger]:
         """Models that have no result for this content yet, plus any the job forces."""
-        file_id = store.file_id_for_sha(self.conn, sha256)
-        done = store.models_done(self.conn, file_id) if file_id is not None else set()
+        file_id = paths.file_id_for_sha(self.conn, sha256)
+        done = score_rows.models_done(self.conn, file_id) if file_id is not None else set()
         return [
             t
             for t in self.taggers
@@ -509,10 +502,10 @@ class Pipeline:
                 if queue.complete(conn, p.job, self.owner):
                     outcome.done += 1
             for job, file in unchanged:
-                known = store.file_id_for_sha(conn, file.sha256)
+                known = paths.file_id_for_sha(conn, file.sha256)
                 # The worker found this content in the index; files rows are never deleted.
                 assert known is not None, file.sha256
-                store.upsert_path(conn, job.path, known, file.size, file.mtime_ns)
+                paths.upsert_path(conn, job.path, known, file.size, file.mtime_ns)
                 if queue.complete(conn, job, self.owner):
                     outcome.done += 1
 

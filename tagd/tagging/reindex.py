@@ -7,7 +7,6 @@ embedding × the model's head (sigmoid(e·W + b)). Files with neither are report
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import db, inventory, store
+from tagd.index import db, inventory, models, scores
 from tagd.tagging import results
 from tagd.tagging.graph import Head
 from tagd.tagging.labels import Labels
@@ -38,11 +37,7 @@ class Report:
 
 def stored_labels(conn: sqlite3.Connection, model_id: int) -> tuple[Labels, np.ndarray]:
     """The model's output columns as recorded when it last ran: labels and tag ids."""
-    rows = conn.execute(
-        """SELECT t.name, t.namespace, t.id FROM model_tags mt JOIN tags t ON t.id = mt.tag_id
-           WHERE mt.model_id = ? ORDER BY mt.idx""",
-        (model_id,),
-    ).fetchall()
+    rows = models.outputs(conn, model_id)
     labels = Labels(tuple(r[0] for r in rows), tuple(r[1] for r in rows))
     return labels, np.asarray([r[2] for r in rows], dtype=np.int64)
 
@@ -52,9 +47,9 @@ def model_tag_thresholds(
 ) -> list[float] | None:
     """The per-tag thresholds the model shipped (recorded in its settings when it last ran),
     so reindex decides as tagging did."""
-    row = conn.execute("SELECT settings FROM models WHERE id = ?", (model_id,)).fetchone()
     try:
-        values = json.loads(row[0] or "{}").get("tag_thresholds") if row else None
+        found = models.settings(conn, model_id=model_id)
+        values = found.get("tag_thresholds") if found is not None else None
     except ValueError:
         return None
     if not isinstance(values, list) or len(values) != len(labels):
@@ -65,9 +60,9 @@ def model_tag_thresholds(
 def model_file_thresholds(conn: sqlite3.Connection, name: str) -> dict[str, float]:
     """The per-category thresholds from the model's thresholds.csv, recorded when it last
     ran: reindex layers them between the family preset and the config, as tagging does."""
-    row = conn.execute("SELECT settings FROM models WHERE name = ?", (name,)).fetchone()
     try:
-        values = json.loads(row[0] or "{}").get("file_thresholds") if row else None
+        found = models.settings(conn, name=name)
+        values = found.get("file_thresholds") if found is not None else None
     except ValueError:
         return {}
     if not isinstance(values, dict):
@@ -111,15 +106,11 @@ def reindex_model(
     lowest = lowest_threshold(labels.namespaces, thresholds)
     head_row = results.load_head(conn, model_id)
     head = head_row[1] if head_row and head_row[1].weights.shape[1] == len(labels) else None
-    record = store.ModelRecord(model_id, name, None, tag_ids)
+    record = models.ModelRecord(model_id, name, None, tag_ids)
     tag_cache: dict[tuple[str, str], int] = {}
     last = -1
     while True:
-        chunk = conn.execute(
-            "SELECT file_id, floor FROM taggings WHERE model_id = ? AND file_id > ? "
-            "ORDER BY file_id LIMIT ?",
-            (model_id, last, CHUNK),
-        ).fetchall()
+        chunk = scores.taggings_after(conn, model_id, last, CHUNK)
         if not chunk:
             break
         last = int(chunk[-1][0])
@@ -150,23 +141,19 @@ def _record_thresholds(
     conn: sqlite3.Connection, model_id: int, thresholds: Mapping[str, float | str]
 ) -> None:
     """The thresholds now applied, where `search --explain` reads them (models.settings)."""
-    row = conn.execute("SELECT settings FROM models WHERE id = ?", (model_id,)).fetchone()
     try:
-        settings = json.loads(row[0] or "{}") if row else {}
+        settings = models.settings(conn, model_id=model_id) or {}
     except ValueError:
         settings = {}
     settings["thresholds"] = dict(thresholds)
     with db.write(conn):
-        conn.execute(
-            "UPDATE models SET settings = ? WHERE id = ?",
-            (json.dumps(settings, sort_keys=True), model_id),
-        )
+        models.set_settings(conn, model_id, settings)
 
 
 def _chunk(
     conn: sqlite3.Connection,
-    chunk: list[sqlite3.Row],
-    record: store.ModelRecord,
+    chunk: list[tuple[int, float]],
+    record: models.ModelRecord,
     col: dict[int, int],
     labels: Labels,
     by_ns: dict[str, np.ndarray],
@@ -187,11 +174,7 @@ def _chunk(
     dense = np.zeros((len(file_ids), n_tags), dtype=np.float32)
     stored = np.zeros((len(file_ids), n_tags), dtype=bool)
     old: dict[int, dict[int, tuple[float, int]]] = {f: {} for f in file_ids}
-    for fid, tid, score, sel in conn.execute(
-        "SELECT file_id, tag_id, score, selected FROM scores "
-        "WHERE model_id = ? AND file_id BETWEEN ? AND ?",
-        (record.id, lo, hi),
-    ):
+    for fid, tid, score, sel in scores.scores_between(conn, record.id, lo, hi):
         if fid not in pos:
             continue
         old[fid][tid] = (score, sel)
@@ -204,11 +187,7 @@ def _chunk(
     from_emb = np.zeros(len(file_ids), dtype=bool)
     if head is not None and needs_full.any():
         wanted = [file_ids[i] for i in np.flatnonzero(needs_full)]
-        marks = ",".join("?" * len(wanted))
-        rows = conn.execute(
-            f"SELECT file_id, vector FROM embeddings WHERE model_id = ? AND file_id IN ({marks})",
-            (record.id, *wanted),
-        ).fetchall()
+        rows = scores.embeddings_of(conn, record.id, wanted)
         if rows:
             idx = np.asarray([pos[int(r[0])] for r in rows])
             emb = np.stack([np.frombuffer(r[1], dtype="<f2") for r in rows]).astype(np.float32)
@@ -234,9 +213,9 @@ def _chunk(
         for k in keep.tolist():
             want[int(record.tag_ids[k])] = (float(dense[i, k]), int(selected[i, k]))
         for target, score in targets.items():
-            tid = tag_cache.get(target)
-            if tid is None:
-                tid = tag_cache[target] = store.tag_id(conn, *target)
+            if target not in tag_cache:
+                tag_cache[target] = models.tag_id(conn, *target)
+            tid = tag_cache[target]
             prev = want.get(tid, (0.0, 0))
             want[tid] = (max(prev[0], score), 1)
         have = old[fid]
@@ -250,21 +229,6 @@ def _chunk(
                 floor_updates.append((float(new_floor[i]), fid, record.id))
         else:
             report.from_scores += 1
-    conn.executemany(
-        """INSERT INTO scores(score, selected, file_id, model_id, tag_id) VALUES (?, ?, ?, ?, ?)
-           ON CONFLICT(file_id, model_id, tag_id) DO UPDATE SET
-               score = excluded.score, selected = excluded.selected""",
-        updates,
-    )
-    conn.executemany(
-        "DELETE FROM scores WHERE file_id = ? AND model_id = ? AND tag_id = ?", deletes
-    )
-    conn.executemany(
-        "UPDATE taggings SET floor = ? WHERE file_id = ? AND model_id = ?", floor_updates
-    )
-    changed = sorted({u[2] for u in updates} | {d[0] for d in deletes})
-    conn.executemany(
-        "INSERT OR REPLACE INTO score_changes(file_id) VALUES (?)", [(f,) for f in changed]
-    )
+    scores.rewrite(conn, upserts=updates, deletes=deletes, floors=floor_updates)
     report.files += len(file_ids)
     report.changed_rows += len(updates) + len(deletes)

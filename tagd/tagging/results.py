@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 import sqlite3
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tagd.config import TagRules
-from tagd.index import store
+from tagd.index import models
+from tagd.index import scores as score_rows
 from tagd.tagging.graph import Head
 from tagd.tagging.thresholds import (
     DEFAULT_THRESHOLD,
@@ -252,7 +252,7 @@ def save(
     conn: sqlite3.Connection,
     *,
     file_id: int,
-    model: store.ModelRecord,
+    model: models.ModelRecord,
     scores: np.ndarray,
     thresholds: Mapping[str, float | str],
     rules: Rules,
@@ -261,18 +261,11 @@ def save(
 ) -> None:
     """Replace one (file, model) result, alias rows and embedding included."""
     selected, targets = decide(scores, thresholds, rules)
-    store.save_prediction(
+    score_rows.save_prediction(
         conn, file_id=file_id, model=model, scores=scores, selected=selected, floor=floor
     )
     for (ns, name), score in targets.items():
-        tid = store.tag_id(conn, ns, name)
-        conn.execute(
-            """INSERT INTO scores(file_id, model_id, tag_id, score, selected)
-               VALUES (?, ?, ?, ?, 1)
-               ON CONFLICT(file_id, model_id, tag_id) DO UPDATE SET
-                   selected = 1, score = max(score, excluded.score)""",
-            (file_id, model.id, tid, score),
-        )
+        score_rows.add_alias_score(conn, file_id, model.id, models.tag_id(conn, ns, name), score)
     if embedding is not None:
         save_embedding(conn, file_id, model.id, embedding)
 
@@ -282,42 +275,28 @@ def save_embedding(
 ) -> None:
     """Raw pooled embedding as little-endian float16 (readers normalise)."""
     data = np.asarray(vector, dtype="<f2").tobytes()
-    conn.execute(
-        """INSERT INTO embeddings(file_id, model_id, dim, dtype, vector) VALUES (?, ?, ?, ?, ?)
-           ON CONFLICT(file_id, model_id) DO UPDATE SET
-               dim = excluded.dim, dtype = excluded.dtype, vector = excluded.vector""",
-        (file_id, model_id, int(vector.shape[-1]), "float16", data),
-    )
+    score_rows.save_embedding(conn, file_id, model_id, int(vector.shape[-1]), "float16", data)
 
 
-def save_head(conn: sqlite3.Connection, model: store.ModelRecord, head: Head) -> None:
-    conn.execute(
-        """INSERT INTO model_heads(model_id, revision, dim, n_tags, weights, bias, updated_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?)
-           ON CONFLICT(model_id) DO UPDATE SET
-               revision = excluded.revision, dim = excluded.dim, n_tags = excluded.n_tags,
-               weights = excluded.weights, bias = excluded.bias,
-               updated_at = excluded.updated_at""",
-        (
-            model.id,
+def save_head(conn: sqlite3.Connection, model: models.ModelRecord, head: Head) -> None:
+    """The head as little-endian float32, so reindex can recompute scores below the floor."""
+    models.save_head(
+        conn,
+        model.id,
+        models.StoredHead(
             model.revision,
             head.dim,
             int(head.weights.shape[1]),
             np.asarray(head.weights, dtype="<f4").tobytes(),
             np.asarray(head.bias, dtype="<f4").tobytes(),
-            time.time(),
         ),
     )
 
 
 def load_head(conn: sqlite3.Connection, model_id: int) -> tuple[str | None, Head] | None:
-    row = conn.execute(
-        "SELECT revision, dim, n_tags, weights, bias FROM model_heads WHERE model_id = ?",
-        (model_id,),
-    ).fetchone()
-    if row is None:
+    stored = models.load_head(conn, model_id)
+    if stored is None:
         return None
-    dim, n = int(row[1]), int(row[2])
-    w = np.frombuffer(row[3], dtype="<f4").reshape(dim, n).astype(np.float32)
-    b = np.frombuffer(row[4], dtype="<f4").astype(np.float32)
-    return row[0], Head("", w, b, True)
+    w = np.frombuffer(stored.weights, dtype="<f4").reshape(stored.dim, stored.n_tags)
+    b = np.frombuffer(stored.bias, dtype="<f4").astype(np.float32)
+    return stored.revision, Head("", w.astype(np.float32), b, True)

@@ -11,12 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tagd.config import TagRules
-from tagd.index import db
+from tagd.index import tag_rules
 
 KINDS = {"aliases": "alias", "implications": "implication"}
 ACTIVE = {"active", "approved", ""}
@@ -93,36 +92,18 @@ def parse(path: Path, kind: str | None = None) -> Parsed:
 
 def store(conn: sqlite3.Connection, parsed: Parsed, source: str, *, replace_all: bool) -> int:
     """Save the rules; with `replace_all`, earlier imports of this kind are dropped first."""
-    now = time.time()
-    with db.write(conn):
-        if replace_all:
-            conn.execute("DELETE FROM tag_rules WHERE kind = ?", (parsed.kind,))
-        if parsed.kind == "alias":
-            # One target per antecedent: a newer import replaces the older alias.
-            conn.executemany(
-                "DELETE FROM tag_rules WHERE kind = 'alias' AND antecedent = ?",
-                [(a,) for a, _ in parsed.pairs],
-            )
-        conn.executemany(
-            """INSERT OR REPLACE INTO tag_rules(kind, antecedent, consequent, source, imported_at)
-               VALUES (?, ?, ?, ?, ?)""",
-            [(parsed.kind, a, c, source, now) for a, c in parsed.pairs],
-        )
+    tag_rules.save(conn, parsed.kind, parsed.pairs, source, replace_all=replace_all)
     return len(parsed.pairs)
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
-    rows = conn.execute("SELECT kind, count(*) FROM tag_rules GROUP BY kind").fetchall()
-    return {str(k): int(n) for k, n in rows}
+    return tag_rules.counts(conn)
 
 
 def effective(conn: sqlite3.Connection, rules: TagRules) -> TagRules:
     """The config's rules plus the imported ones; the config wins where both set an alias,
     and implications add up."""
-    try:
-        rows = conn.execute("SELECT kind, antecedent, consequent FROM tag_rules").fetchall()
-    except sqlite3.OperationalError:
-        return rules
+    rows = tag_rules.all_rules(conn)
     if not rows:
         return rules
     aliases: dict[str, str] = {}
@@ -132,8 +113,8 @@ def effective(conn: sqlite3.Connection, rules: TagRules) -> TagRules:
             aliases[a] = c
         else:
             implications[a] = (*implications.get(a, ()), c)
-    for a, c in rules.implications.items():
-        mine = (c,) if isinstance(c, str) else tuple(c)
+    for a, implied in rules.implications.items():
+        mine = (implied,) if isinstance(implied, str) else tuple(implied)
         implications[a] = tuple(dict.fromkeys((*implications.get(a, ()), *mine)))
     merged: dict[str, str | tuple[str, ...]] = dict(implications)
     return replace(rules, aliases={**aliases, **rules.aliases}, implications=merged)

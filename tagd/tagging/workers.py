@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tagd.config import VideoSettings
+from tagd.index import db, scores
 from tagd.names import for_humans
 from tagd.tagging import media
 from tagd.tagging.decode import DecodeError, FileBytes, open_image, read_file
@@ -146,13 +147,8 @@ class Decoder:
         if self.setup.database is None:
             return set()
         if self._conn is None:
-            uri = f"file:{self.setup.database}?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, timeout=30.0)
-        rows = self._conn.execute(
-            "SELECT t.model_id FROM taggings t JOIN files f ON f.id = t.file_id WHERE f.sha256 = ?",
-            (sha256,),
-        ).fetchall()
-        ids = {r[0] for r in rows}
+            self._conn = db.connect_bare_readonly(self.setup.database)
+        ids = scores.model_ids_for_sha(self._conn, sha256)
         return {name for name, mid in self.setup.model_ids.items() if mid in ids}
 
     def __call__(self, task: Task) -> Result:

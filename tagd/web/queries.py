@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from tagd.index import changes
+from tagd.index import changes, db, hydrus_state
 from tagd.index import reviews as review
+from tagd.index import webviews as views
+from tagd.index.paths import file_id_for_sha
 from tagd.search.query import NAMESPACES, Node, Tag, walk
 
 SHA_RE = r"[0-9a-f]{64}"
@@ -39,43 +41,23 @@ class FileInfo:
 
 def file_by_sha(conn: sqlite3.Connection, sha: str) -> tuple[int, list[str]] | None:
     """(file id, its present paths) of an indexed file with at least one present path."""
-    row = conn.execute("SELECT id FROM files WHERE sha256 = ?", (sha,)).fetchone()
-    if row is None:
+    fid = file_id_for_sha(conn, sha)
+    if fid is None:
         return None
-    paths = [
-        str(r[0])
-        for r in conn.execute(
-            "SELECT path FROM paths WHERE file_id = ? AND missing = 0 ORDER BY path", (row[0],)
-        )
-    ]
-    return (int(row[0]), paths) if paths else None
+    paths = views.present_paths(conn, fid)
+    return (fid, paths) if paths else None
 
 
 def browse(
     conn: sqlite3.Connection, newest: bool, limit: int, offset: int
 ) -> list[tuple[str, int, str]]:
     """(path, file id, sha256) of every present image, by path or newest first: the grid of
-    an empty query, read in index order (paths.path is unique; paths_mtime, migration 0011)
-    instead of sorting every row."""
-    order = "p.mtime_ns DESC, p.path" if newest else "p.path"
-    return [
-        (str(r[0]), int(r[1]), str(r[2]))
-        for r in conn.execute(
-            "SELECT p.path, p.file_id, f.sha256 FROM paths p JOIN files f ON f.id = p.file_id "
-            f"WHERE p.missing = 0 ORDER BY {order} LIMIT ? OFFSET ?",
-            (limit, offset),
-        )
-    ]
+    an empty query."""
+    return views.browse(conn, newest, limit, offset)
 
 
 def dims(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[Any, Any]]:
-    return {
-        int(r[0]): (r[1], r[2])
-        for r in conn.execute(
-            "SELECT id, width, height FROM files WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(file_ids),),
-        )
-    }
+    return views.dims(conn, file_ids)
 
 
 def _thresholds(settings: str | None) -> dict[str, float]:
@@ -92,26 +74,15 @@ def file_info(conn: sqlite3.Connection, sha: str) -> FileInfo | None:
     if found is None:
         return None
     fid, paths = found
-    size, width, height, fmt = conn.execute(
-        "SELECT size, width, height, format FROM files WHERE id = ?", (fid,)
-    ).fetchone()
+    size, width, height, fmt = views.file_row(conn, fid)
     models: dict[str, list[dict[str, Any]]] = {}
     thresholds: dict[str, dict[str, float]] = {}
-    for name, settings in conn.execute(
-        "SELECT m.name, m.settings FROM taggings g JOIN models m ON m.id = g.model_id "
-        "WHERE g.file_id = ? ORDER BY m.name",
-        (fid,),
-    ):
-        models[str(name)] = []
-        thresholds[str(name)] = _thresholds(settings)
-    for model, ns, name, score, sel in conn.execute(
-        "SELECT m.name, t.namespace, t.name, s.score, s.selected FROM scores s "
-        "JOIN tags t ON t.id = s.tag_id JOIN models m ON m.id = s.model_id "
-        "WHERE s.file_id = ? ORDER BY m.name, s.score DESC",
-        (fid,),
-    ):
-        models.setdefault(str(model), []).append(
-            {"namespace": ns, "tag": name, "score": round(float(score), 4), "selected": bool(sel)}
+    for name, settings in views.models_of(conn, fid):
+        models[name] = []
+        thresholds[name] = _thresholds(settings)
+    for model, ns, name, score, sel in views.scores_of(conn, fid):
+        models.setdefault(model, []).append(
+            {"namespace": ns, "tag": name, "score": round(score, 4), "selected": bool(sel)}
         )
     verdicts = review.verdicts(conn, fid)
     vmap = {(v.namespace, v.name): v.verdict for v in verdicts}
@@ -129,7 +100,7 @@ def file_info(conn: sqlite3.Connection, sha: str) -> FileInfo | None:
     return FileInfo(
         fid,
         sha,
-        int(size),
+        size,
         width,
         height,
         fmt,
@@ -148,22 +119,13 @@ def hits_tags(conn: sqlite3.Connection, file_ids: list[int], limit: int = 60) ->
     """The tags selected on these files (a page of results) with how many carry each."""
     if not file_ids:
         return []
-    rows = conn.execute(
-        "SELECT t.namespace, t.name, count(DISTINCT s.file_id) AS n FROM scores s "
-        "JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN (SELECT value FROM json_each(?)) "
-        "AND s.selected = 1 GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
-        (json.dumps(file_ids), limit),
-    ).fetchall()
-    return [{"namespace": r[0], "tag": r[1], "count": int(r[2])} for r in rows]
+    rows = views.hits_tags(conn, file_ids, limit)
+    return [{"namespace": ns, "tag": name, "count": n} for ns, name, n in rows]
 
 
 def tag_names(conn: sqlite3.Connection, term: Tag) -> bool:
     """Whether the index knows a tag this term names."""
-    sql = "SELECT 1 FROM tags WHERE name = ?" + (" AND namespace = ?" if term.namespace else "")
-    params: list[object] = [term.name]
-    if term.namespace:
-        params.append(term.namespace)
-    return conn.execute(sql + " LIMIT 1", params).fetchone() is not None
+    return views.tag_known(conn, term.name, term.namespace)
 
 
 def plain_tags(node: Node) -> list[Tag]:
@@ -207,13 +169,8 @@ class TagCounts:
                 if self._counts is not None and seq == self._seq:
                     self._at = time.time()
                     return
-                counts = {
-                    int(t): int(n)
-                    for t, n in conn.execute(
-                        "SELECT tag_id, count(*) FROM scores WHERE selected = 1 GROUP BY tag_id"
-                    )
-                }
-                names = sorted({str(r[0]) for r in conn.execute("SELECT name FROM tags")})
+                counts = views.selected_counts(conn)
+                names = sorted(set(views.tag_names(conn)))
             finally:
                 conn.close()
             self._counts, self._names, self._seq, self._at = counts, names, seq, time.time()
@@ -225,19 +182,13 @@ class TagCounts:
     def count(self, conn: sqlite3.Connection, tag_id: int) -> int:
         if self._counts is not None:
             return self._counts.get(tag_id, 0)
-        return int(
-            conn.execute(
-                "SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND selected = 1 "
-                "LIMIT ?)",
-                (tag_id, self.CAP),
-            ).fetchone()[0]
-        )
+        return views.selected_count_capped(conn, tag_id, self.CAP)
 
     def suggest(self, conn: sqlite3.Connection, name: str) -> list[str]:
         """Close tag names for an unknown one ("did you mean")."""
         names = self._names
         if not names:
-            names = [str(r[0]) for r in conn.execute("SELECT name FROM tags LIMIT 50000")]
+            names = views.tag_names(conn, 50000)
         return difflib.get_close_matches(name, names, n=3, cutoff=0.75)
 
 
@@ -251,19 +202,7 @@ def autocomplete(
     if sep and head.lower() in NAMESPACES:
         namespace, prefix = head.lower(), rest
     prefix = prefix.strip().lower().replace(" ", "_")
-    where, params = [], []
-    if "*" in prefix or "?" in prefix or "[" in prefix:
-        glob = "".join(f"[{c}]" if c in "[?" else c for c in prefix)
-        where.append("name GLOB ?")
-        params.append(glob if glob.endswith("*") else glob + "*")
-    elif prefix:
-        where.append("name >= ? AND name < ?")
-        params += [prefix, prefix + "\U0010ffff"]
-    if namespace:
-        where.append("namespace = ?")
-        params.append(namespace)
-    sql = f"SELECT id, namespace, name FROM tags WHERE {' AND '.join(where) or '1'} LIMIT 2000"
-    rows = conn.execute(sql, params).fetchall()
+    rows = views.tags_starting(conn, prefix, namespace, 2000)
     if not counts.ready and len(rows) > 200:
         rows = sorted(rows, key=lambda r: len(r[2]))[:200]
     found = [(counts.count(conn, int(tid)), str(ns), str(name)) for tid, ns, name in rows]
@@ -275,12 +214,8 @@ def queue_state(conn: sqlite3.Connection) -> dict[str, Any]:
     """Daemon status, backlog, recent rate and ETA, the latest failures."""
     from tagd.index import jobs, status
 
-    main = conn.execute("PRAGMA database_list").fetchone()
-    report = status.report(conn, database=main[2] if main and main[2] else None)
-    now = time.time()
-    recent = conn.execute(
-        "SELECT count(*) FROM jobs WHERE state = 'done' AND updated_at > ?", (now - 600,)
-    ).fetchone()[0]
+    report = status.report(conn, database=db.database_file(conn))
+    recent = jobs.done_since(conn, time.time() - 600)
     rate = recent / 600.0
     backlog = report["jobs"]["queued"] + report["jobs"]["running"]
     failed = [
@@ -310,10 +245,4 @@ def retry(conn: sqlite3.Connection, paths: list[str] | None) -> int:
 
 def hydrus_known(conn: sqlite3.Connection, file_id: int) -> bool:
     """Whether the last Hydrus sync found this file in Hydrus."""
-    try:
-        row = conn.execute(
-            "SELECT max(known) FROM hydrus_pushed WHERE file_id = ?", (file_id,)
-        ).fetchone()
-    except sqlite3.Error:
-        return False
-    return bool(row and row[0])
+    return hydrus_state.known(conn, file_id)
