@@ -568,7 +568,7 @@ class WebConfig:
         None,
     )
     thumbnail_dir: Path | None = setting(
-        _optional_path(), "thumbnail cache", None, shown="<database>.thumbs/"
+        _optional_path(), "thumbnail cache", None, shown="`<database>.thumbs/`"
     )
     thumbnail_size: int = setting(Int(32), "thumbnail edge in pixels", 256)
 
@@ -625,7 +625,7 @@ class ClusterConfig:
         Custom(_path_map, "mapping of absolute folder to absolute folder"),
         "a folder here seen by the workers at another path: only the path is sent",
         (),
-        shown="{}",
+        shown="`{}`",
     )
     max_in_flight: int | None = setting(
         Optional(Int(1)), "batches shipped and not yet back", None, shown="2 per worker"
@@ -728,7 +728,12 @@ class Config:
     source: Path | None = None
     hydrus: HydrusConfig = setting(Section(HydrusConfig), "Hydrus sync")
     video: VideoSettings = setting(Section(VideoSettings), "videos and animations")
-    web: WebConfig | None = setting(Section(WebConfig), "the web UI; absent: off", None)
+    web: WebConfig | None = setting(
+        Section(WebConfig),
+        "the web UI; absent: off",
+        None,
+        shown="off; `web:` alone: on with its keys' defaults",
+    )
     cluster: ClusterConfig | None = setting(
         Optional(Section(ClusterConfig)), "tag on a Ray cluster; absent: off", None
     )

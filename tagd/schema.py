@@ -112,6 +112,8 @@ class Number(Kind):
     def describe(self) -> str:
         if self.maximum is not None:
             return f"number {_num(self.minimum)}-{_num(self.maximum)}"
+        if self.minimum <= -1e9:
+            return "number"
         if self.below is not None:
             return f"number >= {self.minimum} and < {self.below}"
         return f"number >= {self.minimum}"
@@ -335,20 +337,20 @@ def parse_section(cls: type[T], value: Any, key: str, ctx: Ctx, **extra: Any) ->
 
 
 def shown_default(f: dataclasses.Field[Any], spec: Spec) -> str:
-    """A field's default as YAML would spell it, for the reference."""
+    """A field's default for the reference: YAML in backticks, or the words of `shown`."""
     if spec.shown is not None:
         return spec.shown
     if spec.missing is not None:
         return "required"
     if isinstance(spec.kind, Section):
-        return ""
+        return "its keys' defaults"
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
         value = f.default_factory()
     else:
         return ""
-    return _yaml(value)
+    return f"`{_yaml(value)}`"
 
 
 def _yaml(value: Any) -> str:
@@ -371,17 +373,14 @@ def reference(sections: list[tuple[str, type[Any], str]]) -> str:
     """The configuration reference in Markdown: one table per (path, section, intro)."""
     out: list[str] = []
     for path, cls, intro in sections:
-        out += [f"### `{path}`", "", intro, "", "| key | default | accepts | meaning |"]
+        title = "Top-level keys" if path == TOP else f"`{path}`"
+        out += [f"### {title}", "", intro, "", "| key | default | accepts | meaning |"]
         out.append("|---|---|---|---|")
         for f, spec in specs(cls):
             accepts = spec.kind.describe()
             if isinstance(spec.kind, Section):
-                accepts = f"section: see `{join(path, f.name) if path != TOP else f.name}`"
+                accepts = f"section `{join(path, f.name)}`"
             default = shown_default(f, spec).replace("|", "\\|")
-            out.append(f"| `{f.name}` | {_cell(default)} | {accepts} | {spec.doc} |")
+            out.append(f"| `{f.name}` | {default} | {accepts} | {spec.doc} |")
         out.append("")
     return "\n".join(out)
-
-
-def _cell(text: str) -> str:
-    return f"`{text}`" if text and text != "required" else text
