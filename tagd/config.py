@@ -334,7 +334,9 @@ class ModelConfig:
             )
 
 
-@dataclass(frozen=True)
+# Never instantiated: its fields are the schema of a `families:` entry, read into a dict that
+# tagging.families applies over the base preset; hence no eq/repr to generate at import.
+@dataclass(eq=False, repr=False)
 class FamilySettings:
     """A custom family under `families:`: a built-in `base` with overrides. Keys left out
     keep the base's value."""
