@@ -33,7 +33,6 @@ from tagd.schema import (
     Section,
     Text,
     as_mapping,
-    join,
     keys,
     parse_section,
     read_fields,
@@ -760,7 +759,7 @@ class Config:
                 close = difflib.get_close_matches(m.family, known_families, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else "define it under `families:`"
                 raise ConfigError(
-                    f"{join(join('models', i), 'family')}: unknown family {m.family!r} "
+                    f"models[{i}].family: unknown family {m.family!r} "
                     f"(known: {', '.join(known_families)}); {hint}"
                 )
         names = [m.name for m in self.models]
