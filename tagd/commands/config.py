@@ -1,4 +1,5 @@
-"""`tagd config example`: the fully commented example config, for pip users without the repo."""
+"""`tagd config example`: the fully commented example config, for pip users without the repo;
+`tagd config reference`: every key's default, accepted values and meaning, from the schema."""
 
 from __future__ import annotations
 
@@ -18,10 +19,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="config_action", metavar="ACTION", required=True)
     ex = actions.add_parser("example", help="print the commented example config")
     ex.set_defaults(func=run)
+    ref = actions.add_parser(
+        "reference", help="print every key with its default, accepted values and meaning"
+    )
+    ref.set_defaults(func=run_reference)
 
 
 def run(ctx: Context) -> int:
     from tagd.initconfig import example_text
 
     sys.stdout.write(example_text())
+    return 0
+
+
+def run_reference(ctx: Context) -> int:
+    """The tables of docs/config.md, rendered from the schema the parser reads."""
+    from tagd.config import reference_markdown
+
+    sys.stdout.write(reference_markdown())
     return 0

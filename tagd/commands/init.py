@@ -38,9 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="where to write (default: $TAGD_CONFIG, else ~/.config/tagd/config.yaml)",
     )
-    p.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="inference.device"
-    )
+    from tagd.vocab import DEVICES
+
+    p.add_argument("--device", choices=DEVICES, default="auto", help="inference.device")
     p.add_argument("--force", action="store_true", help="replace an existing config")
     p.set_defaults(func=run)
 

@@ -20,7 +20,7 @@ from tagd.tagging.labels import (
     read_selected_tags_csv,
     read_tag_mapping_json,
 )
-from tagd.tagging.preprocess import PreprocessSpec, Stage
+from tagd.tagging.preprocess import RESAMPLE, PreprocessSpec, Stage
 
 
 @dataclass(frozen=True)
@@ -257,7 +257,7 @@ FAMILIES: dict[str, Family] = {
     f.name: f for f in (WD14, DEEPDANBOORU, ML_DANBOORU, JTP, PIXAI, CL_TAGGER, ANIMETIMM, CAMIE_V2)
 }
 
-_STAGE_RESAMPLE = {"bilinear", "bicubic", "lanczos", "nearest", "box", "hamming"}
+_STAGE_RESAMPLE = frozenset(RESAMPLE)
 
 
 def _hw(value: Any, where: str) -> tuple[int, int]:

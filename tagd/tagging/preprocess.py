@@ -13,6 +13,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from tagd.vocab import Channels, Fit, Layout
+
 RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -43,14 +45,14 @@ class PreprocessSpec:
     """How one model family wants its input. Picklable, so decode workers can use it."""
 
     size: tuple[int, int]
-    layout: Literal["NHWC", "NCHW"] = "NHWC"
-    channels: Literal["RGB", "BGR"] = "RGB"
+    layout: Layout = "NHWC"
+    channels: Channels = "RGB"
     # pad: pad to a square with pad_color, then resize. stretch: resize to size ignoring aspect.
     # fit-pad / fit-edge: resize the longest side to fit, then pad with pad_color / edge pixels.
     # fit-tensor: resize the longest side to fit, normalise, then pad with tensor_pad (JTP pads
     # with 0 after mean/std 0.5, i.e. mid-grey).
     # stages: the `stages` below, in order (read from a model's preprocess.json).
-    fit: Literal["pad", "stretch", "fit-pad", "fit-edge", "fit-tensor", "stages"] = "pad"
+    fit: Fit = "pad"
     pad_color: tuple[int, int, int] = (255, 255, 255)
     # None: drop the alpha channel and keep the colour stored under transparent pixels, as
     # references that decode to 3 channels do (DeepDanbooru, ML-Danbooru).
