@@ -42,7 +42,7 @@ def probe_provider(inference: InferenceConfig) -> str:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from tagd.tagging.tagger import nvidia_present, providers_for, session_options
+    from tagd.tagging.session import nvidia_present, providers_for, session_options
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])

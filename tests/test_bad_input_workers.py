@@ -480,9 +480,9 @@ def test_item15_cpu_fallback_is_sized_for_the_cpu(
     GPU plan's single thread), the same plan the pipeline uses."""
     import onnxruntime as ort
 
-    from tagd.tagging import tagger
+    from tagd.tagging import session, tagger
 
-    monkeypatch.setattr(tagger, "nvidia_present", lambda: True)
+    monkeypatch.setattr(session, "nvidia_present", lambda: True)
     available = ort.get_available_providers()
     if tagger.CUDA not in available:
         monkeypatch.setattr(ort, "get_available_providers", lambda: [tagger.CUDA, CPU])

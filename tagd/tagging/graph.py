@@ -7,11 +7,10 @@ export, and the head's W, b let `reindex` recompute every score from a stored em
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -19,8 +18,6 @@ from tagd.tagging.preprocess import PreprocessSpec
 
 if TYPE_CHECKING:
     import onnx
-
-    from tagd.tagging.tagger import Tagger
 
 log = logging.getLogger(__name__)
 
@@ -237,46 +234,89 @@ def probe_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
     return np.stack([prepare(im, spec) for im in images])
 
 
-def finish(tagger: Tagger, create: Callable[[bytes], Any]) -> bytes | None:
-    """After the session exists: free a fixed batch if proven safe, then verify the head.
+class Runs(Protocol):
+    """What the proofs need from an open session: its batch shape, input spec and a run."""
+
+    @property
+    def fixed_batch(self) -> int | None: ...
+
+    @property
+    def spec(self) -> PreprocessSpec: ...
+
+    def predict_with_embeddings(
+        self, batch: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
+R = TypeVar("R", bound=Runs)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a model start proved, for the tagger to be built from and the cache to keep.
+
+    `graph` is the prepared graph worth keeping (the batch-freed one, or the one with the
+    embedding exposed); None: the model file as it is runs the same."""
+
+    graph: bytes | None
+    head: Head | None
+    why_no_head: str | None
+    batch_freed: bool
+
+
+def finish(
+    loaded: Loaded,
+    data: bytes | None,
+    runs: R,
+    open_: Callable[[bytes, str | None], R],
+    name: str,
+) -> tuple[Prepared, R]:
+    """After the first session on `data` exists: free a fixed batch if proven safe, then
+    verify the head. Returns what was proven and the session to keep.
 
     A v2 export fixed at batch 1 is patched and kept only if batch-N outputs equal N batch-1
     runs; an embedding is kept only if sigmoid(embedding @ W + b) reproduces the outputs.
-    Returns the patched graph when the session now runs it (for the model start cache).
+    `open_(graph, embedding)` opens a session on graph bytes, fetching that extra output.
     """
-    loaded = tagger.graph
+    head = loaded.head
+    embedding = None if head is None else head.embedding
     kept: bytes | None = None
-    if tagger.info.fixed_batch == 1 and loaded.model is not None:
+    if runs.fixed_batch == 1 and loaded.model is not None:
         patched = dynamic_batch(loaded.model)
         if patched is not None:
-            probe = probe_batch(tagger.spec, 3)
-            singles = np.concatenate([tagger.predict(probe[i : i + 1]) for i in range(3)])
-            old_session, old_info = tagger.session, tagger.info
-            data = patched.SerializeToString()
+            probe = probe_batch(runs.spec, 3)
+            singles = np.concatenate(
+                [runs.predict_with_embeddings(probe[i : i + 1])[0] for i in range(3)]
+            )
+            candidate = patched.SerializeToString()
+            ok = False
             try:
-                tagger.session = create(data)
-                tagger.info = dataclasses.replace(old_info, fixed_batch=None)
-                ok = same_outputs(tagger.predict(probe), singles)
+                freed = open_(candidate, embedding)
+                ok = freed.fixed_batch is None and same_outputs(
+                    freed.predict_with_embeddings(probe)[0], singles
+                )
             except Exception as exc:
-                log.info("model %s: batch patch does not run (%s)", tagger.name, exc)
-                ok = False
+                log.info("model %s: batch patch does not run (%s)", name, exc)
             if ok:
-                log.info("model %s: fixed batch 1 freed; batch-3 == 3 x batch-1", tagger.name)
-                kept = data
+                log.info("model %s: fixed batch 1 freed; batch-3 == 3 x batch-1", name)
+                kept, runs = candidate, freed
             else:
-                log.info("model %s: keeps batch 1 (patched batch differs)", tagger.name)
-                tagger.session, tagger.info = old_session, old_info
-    if tagger.head is None:
-        log.info("model %s: no embeddings: %s", tagger.name, loaded.why_no_head)
-        return kept
-    probe = probe_batch(tagger.spec, 2, seed=1)
-    probs, emb = tagger.predict_with_embeddings(probe)
-    head = tagger.head
-    shapes_ok = emb is not None and emb.shape[1] == head.dim
-    shapes_ok = shapes_ok and head.weights.shape[1] == probs.shape[1]
-    if emb is None or not shapes_ok or not np.allclose(head.probabilities(emb), probs, atol=1e-3):
-        tagger.head = None
-    if tagger.head is None:
-        tagger.graph.why_no_head = "sigmoid(embedding @ W + b) does not reproduce the outputs"
-        log.warning("model %s: no embeddings: %s", tagger.name, tagger.graph.why_no_head)
-    return kept
+                log.info("model %s: keeps batch 1 (patched batch differs)", name)
+    why = loaded.why_no_head
+    if head is None:
+        log.info("model %s: no embeddings: %s", name, why)
+    else:
+        probe = probe_batch(runs.spec, 2, seed=1)
+        probs, emb = runs.predict_with_embeddings(probe)
+        shapes_ok = emb is not None and emb.shape[1] == head.dim
+        shapes_ok = shapes_ok and head.weights.shape[1] == probs.shape[1]
+        if (
+            emb is None
+            or not shapes_ok
+            or not np.allclose(head.probabilities(emb), probs, atol=1e-3)
+        ):
+            head = None
+            why = "sigmoid(embedding @ W + b) does not reproduce the outputs"
+            log.warning("model %s: no embeddings: %s", name, why)
+    graph = kept if kept is not None else data if head is not None else None
+    return Prepared(graph, head, why, batch_freed=kept is not None), runs
