@@ -382,6 +382,31 @@ def test_sort_limit_offset(index: Index, conn) -> None:
     assert rand == set(all_paths)
 
 
+@pytest.mark.parametrize("text", ["path:*", "solo", "failed | solo"])
+def test_random_pages_are_one_seeded_order(index: Index, conn, text: str) -> None:
+    """Pages of a seeded random sort tile the result: no repeats, none missed; the seed
+    fixes the order and another seed gives another."""
+    node = parse(text)
+
+    def order(seed: int, limit: int | None = None, offset: int = 0) -> list[str]:
+        opts = SearchOptions(sort="random", seed=seed, limit=limit, offset=offset)
+        return [h.path for h in iter_search(conn, node, opts)]
+
+    everything = order(11)
+    assert sorted(everything) == sorted(reference(index, node))
+    assert len(everything) > 20
+    pages = [order(11, 7, offset) for offset in range(0, len(everything) + 7, 7)]
+    assert [p for page in pages for p in page] == everything
+    assert order(11) == everything
+    others = [order(seed) for seed in (12, 2**40 + 11, 2**63 - 1)]
+    assert all(sorted(o) == sorted(everything) and o != everything for o in others)
+    assert len({tuple(o) for o in others}) == 3
+    ranks = {p: i for i, p in enumerate(everything)}
+    # Not the order of paths or ids: a shuffle moves most files far from where they were.
+    by_path = sorted(everything)
+    assert sum(abs(ranks[p] - i) > 2 for i, p in enumerate(by_path)) > len(everything) // 2
+
+
 @pytest.mark.parametrize(
     "text",
     [

@@ -75,6 +75,8 @@ class SearchOptions:
     limit: int | None = None
     offset: int = 0
     with_tags: bool = False
+    # The order of sort="random" (tagd/search/shuffle.py); None draws one per query.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -537,8 +539,7 @@ def build_sql(
         "score": f"rank {direction}, path",
         "mtime": f"mtime_ns {direction}, path",
         "path": f"path {direction}",
-        "random": "random()",
-    }[opts.sort]
+    }.get(opts.sort) or _random_order(opts.seed)
     sha = "(SELECT sha256 FROM files WHERE id = file_id)"
     if restrict is not None:
         return Compiled(f"SELECT path, file_id, NULL, mtime_ns, rank FROM ({sql})", params)
@@ -547,11 +548,20 @@ def build_sql(
             f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql}) ORDER BY {order}", params
         )
     params += [-1 if opts.limit is None else opts.limit, opts.offset]
+    if len(branches) > 1 and opts.sort == "random":
+        sql = f"SELECT * FROM ({sql})"  # a UNION orders by result columns only
     return Compiled(
         f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql} ORDER BY {order} "
         f"LIMIT ? OFFSET ?) ORDER BY {order}",
         params,
     )
+
+
+def _random_order(seed: int | None) -> str:
+    """The same seed gives every page of a random result the same order (tie: path)."""
+    from tagd.search.shuffle import new_seed, shuffled
+
+    return f"{shuffled(new_seed() if seed is None else seed, 'file_id')}, file_id, path"
 
 
 def _uses_files(node: Node) -> bool:
