@@ -144,6 +144,8 @@ class WebConfig:
     token_env: str | None = None
     thumbnail_dir: Path | None = None
     thumbnail_size: int = 256
+    # `tagd run` makes thumbnails of newly tagged files ahead of the first request.
+    pregenerate_thumbs: bool = False
 
     def access_token(self) -> str | None:
         """The token from the config, a file or the environment; never logged."""
@@ -340,6 +342,7 @@ _WEB_KEYS = (
     "token_env",
     "thumbnail_dir",
     "thumbnail_size",
+    "pregenerate_thumbs",
 )
 
 
@@ -376,6 +379,7 @@ def _web(value: Any, key: str, base: Path) -> WebConfig:
             else None
         ),
         thumbnail_size=_int(d.get("thumbnail_size", 256), f"{key}.thumbnail_size", 32),
+        pregenerate_thumbs=_bool(d.get("pregenerate_thumbs", False), f"{key}.pregenerate_thumbs"),
     )
 
 

@@ -43,7 +43,7 @@ from tagd.web.state import (
     int_param,
     search_page,
 )
-from tagd.web.thumbs import PLACEHOLDER_SVG
+from tagd.web.thumbs import PLACEHOLDER_SVG, readable_under
 
 # Browsers pick a player by content type; the system's mime table may lack some of these.
 VIDEO_TYPES = {
@@ -247,9 +247,4 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
 
 def _allowed(state: State, path: str) -> bool:
     """A regular file whose real path lies under a watch root (no symlink escape)."""
-    real = os.path.realpath(path)
-    if not os.path.isfile(real):
-        return False
-    if not state.roots:
-        return True
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in state.roots)
+    return readable_under(path, state.roots)

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tagd.config import Config, WebConfig
 from tagd.index.db import DatabaseError, connect
 from tagd.web import queries
-from tagd.web.thumbs import Thumbnailer
+from tagd.web.thumbs import Thumbnailer, cache_dir
 
 HERE = Path(__file__).parent
 MAX_QUERY = 1000
@@ -113,7 +113,7 @@ def build_state(config: Config, web: WebConfig, *, migrate: bool = True) -> Stat
     if migrate:
         with contextlib.suppress(DatabaseError, sqlite3.Error):
             connect(config.database).close()
-    thumb_dir = web.thumbnail_dir or Path(f"{config.database}.thumbs")
+    thumb_dir = cache_dir(config.database, web.thumbnail_dir)
     roots = tuple(os.path.realpath(r.path) for r in config.watch)
     state = State(
         config,
