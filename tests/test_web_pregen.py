@@ -5,6 +5,7 @@ and skipped. The daemon end to end is in test_web_daemon.py."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,3 +134,33 @@ def test_the_child_process_makes_them_and_ends_when_its_pipe_closes(tmp_path: Pa
     finally:
         maker.stop()
     assert proc.returncode == 0
+
+
+def test_it_waits_while_the_daemon_has_files_to_tag(tmp_path: Path) -> None:
+    g, paths, _ = _gallery(tmp_path)
+    make_index(tmp_path / "t.db", {paths["red"]: {"general": 0.9}}).close()
+    conn = sqlite3.connect(tmp_path / "t.db")
+    conn.execute(
+        "INSERT INTO jobs(path, state, mtime_ns, created_at, updated_at) "
+        "VALUES ('/g/new.png', 'queued', 0, 0, 0)"
+    )
+    conn.commit()
+    job = Job(str(tmp_path / "t.db"), str(tmp_path / "th"), 64, 100_000, (str(g),), poll_s=0.05)
+    stop, tally = threading.Event(), Tally()
+    thread = threading.Thread(target=run, args=(job, stop, tally))
+    thread.start()
+    try:
+        assert wait_for(lambda: tally.waits >= 3, timeout=20)
+        assert tally.made == 0 and not _thumb(tmp_path / "th", paths["red"]).exists()
+        conn.execute("UPDATE jobs SET state = 'done'")
+        conn.commit()
+        assert wait_for(_thumb(tmp_path / "th", paths["red"]).exists, timeout=20)
+        conn.execute("UPDATE jobs SET state = 'queued', not_before = 1e12")  # a retry, later
+        conn.commit()
+        later = str(save(g / "later.png", (1, 200, 1)))
+        make_index(tmp_path / "t.db", {later: {"general": 0.9}}).close()
+        assert wait_for(_thumb(tmp_path / "th", later).exists, timeout=20)
+    finally:
+        stop.set()
+        thread.join(10)
+        conn.close()

@@ -1,8 +1,9 @@
 """Thumbnails made ahead by the daemon (`web.pregenerate_thumbs: true`).
 
 `tagd run` starts one child process (`python -m tagd.web.pregen`) at nice 19: a process
-rather than a thread, so it never holds the daemon's GIL while the tagging thread waits,
-and the kernel gives it CPU only where tagging leaves some. It first walks every tagged
+rather than a thread, so it never holds the daemon's GIL while the tagging thread waits.
+It makes a thumbnail only while the daemon has no file to tag (none running, none ready in
+the queue), so tagging never shares the CPU with it. It first walks every tagged
 file once (the catch-up: thumbnails missing after a restart, a new `thumbnail_size`, a
 cleared cache), then follows the change log (`score_changes`) for files tagged since. It
 writes the same files the web server would make on first request (tagd/web/thumbs.py), so a
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +58,7 @@ class Tally:
     made: int = 0
     present: int = 0
     failed: int = 0
+    waits: int = 0  # pauses while the daemon had files to tag
 
 
 class Pregenerator:
@@ -105,14 +108,22 @@ class Pregenerator:
         self.proc = None
 
 
-def run(job: Job, stop: threading.Event) -> Tally:
-    """Catch up over every tagged file, then follow the change log until `stop`."""
-    from tagd.index import changes, inventory
+def run(job: Job, stop: threading.Event, tally: Tally | None = None) -> Tally:
+    """Catch up over every tagged file, then follow the change log until `stop`; counts go
+    to `tally` as they happen."""
+    from tagd.index import changes, inventory, jobs
     from tagd.index.db import connect
 
     thumbs = Thumbnailer(Path(job.directory), job.size, workers=1, max_pixels=job.max_pixels)
-    tally = Tally()
+    tally = tally if tally is not None else Tally()
     conn = connect(job.database, readonly=True)
+
+    def tagging() -> bool:
+        try:
+            return jobs.tagging_now(conn)
+        except sqlite3.Error:
+            return False  # the next database read says what is wrong
+
     try:
         # Read before the catch-up: a file tagged during it is then seen in the log too.
         seq = changes.current_seq(conn)
@@ -122,7 +133,7 @@ def run(job: Job, stop: threading.Event) -> Tally:
             if last == after:
                 break
             after = last
-            _make_all(thumbs, files, job.roots, tally, stop)
+            _make_all(thumbs, files, job, tally, stop, tagging)
         if not stop.is_set():
             log.info(
                 "thumbnails: catch-up done in %.1f s: %d made, %d already there, %d failed",
@@ -143,7 +154,7 @@ def run(job: Job, stop: threading.Event) -> Tally:
                 log.warning("thumbnails: database: %s; next try in %.0f s", exc, job.poll_s * 5)
                 stop.wait(job.poll_s * 5)
                 continue
-            _make_all(thumbs, files, job.roots, tally, stop)
+            _make_all(thumbs, files, job, tally, stop, tagging)
     finally:
         conn.close()
         thumbs.close()
@@ -153,17 +164,23 @@ def run(job: Job, stop: threading.Event) -> Tally:
 def _make_all(
     thumbs: Thumbnailer,
     files: list[tuple[int, str, list[str]]],
-    roots: tuple[str, ...],
+    job: Job,
     tally: Tally,
     stop: threading.Event,
+    tagging: Callable[[], bool],
 ) -> None:
+    checked = 0.0
     for _, sha, paths in files:
         if stop.is_set():
             return
         if thumbs.path(sha).exists():
             tally.present += 1
             continue
-        usable = [p for p in paths if readable_under(p, roots)]
+        while time.monotonic() - checked > job.poll_s / 4 and tagging() and not stop.is_set():
+            tally.waits += 1
+            stop.wait(job.poll_s)  # the daemon has files to tag: they come first
+        checked = time.monotonic()
+        usable = [p for p in paths if readable_under(p, job.roots)]
         try:
             made = thumbs.make(sha, usable) if usable else None
         except OSError as exc:  # the cache cannot be written: say so once, keep going
