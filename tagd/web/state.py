@@ -223,8 +223,9 @@ def search_page(
     A random page is ordered by `seed` (a new one when None, returned as "seed"): the pages
     of one query share it, so scrolling never repeats or misses a file."""
     from tagd.index.inventory import UnknownModel
-    from tagd.search.engine import Hit, SearchError, SearchOptions, count, iter_search
+    from tagd.search.execute import count, iter_search
     from tagd.search.query import QueryError, parse
+    from tagd.search.types import Hit, SearchError, SearchOptions
 
     if len(q) > MAX_QUERY:
         raise ValueError(f"query longer than {MAX_QUERY} characters")
