@@ -143,8 +143,7 @@ def thumbnails(n: int, workers: int) -> None:
         paths = build_corpus(tmp, n, jobs=2)
         mp = statistics.mean(_pixels(p) for p in paths) / 1e6
         t = time.perf_counter()
-        for p in paths:
-            render(str(p), 256, 200_000_000)
+        sizes = [len(render(str(p), 256, 200_000_000)) for p in paths]
         one = n / (time.perf_counter() - t)
         t = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
@@ -152,7 +151,9 @@ def thumbnails(n: int, workers: int) -> None:
         many = n / (time.perf_counter() - t)
     print(
         f"thumbnails (256 px WebP) of {n} images, mean {mp:.1f} MP: {one:.1f} img/s on one "
-        f"thread, {many:.1f} img/s with {workers} threads ({os.cpu_count()} CPUs)"
+        f"thread, {many:.1f} img/s with {workers} threads ({os.cpu_count()} CPUs); "
+        f"thumbnail files {statistics.mean(sizes) / 1024:.1f} KiB on average "
+        f"({min(sizes) / 1024:.1f}-{max(sizes) / 1024:.1f})"
     )
 
 

@@ -572,6 +572,9 @@ class WebConfig:
         _optional_path(), "thumbnail cache", None, shown="`<database>.thumbs/`"
     )
     thumbnail_size: int = setting(Int(32), "thumbnail edge in pixels", 256)
+    pregenerate_thumbs: bool = setting(
+        Bool(), "`tagd run` makes thumbnails of newly tagged files ahead of the first request", False
+    )
 
     def access_token(self) -> str | None:
         """The token from the config, a file or the environment; never logged."""

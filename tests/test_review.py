@@ -139,3 +139,34 @@ def test_reindex_and_retag_never_undo_reviews(tmp_path: Path, probe_model: Path)
     ).fetchone()
     assert row == (1,)
     conn.close()
+
+
+def test_verdicts_decide_confidence_filters_ratings_counts_and_reported_scores(
+    tmp_path: Path,
+) -> None:
+    """a: rating general, long_hair .8, solo .7; b: rating sensitive, smile .6 (model m1)."""
+    conf, a, b = _index(tmp_path)
+    r = run_tagd("--config", str(conf), "review", a, "+rating:explicit", "-solo", "+smile")
+    assert r.returncode == 0, r.stderr
+    conn = sqlite3.connect(tmp_path / "t.db")
+    expected = {
+        "rating:explicit": [a],  # the person's rating replaces the model's
+        "rating:general": [],
+        "rating:<=sensitive": [b],
+        "solo:>0.5": [],  # rejected: confidence 0
+        "solo:<0.1": [a, b],  # b: processed, no score stored
+        "smile:>0.9": [a],  # accepted: confidence 1.0
+        "smile:<0.9": [b],
+        "tags:3": [a],  # long_hair + the person's smile and rating; not solo, not general
+        "tags:2": [b],
+    }
+    assert {q: _paths(conn, q) for q in expected} == expected
+    assert count(conn, parse("smile:>0.9")) == 1
+    r = run_tagd("--config", str(conf), "search", "smile", "--format", "json")
+    hits = [(h["path"], h["score"], h["tags"]) for h in json.loads(r.stdout)]
+    assert hits == [(a, 1.0, {"general:smile": 1.0}), (b, 0.6, {"general:smile": 0.6})]
+    r = run_tagd("--config", str(conf), "search", "solo | long_hair", "--format", "json")
+    assert json.loads(r.stdout)[0]["tags"] == {"general:long_hair": 0.8}  # no rejected solo
+    fs = next(f for f in iter_files(conn) if a in f.paths)
+    assert {n for ns, n in fs.merged() if ns == "rating"} == {"explicit"}
+    conn.close()

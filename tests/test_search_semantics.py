@@ -7,6 +7,7 @@ and hypothesis-generated) must give the same set of paths as the compiled SQL.
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from tagd.search.query import (
     Node,
     Not,
     Or,
+    Range,
     Rating,
     Score,
     Tag,
@@ -53,6 +55,7 @@ class Index:
     rows: list[tuple[str, int | None, int]] = field(default_factory=list)  # path, fid, mtime
     jobs: dict[str, str] = field(default_factory=dict)
     models: dict[str, int] = field(default_factory=dict)
+    reviews: dict[tuple[int, int], int] = field(default_factory=dict)  # (fid, tid): ±1
 
 
 def build_index(tmp: Path, seed: int = 7) -> Index:
@@ -153,6 +156,72 @@ def _tag_match(idx: Index, tid: int, tag: Tag) -> bool:
     return fnmatch.fnmatchcase(name, tag.name.replace("[", "[[]").replace("?", "[?]"))
 
 
+def add_reviews(idx: Index, seed: int = 11) -> Index:
+    """Human verdicts on about half the files: accepted and rejected tags of every kind,
+    ratings included (some files get a human rating that differs from the models')."""
+    rng = random.Random(seed)
+    conn = connect(idx.db)
+    conn.execute("BEGIN")
+    for fid in idx.files:
+        if rng.random() < 0.5:
+            continue
+        for tid in rng.sample(sorted(idx.tags), rng.randint(1, 4)):
+            verdict = rng.choice([1, -1])
+            idx.reviews[(fid, tid)] = verdict
+            conn.execute(
+                "INSERT INTO reviews(file_id, tag_id, verdict, at, by) VALUES (?, ?, ?, 0, 't')",
+                (fid, tid, verdict),
+            )
+    conn.execute("COMMIT")
+    conn.close()
+    return idx
+
+
+def _human_rating(idx: Index, fid: int) -> bool:
+    return any(
+        f == fid and v == 1 and idx.tags[t][0] == "rating" for (f, t), v in idx.reviews.items()
+    )
+
+
+def _overridden(idx: Index, fid: int, tid: int) -> bool:
+    """A person rejected the tag, or rated the file with another rating: model rows for the
+    pair do not count."""
+    verdict = idx.reviews.get((fid, tid))
+    if verdict == -1:
+        return True
+    return verdict is None and idx.tags[tid][0] == "rating" and _human_rating(idx, fid)
+
+
+def tag_confidence(
+    idx: Index, fid: int, tid: int, rng: Range | None, mids: set[int]
+) -> float | None:
+    """One tag's confidence on a file for a tag term (rng None: selected rows) or a
+    confidence filter: 1.0 for a tag a person gave, else the best model score that counts
+    (not rejected, not re-rated by a person); None: none."""
+    if idx.reviews.get((fid, tid)) == 1:
+        return 1.0 if rng is None or rng.contains(1.0) else None
+    if _overridden(idx, fid, tid):
+        return None
+    found = [
+        sc
+        for (f, m, t), (sc, sel) in idx.scores.items()
+        if f == fid and t == tid and m in mids and (sel if rng is None else rng.contains(sc))
+    ]
+    return max(found, default=None)
+
+
+def confidence(idx: Index, fid: int, term: Tag | Score, mids: set[int]) -> float | None:
+    """A term's confidence on a file: the best of the tags it names."""
+    tag = term if isinstance(term, Tag) else term.tag
+    rng = None if isinstance(term, Tag) else term.range
+    found = [
+        c
+        for tid in idx.tags
+        if _tag_match(idx, tid, tag) and (c := tag_confidence(idx, fid, tid, rng, mids)) is not None
+    ]
+    return max(found, default=None)
+
+
 def _scope(idx: Index, model: str | None) -> set[int]:
     return set(idx.models.values()) if model is None else {idx.models[model]}
 
@@ -184,6 +253,9 @@ def evaluate(
     if isinstance(node, Flag):
         if node.name == "failed":
             return idx.jobs.get(path) == "failed"
+        if node.name in ("reviewed", "source:human"):
+            least = 1 if node.name == "source:human" else -1
+            return any(f == fid and v >= least for (f, _), v in idx.reviews.items())
         return not any((fid, m) in idx.taggings for m in mids)
     if isinstance(node, Model):
         return untagged or (fid, idx.models[node.name]) in idx.taggings
@@ -192,22 +264,35 @@ def evaluate(
     if fid is None:
         return isinstance(node, FileFilter) and node.key == "tags" and node.range.contains(0)
     if isinstance(node, Tag):
-        return any(sel for *_, sel in stored(node))
+        return confidence(idx, fid, node, mids) is not None
     if isinstance(node, Score):
-        if any(node.range.contains(s) for _, _, s, _ in stored(node.tag)):
+        if confidence(idx, fid, node, mids) is not None:
             return True
         if not node.range.contains(0.0):
             return False
-        have = {m for m, *_ in stored(node.tag)}
+        named = [t for t in idx.tags if _tag_match(idx, t, node.tag)]
+        if any(_overridden(idx, fid, t) for t in named):
+            return True  # a rejected (or re-rated) tag has confidence 0
+        open_ = {t for t in named if (fid, t) not in idx.reviews and not _overridden(idx, fid, t)}
+        if named and not open_:
+            return False  # every tag it names has a verdict, read above
+        have = {m for m, t, *_ in stored(node.tag) if t in open_}
         return any((fid, m) in idx.taggings and m not in have for m in mids)
     if isinstance(node, Rating):
+        ratings = [t for t, (ns, name) in idx.tags.items() if ns == "rating" and name in node.names]
         return any(
-            sel and idx.tags[t][1] in node.names for m, t, s, sel in stored(Tag("*", "rating", 0))
+            confidence(idx, fid, Tag(idx.tags[t][1], "rating", 0), mids) is not None
+            for t in ratings
         )
     assert isinstance(node, FileFilter)
     if node.key == "tags":
-        n = len({t for (f, m, t), (s, sel) in idx.scores.items() if f == fid and m in mids and sel})
-        return node.range.contains(n)
+        chosen = {
+            t
+            for (f, m, t), (s, sel) in idx.scores.items()
+            if f == fid and m in mids and sel and not _overridden(idx, fid, t)
+        }
+        chosen |= {t for (f, t), v in idx.reviews.items() if f == fid and v == 1}
+        return node.range.contains(len(chosen))
     size, w, h = idx.files[fid]
     return node.range.contains({"size": size, "width": w, "height": h}[node.key])
 
@@ -384,6 +469,31 @@ def test_sort_limit_offset(index: Index, conn) -> None:
     assert rand == set(all_paths)
 
 
+@pytest.mark.parametrize("text", ["path:*", "solo", "failed | solo"])
+def test_random_pages_are_one_seeded_order(index: Index, conn, text: str) -> None:
+    """Pages of a seeded random sort tile the result: no repeats, none missed; the seed
+    fixes the order and another seed gives another."""
+    node = parse(text)
+
+    def order(seed: int, limit: int | None = None, offset: int = 0) -> list[str]:
+        opts = SearchOptions(sort="random", seed=seed, limit=limit, offset=offset)
+        return [h.path for h in iter_search(conn, node, opts)]
+
+    everything = order(11)
+    assert sorted(everything) == sorted(reference(index, node))
+    assert len(everything) > 20
+    pages = [order(11, 7, offset) for offset in range(0, len(everything) + 7, 7)]
+    assert [p for page in pages for p in page] == everything
+    assert order(11) == everything
+    others = [order(seed) for seed in (12, 2**40 + 11, 2**63 - 1)]
+    assert all(sorted(o) == sorted(everything) and o != everything for o in others)
+    assert len({tuple(o) for o in others}) == 3
+    ranks = {p: i for i, p in enumerate(everything)}
+    # Not the order of paths or ids: a shuffle moves most files far from where they were.
+    by_path = sorted(everything)
+    assert sum(abs(ranks[p] - i) > 2 for i, p in enumerate(by_path)) > len(everything) // 2
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -464,3 +574,128 @@ def test_item12_widest_query_runs(index: Index, conn) -> None:
     assert sql_result(conn, very_wide) == reference(index, very_wide)
     ranked = list(iter_search(conn, very_wide, SearchOptions(limit=5)))
     assert len(ranked) == 5
+
+
+# -- human review (migration 0011) in every term: the reference reads `Index.reviews` --------
+
+
+@pytest.fixture(scope="module")
+def reviewed(tmp_path_factory: pytest.TempPathFactory) -> Index:
+    return add_reviews(build_index(tmp_path_factory.mktemp("reviewed")))
+
+
+@pytest.fixture(scope="module")
+def rconn(reviewed: Index):
+    c = connect(reviewed.db, readonly=True)
+    yield c
+    c.close()
+
+
+REVIEW_QUERIES = [
+    *QUERIES,
+    "reviewed",
+    "source:human 1girl",
+    "-reviewed smile:>0.5",
+    "rating:explicit",
+    "rating:<=sensitive -rating:general",
+    "hat*:>0.95",
+    "hat*:<0.2",
+    "character:*:0.99..1",
+    "tags:>=8",
+    "tags:<3 reviewed",
+    "model:wd tags:5..7",
+    "model:dd rating:>sensitive smile:<0.5",
+]
+
+
+@pytest.mark.parametrize("text", REVIEW_QUERIES)
+def test_reviews_apply_to_every_term(reviewed: Index, rconn, text: str) -> None:
+    node = parse(text)
+    assert sql_result(rconn, node) == reference(reviewed, node)
+
+
+def test_reviews_change_what_the_listed_queries_match(reviewed: Index) -> None:
+    """The verdicts are not decoration: without them most of these terms match other files."""
+    plain = Index(reviewed.db, reviewed.tags, reviewed.files, reviewed.scores, reviewed.taggings)
+    plain.rows, plain.jobs, plain.models = reviewed.rows, reviewed.jobs, reviewed.models
+    for text in ("1girl:>0.8", "solo:..0.2", "rating:general", "tags:<5", "hat*", "smile"):
+        node = parse(text)
+        assert reference(reviewed, node) != reference(plain, node), text
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=queries())
+def test_random_queries_with_reviews_match_reference(reviewed: Index, rconn, text: str) -> None:
+    from tagd.search.query import QueryError
+
+    try:
+        node = parse(text)
+    except QueryError:
+        return
+    assert sql_result(rconn, node) == reference(reviewed, node)
+
+
+def rank_of(idx: Index, node: Node, fid: int, mids: set[int]) -> float | None:
+    """The rank the engine must give: confidences multiplied over AND, best branch of an OR
+    (a branch without a rank factor counts 1), None where no term ranks."""
+    if isinstance(node, Tag | Score):
+        return confidence(idx, fid, node, mids) or 0.0
+    if isinstance(node, And):
+        parts = [r for t in node.terms if (r := rank_of(idx, t, fid, mids)) is not None]
+        return None if not parts else math.prod(parts)
+    if isinstance(node, Or):
+        parts = [rank_of(idx, t, fid, mids) for t in node.terms]
+        if all(p is None for p in parts):
+            return None
+        return max(1.0 if p is None else p for p in parts)
+    return None
+
+
+def reported_tags(idx: Index, node: Node, fid: int, mids: set[int]) -> dict[str, float]:
+    """What a hit reports: each tag named by a term not under a NOT, with its confidence."""
+    out: dict[str, float] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, And | Or):
+            stack.extend(n.terms)
+        elif isinstance(n, Tag | Score):
+            tag = n if isinstance(n, Tag) else n.tag
+            rng = None if isinstance(n, Tag) else n.range
+            for tid, (ns, name) in idx.tags.items():
+                c = tag_confidence(idx, fid, tid, rng, mids) if _tag_match(idx, tid, tag) else None
+                if c is not None:
+                    out[f"{ns}:{name}"] = max(out.get(f"{ns}:{name}", 0.0), c)
+    return out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1girl smile",
+        "hat* solo",
+        "1girl:>0.5 (smile | hat)",
+        "rating:general:>0.1 solo",
+        "smile:>0.9 | 1girl:0.2..1",
+        "character:*",
+    ],
+)
+def test_reviewed_ranks_and_reported_scores_are_the_effective_confidences(
+    reviewed: Index, rconn, text: str
+) -> None:
+    """A tag a person gave ranks and reports 1.0; rejected and re-rated model rows neither
+    rank nor report; ranked pages agree with the full ranking."""
+    node = parse(text)
+    mids = set(reviewed.models.values())
+    hits = list(iter_search(rconn, node, SearchOptions(with_tags=True)))
+    assert len(hits) >= 3
+    for h in hits:
+        assert h.rank == pytest.approx(rank_of(reviewed, node, h.file_id, mids)), h.path
+        assert h.tags == pytest.approx(reported_tags(reviewed, node, h.file_id, mids)), h.path
+    assert [h.rank for h in hits] == sorted((h.rank for h in hits), reverse=True)
+    full = [(h.path, h.rank) for h in hits]
+    for limit, offset in ((1, 0), (4, 3), (40, 0)):
+        page = iter_search(rconn, node, SearchOptions(limit=limit, offset=offset))
+        assert [(h.path, h.rank) for h in page] == full[offset : offset + limit]

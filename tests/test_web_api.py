@@ -57,6 +57,33 @@ def test_search_json_mirrors_the_cli(site: dict) -> None:
     assert c.get("/api/count", params={"q": "red"}).json() == {"count": len(cli)}
 
 
+def test_random_pages_share_a_seed_and_tile_the_result(site: dict) -> None:
+    c = site["client"]
+    everything = c.get("/api/search", params={"sort": "random", "seed": 5}).json()
+    assert everything["seed"] == 5
+    order = [h["sha256"] for h in everything["hits"]]
+    assert len(order) == len(set(order)) == 7
+    pages = [
+        c.get("/api/search", params={"sort": "random", "seed": 5, "limit": 3, "offset": o})
+        for o in (0, 3, 6)
+    ]
+    assert [h["sha256"] for r in pages for h in r.json()["hits"]] == order
+    first = c.get("/api/search", params={"sort": "random", "limit": 3}).json()
+    rest = c.get("/api/search", params={"sort": "random", "seed": first["seed"]}).json()
+    assert [h["sha256"] for h in rest["hits"]][:3] == [h["sha256"] for h in first["hits"]]
+    assert "seed" not in c.get("/api/search", params={"q": "red"}).json()
+    for bad in ("-1", "x", str(2**63)):
+        r = c.get("/api/search", params={"sort": "random", "seed": bad})
+        assert r.status_code == 400 and "seed" in r.json()["error"]
+    # the grid draws a seed once and puts it on the grid and every image link
+    html = c.get("/", params={"sort": "random"}).text
+    seed = html.split('data-seed="', 1)[1].split('"', 1)[0]
+    assert seed.isdigit() and html.count(f"seed={seed}&amp;i=") == 7
+    kept = c.get("/", params={"sort": "random", "seed": seed}).text
+    assert f'data-seed="{seed}"' in kept
+    assert 'data-seed=""' in c.get("/", params={"q": "red"}).text
+
+
 def test_bad_queries_and_limits_are_400_with_a_message(site: dict) -> None:
     c = site["client"]
     r = c.get("/api/search", params={"q": "(red"})

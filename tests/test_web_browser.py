@@ -210,3 +210,44 @@ def test_queue_page_pause_resume_retry(live: dict) -> None:
     with page.expect_navigation():
         page.locator("button.qa[data-action=retry]").click()
     assert "broken.png" not in page.locator("#failed").inner_text()
+
+
+def test_random_grid_scrolls_through_every_file_once(live: dict, tmp_path: Path) -> None:
+    """Endless scroll on sort=random fetches pages in one seeded order: 230 tiles, 230 files."""
+    from conftest import write_config
+    from indexdb import make_index
+
+    g = tmp_path / "g"
+    g.mkdir()
+    files = {str(g / f"f{i:03}.png"): {"general": 0.9, "smile": 0.4 + i / 1000} for i in range(230)}
+    make_index(tmp_path / "t.db", files).close()
+    conf = write_config(
+        tmp_path / "c.yaml",
+        {"database": str(tmp_path / "t.db"), "watch": [str(g)], "web": {"port": 0}},
+    )
+    config = load(str(conf))
+    server = WebServer(config, config.web)  # type: ignore[arg-type]
+    server.start()
+    try:
+        page = live["page"]
+        page.goto(server.url + "?sort=random")
+        seed = parse_qs(urlparse(page.url).query)["seed"][0]  # kept in the URL for reloads
+        cells = page.locator("#grid a.cell")
+        shown = cells.count()
+        assert shown == 100
+        while page.locator("#more").count():
+            page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+            page.wait_for_function(
+                "n => document.querySelectorAll('#grid a.cell').length > n"
+                " || !document.querySelector('#more')",
+                arg=shown,
+            )
+            shown = cells.count()
+        titles = cells.evaluate_all("as => as.map(a => a.title)")
+        assert len(titles) == len(set(titles)) == 230
+        assert set(titles) == set(files)
+        assert titles != sorted(titles)
+        links = cells.evaluate_all("as => as.map(a => a.href)")
+        assert all(f"seed={seed}" in link for link in links)
+    finally:
+        server.stop()

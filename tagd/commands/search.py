@@ -59,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="score",
         help="score (default, best first), mtime (newest first), path, random",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="with --sort random: the order to use; the same seed gives the same order, so "
+        "pages taken with --offset never repeat or miss a file",
+    )
     order = p.add_mutually_exclusive_group()
     order.add_argument("--asc", dest="descending", action="store_false", default=None)
     order.add_argument("--desc", dest="descending", action="store_true")
@@ -97,6 +104,15 @@ def run(ctx: Context) -> int:
         )
     if not 0 <= args.offset <= MAX_ROWS:
         raise UserError(f"--offset {args.offset}: give a number from 0 to {MAX_ROWS}", 2)
+    if args.seed is not None and args.sort != "random":
+        raise UserError(
+            f"--seed {args.seed} orders only --sort random: add --sort random, or leave --seed out",
+            2,
+        )
+    from tagd.search.shuffle import MAX_SEED
+
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed {args.seed}: give a number from 0 to {MAX_SEED}", 2)
     try:
         node = parse(text)
     except QueryError as exc:
@@ -107,6 +123,7 @@ def run(ctx: Context) -> int:
         limit=args.limit,
         offset=args.offset,
         with_tags=args.format != "paths",
+        seed=args.seed,
     )
     if args.explain:
         conn = ctx.db(readonly=True) if _db_exists(ctx) else None

@@ -34,3 +34,14 @@ def changed_since(conn: sqlite3.Connection, seq: int, limit: int) -> list[int] |
         )
     ]
     return None if len(ids) > limit else ids
+
+
+def changes_after(conn: sqlite3.Connection, seq: int, limit: int) -> list[tuple[int, int]]:
+    """(seq, file id) logged after `seq`, oldest first: a follower's next batch."""
+    return [
+        (int(s), int(f))
+        for s, f in conn.execute(
+            "SELECT seq, file_id FROM score_changes WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+    ]

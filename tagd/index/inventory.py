@@ -8,12 +8,13 @@ takes an open connection and returns plain values.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tagd.names import AS_TEXT, to_db
+from tagd.names import AS_TEXT, from_db, to_db
 
 JOB_STATES = ("queued", "running", "done", "failed")
 
@@ -234,3 +235,31 @@ def file_tags(conn: sqlite3.Connection, path: str) -> FileTags | None:
     ):
         models.setdefault(model, [])
     return FileTags(path, row[1], row[2], row[3], models)
+
+
+def tagged_files(
+    conn: sqlite3.Connection, *, after: int = 0, ids: Sequence[int] | None = None, limit: int = 500
+) -> tuple[int, list[tuple[int, str, list[str]]]]:
+    """(last file id looked at, [(file id, sha256, present paths)]) of files some model has
+    tagged and that have a present path: `ids`, or the next `limit` files after id `after`."""
+    if ids is None:
+        wanted = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT id FROM files WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            )
+        ]
+    else:
+        wanted = sorted(set(ids))
+    found: dict[int, tuple[str, list[str]]] = {}
+    for fid, sha, path in conn.execute(
+        "SELECT f.id, f.sha256, p.path FROM files f JOIN paths p ON p.file_id = f.id "
+        "WHERE f.id IN (SELECT value FROM json_each(?)) AND p.missing = 0 "
+        "AND EXISTS (SELECT 1 FROM taggings g WHERE g.file_id = f.id) ORDER BY f.id, p.path",
+        (json.dumps(wanted),),
+    ):
+        found.setdefault(int(fid), (str(sha), []))[1].append(
+            from_db(path) if isinstance(path, bytes) else str(path)
+        )
+    last = wanted[-1] if wanted else after
+    return last, [(fid, sha, paths) for fid, (sha, paths) in found.items()]

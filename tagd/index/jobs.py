@@ -392,6 +392,17 @@ def waiting(conn: sqlite3.Connection) -> int:
     ).fetchone()[0]
 
 
+def tagging_now(conn: sqlite3.Connection) -> bool:
+    """Whether the daemon has work in hand or ready to claim (not paused): background work
+    that must never slow tagging (thumbnails made ahead) waits for this to turn false."""
+    if conn.execute("SELECT 1 FROM jobs WHERE state = 'running' LIMIT 1").fetchone():
+        return True
+    ready = conn.execute(
+        "SELECT 1 FROM jobs WHERE state = 'queued' AND not_before <= ? LIMIT 1", (time.time(),)
+    ).fetchone()
+    return ready is not None and not is_paused(conn)
+
+
 PAUSED_KEY = "paused"
 
 

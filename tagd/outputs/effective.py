@@ -1,6 +1,7 @@
 """Effective tags per file: the stored `scores` rows with selected=1, read in chunks, with
 human review applied (tagd/review.py): a rejected tag is dropped from every model, an
-accepted or added tag is reported once as model "human" with score 1.0.
+accepted or added tag is reported once as model "human" with score 1.0, and a rating a
+person gave replaces the models' ratings.
 
 Exports, sidecars, Hydrus sync and evaluation all consume the same decision (thresholds,
 blacklist and aliases are already reflected in `selected`), so they read it here.
@@ -98,8 +99,15 @@ def iter_files(
 
 
 def _reviewed(tags: list[ScoredTag], verdicts: dict[tuple[str, str], int]) -> list[ScoredTag]:
+    """Rejected tags go; accepted ones come as model "human", 1.0. A rating a person gave
+    replaces the models' ratings (a file has one rating), as search's `rating:` reads it."""
     from tagd.index.reviews import HUMAN
 
-    kept = [t for t in tags if verdicts.get((t.namespace, t.name), 0) != -1]
+    rated = any(ns == "rating" and v == 1 for (ns, _), v in verdicts.items())
+    kept = [
+        t
+        for t in tags
+        if verdicts.get((t.namespace, t.name), 0) != -1 and not (rated and t.namespace == "rating")
+    ]
     added = [ScoredTag(HUMAN, ns, name, 1.0) for (ns, name), v in verdicts.items() if v == 1]
     return sorted(added, key=lambda t: (t.namespace, t.name)) + kept

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tagd.names import bind
+from tagd.search import verdicts
 from tagd.search.query import (
     And,
     FileFilter,
@@ -181,10 +182,13 @@ def _scores_sub(term: Tag, ctx: _Ctx, cond: str, cparams: list[object]) -> tuple
 def _where(node: Node, ctx: _Ctx) -> Compiled:
     f = ctx.file_sql
     if isinstance(node, Tag):
-        sub, params = _scores_sub(node, ctx, "s.selected = 1", [])
+        _, _, cond, _ = _score_condition(node, ctx.reviews)
+        sub, params = _scores_sub(node, ctx, cond, [])
         if ctx.reviews:
             return _reviewed(node, ctx, sub, params)
         return Compiled(sub, params)
+    if isinstance(node, Score) and ctx.reviews:
+        return _reviewed_score(node, ctx)
     if isinstance(node, Score):
         cond, cparams = _range_sql("s.score", node.range)
         sql, params = _scores_sub(node.tag, ctx, cond, cparams)
@@ -203,13 +207,17 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
         return Compiled(f"({sql})", params)
     if isinstance(node, Rating):
         marks = ", ".join("?" * len(node.names))
+        named = f"(SELECT id FROM tags WHERE namespace = 'rating' AND name IN ({marks}))"
+        over = f" AND NOT {verdicts.overridden('s.file_id', 's.tag_id')}" if ctx.reviews else ""
         sub, params = _scores_sub(
             Tag("*", "rating", node.column),
             ctx,
-            f"s.selected = 1 AND s.tag_id IN "
-            f"(SELECT id FROM tags WHERE namespace = 'rating' AND name IN ({marks}))",
+            f"s.selected = 1 AND s.tag_id IN {named}{over}",
             list(node.names),
         )
+        if ctx.reviews:  # the rating a person gave
+            given = _in(ctx, "r.file_id", "reviews r", f"r.verdict = 1 AND r.tag_id IN {named}")
+            return Compiled(f"(({sub}) OR {given})", [*params, *node.names])
         return Compiled(sub, params)
     if isinstance(node, Model):
         if ctx.untagged:
@@ -255,11 +263,47 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
 
 
 def _reviewed(term: Tag, ctx: _Ctx, sub: str, params: list[object]) -> Compiled:
-    """A tag term with human verdicts: a rejected tag never matches, an accepted one always."""
+    """A tag term with human verdicts (tagd/search/verdicts.py): `sub` already leaves out
+    the model rows a verdict overrides; a tag a person accepted always matches."""
     ids, iparams = _tag_ids(term)
-    rejected = _in(ctx, "r.file_id", "reviews r", f"r.verdict = -1 AND r.tag_id IN ({ids})")
     accepted = _in(ctx, "r.file_id", "reviews r", f"r.verdict = 1 AND r.tag_id IN ({ids})")
-    return Compiled(f"((({sub}) AND NOT {rejected}) OR {accepted})", [*params, *iparams, *iparams])
+    return Compiled(f"(({sub}) OR {accepted})", [*params, *iparams])
+
+
+def _reviewed_score(node: Score, ctx: _Ctx) -> Compiled:
+    """A confidence filter with human verdicts: a tag a person accepted has confidence 1.0,
+    one rejected (or a rating replaced by the person's) 0; the tags without a verdict read
+    the stored scores as without verdicts (an unstored score counts 0)."""
+    ids, iparams = _tag_ids(node.tag)
+    cond, cparams = _range_sql("s.score", node.range)
+    open_ = verdicts.undecided("s.file_id", "s.tag_id")
+    sql, params = _scores_sub(node.tag, ctx, f"{cond} AND {open_}", cparams)
+    parts = [sql]
+    if node.range.contains(1.0):
+        parts.append(_in(ctx, "r.file_id", "reviews r", f"r.verdict = 1 AND r.tag_id IN ({ids})"))
+        params += iparams
+    if node.range.contains(0.0):
+        parts.append(_in(ctx, "r.file_id", "reviews r", f"r.verdict = -1 AND r.tag_id IN ({ids})"))
+        rerated = (
+            "r.verdict = 1 AND h.namespace = 'rating' AND EXISTS (SELECT 1 FROM tags x "
+            f"WHERE x.id IN ({ids}) AND x.namespace = 'rating' "
+            f"AND NOT {verdicts.verdict('r.file_id', 'x.id', 1)})"
+        )
+        parts.append(_in(ctx, "r.file_id", "reviews r JOIN tags h ON h.id = r.tag_id", rerated))
+        msql, mparams = _model_clause("g", ctx)
+        absent = _in(
+            ctx,
+            "g.file_id",
+            "taggings g",
+            f"1{msql} AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.file_id = g.file_id "
+            f"AND s.model_id = g.model_id AND s.tag_id IN ({ids}) "
+            f"AND {verdicts.undecided('g.file_id', 's.tag_id')}) "
+            f"AND (NOT EXISTS ({ids}) OR EXISTS (SELECT 1 FROM tags x WHERE x.id IN ({ids}) "
+            f"AND {verdicts.undecided('g.file_id', 'x.id')}))",
+        )
+        parts.append(absent)
+        params += [*iparams, *iparams, *mparams, *iparams, *iparams, *iparams]
+    return Compiled("(" + " OR ".join(parts) + ")", params)
 
 
 def _on_path(ctx: _Ctx, cond: str, params: list[object], mtime: bool = False) -> Compiled:
@@ -309,12 +353,25 @@ def _file_filter(node: FileFilter, ctx: _Ctx) -> Compiled:
     assert node.range is not None
     if key == "tags":
         msql, mparams = _model_clause("s", ctx)
+        f = ctx.file_sql
+        if not ctx.reviews:
+            expr = (
+                "(SELECT count(DISTINCT s.tag_id) FROM scores s "
+                f"WHERE s.file_id = {f} AND s.selected = 1{msql})"
+            )
+            cond, params = _range_sql(expr, node.range)
+            return Compiled(f"({cond})", _repeat(mparams, params))
+        # The effective tags: model selections no verdict overrides, plus accepted tags the
+        # models did not select.
         expr = (
-            "(SELECT count(DISTINCT s.tag_id) FROM scores s "
-            f"WHERE s.file_id = {ctx.file_sql} AND s.selected = 1{msql})"
+            "((SELECT count(DISTINCT s.tag_id) FROM scores s WHERE s.file_id = "
+            f"{f} AND s.selected = 1{msql} AND NOT {verdicts.overridden(f, 's.tag_id')}) + "
+            f"(SELECT count(*) FROM reviews r WHERE r.file_id = {f} AND r.verdict = 1 "
+            f"AND NOT EXISTS (SELECT 1 FROM scores s WHERE s.file_id = {f} "
+            f"AND s.tag_id = r.tag_id AND s.selected = 1{msql})))"
         )
         cond, params = _range_sql(expr, node.range)
-        return Compiled(f"({cond})", _repeat(mparams, params))
+        return Compiled(f"({cond})", _repeat([*mparams, *mparams], params))
     column = {"width": "width", "height": "height", "size": "size", "duration": "duration"}[key]
     if ctx.files_sql is not None:
         cond, params = _range_sql(f"{ctx.files_sql}.{column}", node.range)
@@ -331,28 +388,40 @@ def _repeat(mparams: list[object], params: list[object]) -> list[object]:
     return out
 
 
-def _score_condition(term: Tag | Score) -> tuple[str, list[object], str, list[object]]:
+def _score_condition(
+    term: Tag | Score, reviews: bool = False
+) -> tuple[str, list[object], str, list[object]]:
     """(tag-id subquery, its params, condition on `s`, its params) for a tag or a confidence
-    filter: a tag counts where a model selected it, a filter on the stored score."""
+    filter: a tag counts where a model selected it, a filter on the stored score. With
+    `reviews`, model rows a verdict decides do not count (a tag term keeps those of an
+    accepted tag: they are at most its 1.0)."""
     tag = term if isinstance(term, Tag) else term.tag
     ids, params = _tag_ids(tag)
     if isinstance(term, Tag):
-        return ids, params, "s.selected = 1", []
+        over = f" AND NOT {verdicts.overridden('s.file_id', 's.tag_id')}" if reviews else ""
+        return ids, params, f"s.selected = 1{over}", []
     cond, cparams = _range_sql("s.score", term.range)
+    if reviews:
+        cond = f"{cond} AND {verdicts.undecided('s.file_id', 's.tag_id')}"
     return ids, params, cond, cparams
+
+
+def accepted_counts(term: Tag | Score) -> bool:
+    """Whether a tag a person accepted (confidence 1.0) satisfies `term`."""
+    return isinstance(term, Tag) or term.range.contains(1.0)
 
 
 def _rank(node: Node, ctx: _Ctx) -> Compiled | None:
     f = ctx.file_sql
     if isinstance(node, Tag | Score):
-        ids, params, cond, cparams = _score_condition(node)
+        ids, params, cond, cparams = _score_condition(node, ctx.reviews)
         msql, mparams = _model_clause("s", ctx, probe=True)
         best = Compiled(
             f"coalesce((SELECT max(s.score) FROM scores s WHERE s.file_id = {f} "
             f"AND s.tag_id IN ({ids}) AND {cond}{msql}), 0)",
             [*params, *cparams, *mparams],
         )
-        if ctx.reviews and isinstance(node, Tag):
+        if ctx.reviews and accepted_counts(node):
             return Compiled(
                 f"max({best.sql}, EXISTS (SELECT 1 FROM reviews r WHERE r.file_id = {f} "
                 f"AND r.verdict = 1 AND r.tag_id IN ({ids})))",
@@ -478,8 +547,7 @@ def build_sql(
         "score": f"rank {direction}, path",
         "mtime": f"mtime_ns {direction}, path",
         "path": f"path {direction}",
-        "random": "random()",
-    }[opts.sort]
+    }.get(opts.sort) or _random_order(opts.seed)
     sha = "(SELECT sha256 FROM files WHERE id = file_id)"
     if restrict is not None:
         return Compiled(f"SELECT path, file_id, NULL, mtime_ns, rank FROM ({sql})", params)
@@ -488,11 +556,20 @@ def build_sql(
             f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql}) ORDER BY {order}", params
         )
     params += [-1 if opts.limit is None else opts.limit, opts.offset]
+    if len(branches) > 1 and opts.sort == "random":
+        sql = f"SELECT * FROM ({sql})"  # a UNION orders by result columns only
     return Compiled(
         f"SELECT path, file_id, {sha}, mtime_ns, rank FROM ({sql} ORDER BY {order} "
         f"LIMIT ? OFFSET ?) ORDER BY {order}",
         params,
     )
+
+
+def _random_order(seed: int | None) -> str:
+    """The same seed gives every page of a random result the same order (tie: path)."""
+    from tagd.search.shuffle import new_seed, shuffled
+
+    return f"{shuffled(new_seed() if seed is None else seed, 'file_id')}, file_id, path"
 
 
 def _uses_files(node: Node) -> bool:

@@ -15,6 +15,7 @@ from tagd.search.compile import (
     _score_condition,
     _similar_terms,
     _tag_ids,
+    accepted_counts,
     build_sql,
     scope_model,
 )
@@ -68,7 +69,7 @@ def iter_search(
         reviews=review.in_use(conn),
     )
     wanted = positive_tags(node) if opts.with_tags else []
-    ctx = _Ctx(model=scope_model(node), similar=resolved.similar)
+    ctx = _Ctx(model=scope_model(node), similar=resolved.similar, reviews=resolved.reviews)
     rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
     if rows is None:
         driver = _driver(conn, node, opts)
@@ -135,17 +136,24 @@ def matched_scores(
     terms: list[Tag | Score],
     ctx: _Ctx | None = None,
 ) -> dict[str, float]:
-    """The best stored score of each matched tag, keyed `namespace:name`."""
+    """The best stored score of each matched tag, keyed `namespace:name`; with verdicts
+    (`ctx.reviews`), 1.0 for a tag a person accepted and nothing for one overridden."""
     ctx = ctx or _Ctx()
     out: dict[str, float] = {}
     for term in terms:
-        ids, params, cond, cparams = _score_condition(term)
+        ids, params, cond, cparams = _score_condition(term, ctx.reviews)
         msql, mparams = _model_clause("s", ctx)
         rows = conn.execute(
             "SELECT t.namespace, t.name, max(s.score) FROM scores s JOIN tags t ON t.id = s.tag_id"
             f" WHERE s.file_id = ? AND s.tag_id IN ({ids}) AND {cond}{msql} GROUP BY t.id",
             [file_id, *params, *cparams, *mparams],
         ).fetchall()
+        if ctx.reviews and accepted_counts(term):
+            rows += conn.execute(
+                "SELECT t.namespace, t.name, 1.0 FROM reviews r JOIN tags t ON t.id = r.tag_id "
+                f"WHERE r.file_id = ? AND r.verdict = 1 AND r.tag_id IN ({ids})",
+                [file_id, *params],
+            ).fetchall()
         for ns, name, score in rows:
             key = f"{ns}:{name}"
             out[key] = max(out.get(key, 0.0), float(score))

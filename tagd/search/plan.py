@@ -214,6 +214,8 @@ def _driver_walk(
             cond = Compiled(*_range_sql("s.score", term.range))
             walks.append(_walk(conn, tag_id, 1, cond, model))
             walks.append(_walk(conn, tag_id, 0, cond, model))
+            if reviews and term.range.contains(1.0):
+                walks.append(_accepted_walk(conn, tag_id))
     return heapq.merge(*walks, key=lambda r: (-r[0], -r[1]))
 
 

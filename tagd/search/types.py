@@ -34,6 +34,8 @@ class SearchOptions:
     limit: int | None = None
     offset: int = 0
     with_tags: bool = False
+    # The order of sort="random" (tagd/search/shuffle.py); None draws one per query.
+    seed: int | None = None
 
 
 @dataclass(frozen=True)

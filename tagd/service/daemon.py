@@ -166,6 +166,7 @@ class Daemon:
         self.worker: Worker | None = None
         self.watcher: Watcher | None = None
         self.scheduler: Any = None
+        self.thumbs: Any = None  # tagd.web.pregen.Pregenerator with web.pregenerate_thumbs
         self.exit_code = 0
         self.meter = RateMeter()
         self.rate = 0.0
@@ -206,9 +207,18 @@ class Daemon:
         self.worker.thread.start()
         self.scheduler = self._scheduler(pipeline.model_ids)
         self.scheduler.start()
+        web = config.web
+        if web is not None and web.pregenerate_thumbs:
+            from tagd.web.pregen import Pregenerator
+
+            self.thumbs = Pregenerator(config, web)
+            self.thumbs.start()
 
     def _stop_parts(self) -> None:
         self._scan_stop.set()
+        if self.thumbs is not None:
+            self.thumbs.stop()
+            self.thumbs = None
         if self.watcher is not None:
             self.watcher.stop()
         if self.worker is not None:

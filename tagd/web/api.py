@@ -62,6 +62,7 @@ def routes(state: State) -> list[Route]:
                 int_param(request, "limit", 100),
                 int_param(request, "offset", 0),
                 count_budget=COUNT_BUDGET_S if p.get("count", "1") != "0" else None,
+                seed=int_param(request, "seed", -1) if p.get("seed") else None,
             )
         except ValueError as exc:
             return _bad(str(exc))

@@ -43,7 +43,7 @@ from tagd.web.state import (
     int_param,
     search_page,
 )
-from tagd.web.thumbs import PLACEHOLDER_SVG
+from tagd.web.thumbs import PLACEHOLDER_SVG, readable_under
 
 # Browsers pick a player by content type; the system's mime table may lack some of these.
 VIDEO_TYPES = {
@@ -79,11 +79,22 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
     def grid(request: Request) -> Response:
         q = request.query_params.get("q", "")
         sort = request.query_params.get("sort", "score")
+        seed = None
         try:
             offset = int_param(request, "offset", 0)
+            if request.query_params.get("seed"):
+                seed = int_param(request, "seed", 0)
             result = search_page(
-                state, q, sort, PAGE, offset, count_budget=COUNT_BUDGET_S, with_tags=False
+                state,
+                q,
+                sort,
+                PAGE,
+                offset,
+                count_budget=COUNT_BUDGET_S,
+                with_tags=False,
+                seed=seed,
             )
+            seed = result.get("seed")
             error = None
         except ValueError as exc:
             result, error = {"count": 0, "hits": [], "unknown": [], "file_ids": []}, str(exc)
@@ -96,6 +107,7 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
                 "q": q,
                 "sort": sort,
                 "offset": offset,
+                "seed": seed,
                 "page": PAGE,
                 "result": result,
                 "error": error,
@@ -129,6 +141,7 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
                 "info": info,
                 "q": request.query_params.get("q", ""),
                 "sort": request.query_params.get("sort", "score"),
+                "seed": request.query_params.get("seed", ""),
                 "pos": pos,
                 "in_hydrus": in_hydrus,
                 "is_video": any(media.is_video_path(p) for p in info.paths),
@@ -234,9 +247,4 @@ def create_app(config: Config, web: WebConfig | None = None, *, migrate: bool = 
 
 def _allowed(state: State, path: str) -> bool:
     """A regular file whose real path lies under a watch root (no symlink escape)."""
-    real = os.path.realpath(path)
-    if not os.path.isfile(real):
-        return False
-    if not state.roots:
-        return True
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in state.roots)
+    return readable_under(path, state.roots)

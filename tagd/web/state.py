@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tagd.config import Config, WebConfig
 from tagd.index.db import DatabaseError, connect
 from tagd.web import queries
-from tagd.web.thumbs import Thumbnailer
+from tagd.web.thumbs import Thumbnailer, cache_dir
 
 HERE = Path(__file__).parent
 MAX_QUERY = 1000
@@ -113,7 +113,7 @@ def build_state(config: Config, web: WebConfig, *, migrate: bool = True) -> Stat
     if migrate:
         with contextlib.suppress(DatabaseError, sqlite3.Error):
             connect(config.database).close()
-    thumb_dir = web.thumbnail_dir or Path(f"{config.database}.thumbs")
+    thumb_dir = cache_dir(config.database, web.thumbnail_dir)
     roots = tuple(os.path.realpath(r.path) for r in config.watch)
     state = State(
         config,
@@ -216,8 +216,12 @@ def search_page(
     *,
     count_budget: float | None,
     with_tags: bool = True,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """One page of results as the API returns it; raises ValueError with a user message."""
+    """One page of results as the API returns it; raises ValueError with a user message.
+
+    A random page is ordered by `seed` (a new one when None, returned as "seed"): the pages
+    of one query share it, so scrolling never repeats or misses a file."""
     from tagd.index.inventory import UnknownModel
     from tagd.search.execute import count, iter_search
     from tagd.search.query import QueryError, parse
@@ -231,6 +235,12 @@ def search_page(
         raise ValueError(f"limit must be 1 to {MAX_LIMIT}")
     if not 0 <= offset <= MAX_OFFSET:
         raise ValueError(f"offset must be 0 to {MAX_OFFSET}")
+    from tagd.search.shuffle import MAX_SEED, new_seed
+
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be 0 to {MAX_SEED}")
+    if sort == "random" and seed is None:
+        seed = new_seed()
     text = q.strip() or "path:*"
     try:
         node = parse(text)
@@ -238,7 +248,7 @@ def search_page(
         raise ValueError(f"bad query at column {exc.column + 1}: {exc.args[0]}") from None
     conn = state.ro()
     mode = {"score": "score", "newest": "mtime", "random": "random"}[sort]
-    opts = SearchOptions(sort=mode, limit=limit, offset=offset, with_tags=with_tags)
+    opts = SearchOptions(sort=mode, limit=limit, offset=offset, with_tags=with_tags, seed=seed)
     try:
         if not q.strip() and sort != "random":
             hits = [
@@ -271,6 +281,7 @@ def search_page(
         ],
         "unknown": unknown,
         "file_ids": [h.file_id for h in hits],
+        **({"seed": seed} if sort == "random" else {}),
     }
 
 

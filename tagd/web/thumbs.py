@@ -24,6 +24,11 @@ PLACEHOLDER_SVG = (
 )
 
 
+def cache_dir(database: Path, configured: Path | None) -> Path:
+    """`web.thumbnail_dir`, else `<database>.thumbs` beside the database."""
+    return configured or Path(f"{database}.thumbs")
+
+
 class Thumbnailer:
     def __init__(
         self, directory: Path, size: int, *, workers: int | None = None, max_pixels: int
@@ -72,8 +77,24 @@ class Thumbnailer:
             return target
         return None
 
+    def make(self, sha: str, paths: list[str]) -> Path | None:
+        """Render now in the caller's thread (the daemon's pre-generation): the same file and
+        the same placeholder rule (None) as a request."""
+        return self._make(sha, lambda: paths)
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def readable_under(path: str, roots: tuple[str, ...]) -> bool:
+    """A regular file whose real path lies under a watch root (no symlink escape); any
+    regular file when no root is configured."""
+    real = os.path.realpath(path)
+    if not os.path.isfile(real):
+        return False
+    if not roots:
+        return True
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 def _is_video(path: str) -> bool:

@@ -20,6 +20,8 @@
       return data;
     });
   const qs = (o) => new URLSearchParams(o).toString();
+  // A random grid's seed travels with every page and link, so its order never changes.
+  const seeded = (o, seed) => (seed ? { ...o, seed } : o);
 
   // ---- query box: autocomplete on the word under the caret
   const q = $("#q");
@@ -117,19 +119,27 @@
   }
   const grid = $("#grid");
   const more = $("#more");
+  if (grid && grid.dataset.seed) {
+    const url = new URL(location.href);
+    if (url.searchParams.get("seed") !== grid.dataset.seed) {
+      url.searchParams.set("seed", grid.dataset.seed);
+      history.replaceState(null, "", url);
+    }
+  }
   if (grid && more && "IntersectionObserver" in window) {
     let loading = false;
     const obs = new IntersectionObserver((entries) => {
       if (!entries.some((e) => e.isIntersecting) || loading) return;
       loading = true;
       const offset = Number(more.dataset.offset);
-      const params = { q: grid.dataset.q, sort: grid.dataset.sort, offset, limit: 100, count: 0 };
+      const seed = grid.dataset.seed;
+      const params = seeded({ q: grid.dataset.q, sort: grid.dataset.sort, offset, limit: 100, count: 0 }, seed);
       getJSON(`/api/search?${qs(params)}`).then((d) => {
         (d.hits || []).forEach((h, i) => {
           const a = document.createElement("a");
           a.className = "cell";
           a.title = h.path;
-          a.href = `${BASE}/image/${h.sha256}?${qs({ q: grid.dataset.q, sort: grid.dataset.sort, i: offset + i })}`;
+          a.href = `${BASE}/image/${h.sha256}?${qs(seeded({ q: grid.dataset.q, sort: grid.dataset.sort, i: offset + i }, seed))}`;
           const img = document.createElement("img");
           img.src = `${BASE}/thumbs/${h.sha256}`;
           img.alt = h.path;
@@ -158,10 +168,11 @@
     const pos = Number(page.dataset.pos);
     const step = (d) => {
       if (pos < 0 || pos + d < 0) return;
-      const params = { q: page.dataset.q, sort: page.dataset.sort, offset: pos + d, limit: 1, count: 0 };
+      const seed = page.dataset.seed;
+      const params = seeded({ q: page.dataset.q, sort: page.dataset.sort, offset: pos + d, limit: 1, count: 0 }, seed);
       getJSON(`/api/search?${qs(params)}`).then((r) => {
         const h = (r.hits || [])[0];
-        if (h) location.href = `${BASE}/image/${h.sha256}?${qs({ q: page.dataset.q, sort: page.dataset.sort, i: pos + d })}`;
+        if (h) location.href = `${BASE}/image/${h.sha256}?${qs(seeded({ q: page.dataset.q, sort: page.dataset.sort, i: pos + d }, seed))}`;
       });
     };
     const prev = $("#prev"), next = $("#next");
