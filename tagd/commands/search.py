@@ -86,7 +86,7 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 def run(ctx: Context) -> int:
     from tagd.names import for_humans
     from tagd.search.compile import build_sql
-    from tagd.search.execute import count, iter_search, resolve_similar
+    from tagd.search.execute import count, iter_search, resolve_similar, unlimited_paths
     from tagd.search.explain import explain
     from tagd.search.query import QueryError, parse
     from tagd.search.suggest import unknown_tags
@@ -144,7 +144,14 @@ def run(ctx: Context) -> int:
             n = count(conn, node, opts, similar=similar)
             print(n)
             return 0 if n else 1
-        n = write_hits(iter_search(conn, node, opts, similar=similar), args.format, nul, sys.stdout)
+        paths = None
+        if args.format == "paths" and (nul or not sys.stdout.isatty()):
+            paths = unlimited_paths(conn, node, opts, similar=similar)
+        if paths is not None:
+            n = write_paths(paths, nul, sys.stdout)
+        else:
+            hits = iter_search(conn, node, opts, similar=similar)
+            n = write_hits(hits, args.format, nul, sys.stdout)
     except SearchError as exc:
         raise UserError(str(exc), 2) from None
     return 0 if n else 1
@@ -166,6 +173,27 @@ def hit_record(h: Hit) -> dict[str, object]:
         "score": None if h.rank is None else round(h.rank, 6),
         "tags": {k: round(v, 4) for k, v in h.tags.items()},
     }
+
+
+def write_paths(paths: list[bytes], nul: bool, out: TextIO) -> int:
+    """Exact path bytes, as write_hits would write them, without a str per path; through
+    the text layer where it would encode them differently (a locale that is not UTF-8)."""
+    import codecs
+
+    end = b"\0" if nul else b"\n"
+    buffer = getattr(out, "buffer", None)
+    exact = codecs.lookup(out.encoding or "ascii").name == "utf-8"
+    if buffer is None or not exact or out.errors != "surrogateescape":
+        from tagd.names import from_db
+
+        for raw in paths:
+            out.write(from_db(raw) + end.decode())
+        return len(paths)
+    out.flush()
+    for start in range(0, len(paths), 65536):
+        buffer.write(end.join(paths[start : start + 65536]) + end)
+    buffer.flush()
+    return len(paths)
 
 
 def write_hits(hits: Iterable[Any], fmt: str, nul: bool, out: TextIO) -> int:

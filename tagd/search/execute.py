@@ -4,11 +4,15 @@ tags each hit matched."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from tagd.index import reviews as review
+from tagd.names import from_db
 from tagd.search.compile import (
     _Ctx,
     _model_clause,
@@ -22,6 +26,11 @@ from tagd.search.compile import (
 from tagd.search.plan import _cached_top_k, _db_file, _driver, _driver_walk, _top_k
 from tagd.search.query import And, Node, Or, Score, Similar, Tag
 from tagd.search.types import Hit, Resolved, SearchError, SearchOptions
+
+if TYPE_CHECKING:
+    from tagd.search import stream
+
+SHA_BATCH = 4096
 
 
 def resolve_similar(
@@ -77,11 +86,56 @@ def iter_search(
             walk = _driver_walk(conn, node, driver, resolved.reviews)
             rows = _top_k(conn, node, opts, resolved, walk)
         else:
+            rows = _streamed(conn, node, opts, resolved)
+        if rows is None:
             q = build_sql(node, opts, resolved=resolved)
             rows = conn.execute(q.sql, q.params)
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
         yield Hit(path, sha, tags, file_id, None if rank is None else float(rank), mtime_ns)
+
+
+def _streamed(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions, resolved: Resolved
+) -> Iterator[tuple] | None:
+    """Unlimited output from the bitmaps (tagd/search/stream.py), as build_sql's rows."""
+    from tagd.search import stream
+
+    found = stream.rows(conn, _db_file(conn), node, opts, resolved)
+    if found is None:
+        return None
+    return _with_sha(conn, found)
+
+
+def _with_sha(conn: sqlite3.Connection, found: stream.Found) -> Iterator[tuple]:
+    rows = found.rows()
+    while chunk := list(itertools.islice(rows, SHA_BATCH)):
+        shas = dict(
+            conn.execute(
+                "SELECT id, sha256 FROM files WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps([r[1] for r in chunk]),),
+            ).fetchall()
+        )
+        for raw, fid, mtime, rank in chunk:
+            yield from_db(raw), fid, shas.get(fid), mtime, rank
+
+
+def unlimited_paths(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
+) -> list[bytes] | None:
+    """The exact bytes of every matching path, in output order, from the bitmaps (no Hit
+    per row: at 500k paths building them costs more than the search); None when SQLite
+    must answer, through iter_search."""
+    from tagd.search import stream
+
+    check_model(conn, node)
+    resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
+    found = stream.rows(conn, _db_file(conn), node, opts, resolved)
+    return None if found is None else found.paths
 
 
 def search(

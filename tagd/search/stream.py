@@ -1,0 +1,253 @@
+"""Unlimited output from the posting-list bitmaps: every match, in SQLite's order.
+
+Unlimited output through SQLite ranks and sorts every match with per-row subqueries (seconds
+for half a million paths at 1M files). Where the bitmaps evaluate the whole query exactly,
+the matching file ids come from them; one read of those files' present paths, and for
+`--sort score` one read of each query tag's selected scores, give every row. The order is
+the one build_sql's ORDER BY gives, reproduced exactly:
+
+- score: rank (computed with SQLite's own float operations, in the same order: the product
+  of the AND terms' ranks, left to right; the best branch of an OR) then path;
+- mtime: mtime then path; path: path (bytes compared as SQLite's BINARY collation does);
+- random: shuffled.
+
+Files changed since the bitmaps' seq are checked by SQLite (build_sql over those ids), so a
+stale cache costs time, never correctness. None (SQLite answers) for everything else: a
+`--limit`, human verdicts in the index, terms the bitmaps cannot evaluate exactly
+(confidence, file attributes, paths, `model:`, `untagged`, `failed`, `similar:`), no usable
+cache, or more changed files than the bitmaps take.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyroaring import BitMap
+
+from tagd.index import changes, sidecache
+from tagd.search import bitmaps
+from tagd.search.compile import _DEFAULT_DESC, _tag_ids, build_sql
+from tagd.search.query import And, Node, Or, Tag
+from tagd.search.types import Resolved, SearchOptions
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# Paths longer than this are sorted by Python (bytes compare as BINARY does) instead of as a
+# fixed-width numpy array, whose width is the longest path.
+NUMPY_SORT_MAX_LEN = 1024
+
+
+@dataclass
+class Found:
+    """The matching present paths as columns, in output order once `ordered`."""
+
+    paths: list[bytes]
+    file_ids: np.ndarray  # int64
+    mtimes: np.ndarray  # int64; 0 where `no_mtime`
+    no_mtime: np.ndarray  # bool: SQL NULL
+    ranks: np.ndarray | None  # float64; None: no rank (NULL in SQL)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def rows(self) -> Iterator[tuple[bytes, int, int | None, float | None]]:
+        """(path bytes, file id, mtime_ns, rank), as build_sql gives them."""
+        ranks = [None] * len(self) if self.ranks is None else self.ranks.tolist()
+        mtimes = [
+            None if null else m
+            for m, null in zip(self.mtimes.tolist(), self.no_mtime.tolist(), strict=True)
+        ]
+        return zip(self.paths, self.file_ids.tolist(), mtimes, ranks, strict=True)
+
+
+def rows(
+    conn: sqlite3.Connection, db_path: str, node: Node, opts: SearchOptions, resolved: Resolved
+) -> Found | None:
+    """Every matching present path in output order, or None when SQLite must answer."""
+    if opts.limit is not None or resolved.reviews or resolved.similar:
+        return None
+    if os.environ.get("TAGD_BITMAPS", "") == "off" or bitmaps._needs_sqlite_only(node):
+        return None
+    if not changes.logged(conn) or not bitmaps._paths_logged(conn):
+        return None
+    meta = sidecache.read_meta(db_path, bitmaps.KIND, bitmaps.FORMAT)
+    if meta is None:
+        return None
+    own = not conn.in_transaction
+    collect = gc.isenabled()
+    gc.disable()  # half a million rows of tuples: collections would find nothing to free
+    if own:
+        conn.execute("BEGIN")  # one snapshot: the change log, the paths and the scores
+    try:
+        found = _rows(conn, db_path, meta, node, opts, resolved)
+        return None if found is None else _ordered(found, opts)
+    finally:
+        if own:
+            conn.execute("COMMIT")
+        if collect:
+            gc.enable()
+
+
+def _rows(
+    conn: sqlite3.Connection,
+    db_path: str,
+    meta: dict,
+    node: Node,
+    opts: SearchOptions,
+    resolved: Resolved,
+) -> Found | None:
+    import numpy as np
+
+    if not sidecache.usable(meta, conn):
+        return None
+    cache = bitmaps.Cache.open(db_path, meta)
+    if cache is None:
+        return None
+    dirty = changes.changed_since(conn, int(meta["seq"]), bitmaps.DIRTY_MAX)
+    if dirty is None:
+        return None
+    try:
+        found, exact = bitmaps.Evaluator(conn, cache, _tag_ids).candidates(node)
+    except bitmaps._Unsupported:
+        return None
+    if not exact:
+        return None
+    clean = BitMap(found)
+    clean &= cache.present
+    clean.difference_update(BitMap(dirty))
+    cur = conn.cursor()
+    cur.row_factory = None
+    listed = cur.execute(
+        "SELECT CAST(path AS BLOB), file_id, mtime_ns FROM paths WHERE missing = 0 "
+        "AND file_id IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(clean)),),
+    ).fetchall()
+    ranks: list[float | None] = []
+    if dirty:
+        q = build_sql(node, opts, restrict=json.dumps(dirty), resolved=resolved)
+        for path, fid, _, mtime, rank in cur.execute(q.sql, q.params):
+            raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+            listed.append((raw, fid, mtime))
+            ranks.append(None if rank is None else float(rank))
+    n_clean = len(listed) - len(ranks)
+    paths = [r[0] for r in listed]
+    fids = np.fromiter((r[1] for r in listed), dtype=np.int64, count=len(listed))
+    raw_mtimes = [r[2] for r in listed]
+    del listed
+    no_mtime = np.fromiter((m is None for m in raw_mtimes), dtype=bool, count=len(paths))
+    mtimes = np.fromiter((m or 0 for m in raw_mtimes), dtype=np.int64, count=len(paths))
+    rank = None
+    if opts.sort == "score":
+        top = int(fids.max()) + 1 if len(fids) else 1
+        dense = _ranks(cur, node, top)
+        if dense is not None:
+            rank = np.empty(len(paths), dtype=np.float64)
+            rank[:n_clean] = dense[fids[:n_clean]]
+            rank[n_clean:] = np.asarray(ranks, dtype=np.float64)
+    return Found(paths, fids, mtimes, no_mtime, rank)
+
+
+def _ranks(cur: sqlite3.Cursor, node: Node, top: int) -> np.ndarray | None:
+    """The rank build_sql computes (compile._rank) of every file id below `top`; None: the
+    query has no rank.
+
+    Only trees the bitmaps evaluate get here: tags, ratings, NOT, AND, OR. Ratings and NOTs
+    add no factor; a tag's factor is its best selected score over every model (0 without
+    one); an OR's is its best branch (1 for a branch without a factor); an AND multiplies
+    its factors left to right, as SQLite evaluates `a * b * c`, so every product rounds as
+    SQLite's does."""
+    factors = _factors(cur, node, top)
+    if factors is None:
+        return None
+    out = factors[0]
+    for factor in factors[1:]:
+        out = out * factor
+    return out
+
+
+def _factors(cur: sqlite3.Cursor, node: Node, top: int) -> list[np.ndarray] | None:
+    """What SQLite multiplies, in order: build_sql writes a nested AND's product into its
+    parent's without parentheses, so `a (b c)` is `a * b * c`, not `a * (b * c)`."""
+    import numpy as np
+
+    if isinstance(node, Tag):
+        sql, params = _tag_ids(node)
+        found = cur.execute(
+            f"SELECT file_id, score FROM scores WHERE tag_id IN ({sql}) AND selected = 1",
+            params,
+        ).fetchall()
+        best = np.zeros(top, dtype=np.float64)
+        if found:
+            arr = np.asarray(found, dtype=np.float64)
+            fids = arr[:, 0].astype(np.int64)
+            keep = fids < top
+            np.maximum.at(best, fids[keep], arr[keep, 1])
+        return [best]
+    if isinstance(node, And):
+        parts = [_factors(cur, t, top) for t in node.terms]
+        real = [f for part in parts if part is not None for f in part]
+        return real or None
+    if isinstance(node, Or):
+        if len(node.terms) == 1:
+            return _factors(cur, node.terms[0], top)
+        branches = [_ranks(cur, t, top) for t in node.terms]
+        if all(b is None for b in branches):
+            return None
+        ones = np.ones(top, dtype=np.float64)
+        return [np.maximum.reduce([ones if b is None else b for b in branches])]
+    return None
+
+
+def _path_order(paths: list[bytes]) -> np.ndarray:
+    """Positions of `paths` in SQLite's BINARY order (bytes compared unsigned, as numpy's
+    fixed-width bytes and Python's bytes both compare them; paths hold no NUL)."""
+    import numpy as np
+
+    longest = max(map(len, paths), default=1)
+    if longest <= NUMPY_SORT_MAX_LEN:
+        return np.argsort(np.array(paths, dtype=f"S{max(longest, 1)}"), kind="stable")
+    return np.asarray(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
+
+
+def _ordered(found: Found, opts: SearchOptions) -> Found:
+    """build_sql's ORDER BY: the main key (SQL NULL below every value), then path."""
+    import numpy as np
+
+    if opts.sort == "random":
+        order = np.random.permutation(len(found))
+    else:
+        desc = _DEFAULT_DESC[opts.sort] if opts.descending is None else opts.descending
+        by_path = _path_order(found.paths)
+        if opts.sort == "path":
+            order = by_path[::-1] if desc else by_path
+        else:
+            if opts.sort == "score" and found.ranks is None:
+                keys: list[np.ndarray] = []  # every rank NULL: path order alone
+            elif opts.sort == "score":
+                assert found.ranks is not None
+                ranks = found.ranks[by_path]
+                keys = [-ranks if desc else ranks]
+            else:
+                mtimes, null = found.mtimes[by_path], found.no_mtime[by_path]
+                # ~m reverses int64 order without overflow; NULL first ascending, last descending
+                keys = [~mtimes, null] if desc else [mtimes, ~null]
+            # lexsort: the last key is the primary one; positions break ties in path order
+            keys = [np.arange(len(by_path)), *keys]
+            order = by_path[np.lexsort(keys)] if len(keys) > 1 else by_path
+    order = order[opts.offset :]
+    paths = np.empty(len(found.paths), dtype=object)
+    paths[:] = found.paths
+    return Found(
+        paths[order].tolist(),
+        found.file_ids[order],
+        found.mtimes[order],
+        found.no_mtime[order],
+        None if found.ranks is None else found.ranks[order],
+    )

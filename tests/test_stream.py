@@ -1,0 +1,232 @@
+"""Unlimited output from the bitmaps (tagd/search/stream.py): the same hits in the same order as
+SQLite's, for every sort, with stale caches, non-UTF-8 names and NULL mtimes; and `tagd search`
+writes the same bytes either way."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_bitmaps import BITMAP_ATOMS, _mutate, queries
+from test_search_semantics import QUERIES, Index, build_index
+
+from tagd.commands.search import write_hits, write_paths
+from tagd.index import sidecache
+from tagd.index.db import connect
+from tagd.names import from_db
+from tagd.search import bitmaps, stream
+from tagd.search.execute import iter_search, unlimited_paths
+from tagd.search.query import parse
+from tagd.search.types import Hit, Resolved, SearchOptions
+
+ORDERS = [
+    SearchOptions(),
+    SearchOptions(descending=False),
+    SearchOptions(sort="mtime"),
+    SearchOptions(sort="mtime", descending=False),
+    SearchOptions(sort="path"),
+    SearchOptions(sort="path", descending=True),
+    SearchOptions(offset=3, with_tags=True),
+]
+# Listed queries the bitmaps evaluate exactly (the others must be left to SQLite).
+STREAMED = [
+    "1girl", "1girl solo", "1girl solo -smile", "1girl | smile", "(1girl | smile) -hat",
+    "-(1girl | smile) hat", "hat*", "character:*", "-character:* solo", "general:hatsune_miku",
+    "character:hatsune_miku | character:hakurei_reimu", ">_< :d re:zero", "rating:<=sensitive",
+    "rating:>questionable", "rating:general", "* -rating:general", "rating:general | solo",
+]  # fmt: skip
+
+
+def add_odd_paths(db: Path) -> None:
+    """A name that is not UTF-8 (sorted by its bytes), and paths without an mtime."""
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen) "
+        "VALUES (CAST(? AS TEXT), 1, 1, 5, 0, 0)",
+        (b"/g/a/caf\xe9-\xff.png",),
+    )
+    conn.execute(
+        "INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen) "
+        "VALUES ('/g/a/\u00e9t\u00e9.png', 2, 1, 5, 0, 0)"
+    )
+    conn.execute("UPDATE paths SET mtime_ns = NULL WHERE file_id IN (3, 4, 5)")
+    conn.commit()
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Index:
+    index = build_index(tmp_path_factory.mktemp("stream"))
+    add_odd_paths(index.db)
+    conn = connect(index.db)
+    assert bitmaps.refresh(conn, index.db) == "built"
+    conn.close()
+    return index
+
+
+@pytest.fixture
+def rconn(built: Index):
+    c = connect(built.db, readonly=True)
+    yield c
+    c.close()
+
+
+def through_sqlite(
+    conn: sqlite3.Connection, text: str, opts: SearchOptions, monkeypatch: pytest.MonkeyPatch
+) -> list[Hit]:
+    with monkeypatch.context() as m:
+        m.setenv("TAGD_BITMAPS", "off")
+        return list(iter_search(conn, parse(text), opts))
+
+
+def streamed(conn: sqlite3.Connection, db: Path, text: str, opts: SearchOptions) -> list | None:
+    found = stream.rows(conn, str(db), parse(text), opts, Resolved())
+    return None if found is None else list(found.rows())
+
+
+@pytest.mark.parametrize("opts", ORDERS, ids=lambda o: f"{o.sort}-{o.descending}-{o.offset}")
+def test_streamed_hits_equal_sqlite_in_every_order(
+    built: Index, rconn, opts: SearchOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for text in QUERIES:
+        got = list(iter_search(rconn, parse(text), opts))
+        assert got == through_sqlite(rconn, text, opts, monkeypatch), text
+        served = streamed(rconn, built.db, text, opts) is not None
+        assert served == (text in STREAMED), text
+
+
+def test_ties_nulls_and_odd_names_are_exercised(built: Index, rconn) -> None:
+    """The comparisons above would not see a wrong tie-break, NULL or byte order otherwise."""
+    found = streamed(rconn, built.db, "*", SearchOptions())
+    assert found is not None
+    ranks = [r[3] for r in found]
+    assert len(set(ranks)) < len(ranks)  # tied ranks: path decides
+    assert any(r[2] is None for r in found)
+    paths = [r[0] for r in found]
+    assert b"/g/a/caf\xe9-\xff.png" in paths and "/g/a/été.png".encode() in paths
+    by_path = streamed(rconn, built.db, "*", SearchOptions(sort="path"))
+    assert by_path is not None
+    assert [r[0] for r in by_path] == sorted(paths)
+    hits = list(iter_search(rconn, parse("*"), SearchOptions(sort="path")))
+    assert from_db(b"/g/a/caf\xe9-\xff.png") in [h.path for h in hits]
+
+
+def test_random_order_holds_the_same_hits(built: Index, rconn, monkeypatch) -> None:
+    opts = SearchOptions(sort="random")
+    got = list(iter_search(rconn, parse("1girl | hat*"), opts))
+    want = through_sqlite(rconn, "1girl | hat*", opts, monkeypatch)
+    assert sorted(h.path for h in got) == sorted(h.path for h in want)
+    assert streamed(rconn, built.db, "1girl | hat*", opts) is not None
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=queries(BITMAP_ATOMS),
+    opts=st.sampled_from(ORDERS[:6]),
+)
+def test_random_boolean_queries_stream_like_sqlite(
+    built: Index, rconn, monkeypatch: pytest.MonkeyPatch, text: str, opts: SearchOptions
+) -> None:
+    found = streamed(rconn, built.db, text, opts)
+    assert found is not None
+    want = through_sqlite(rconn, text, opts, monkeypatch)
+    assert [(from_db(r[0]), r[1], r[2], r[3]) for r in found] == [
+        (h.path, h.file_id, h.mtime_ns, h.rank) for h in want
+    ]
+
+
+CHECK = ["1girl", "1girl solo -smile", "hat* | character:*", "* -rating:general", "*"]
+
+
+def test_stale_cache_checks_changed_files_in_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = build_index(tmp_path, seed=3)
+    add_odd_paths(index.db)
+    conn = connect(index.db)
+    assert bitmaps.refresh(conn, index.db) == "built"
+    rng = random.Random(11)
+    for round_ in range(3):
+        _mutate(conn, rng, 12)
+        for text in CHECK:
+            for opts in ORDERS:
+                assert streamed(conn, index.db, text, opts) is not None  # stale, still served
+                got = list(iter_search(conn, parse(text), opts))
+                assert got == through_sqlite(conn, text, opts, monkeypatch), (round_, text)
+    monkeypatch.setattr(bitmaps, "DIRTY_MAX", 3)  # too stale: SQLite answers alone
+    _mutate(conn, rng, 20)
+    assert streamed(conn, index.db, "1girl", SearchOptions()) is None
+    assert unlimited_paths(conn, parse("1girl"), SearchOptions()) is None
+    conn.close()
+
+
+def test_a_limit_another_database_or_bitmaps_off_leave_it_to_sqlite(
+    built: Index, rconn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert streamed(rconn, built.db, "1girl", SearchOptions()) is not None
+    assert streamed(rconn, built.db, "1girl", SearchOptions(limit=5)) is None
+    with monkeypatch.context() as m:
+        m.setenv("TAGD_BITMAPS", "off")
+        assert streamed(rconn, built.db, "1girl", SearchOptions()) is None
+    meta = sidecache.read_meta(built.db, bitmaps.KIND, bitmaps.FORMAT)
+    assert meta is not None
+    monkeypatch.setattr(sidecache, "read_meta", lambda *_a: {**meta, "db_id": "another"})
+    assert streamed(rconn, built.db, "1girl", SearchOptions()) is None
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_write_paths_writes_what_write_hits_writes(encoding: str) -> None:
+    paths = [b"/g/a.png", "/g/\u00e9.png".encode(), b"/g/caf\xe9.png"]
+    hits = [Hit(from_db(p), None, {}) for p in paths]
+    for nul in (True, False):
+        outs = []
+        for write in ("paths", "hits"):
+            raw = io.BytesIO()
+            out = io.TextIOWrapper(raw, encoding=encoding, errors="surrogateescape")
+            if write == "paths":
+                n = write_paths(paths if encoding == "utf-8" else paths[:2], nul, out)
+            else:
+                n = write_hits(iter(hits if encoding == "utf-8" else hits[:2]), "paths", nul, out)
+            out.flush()
+            outs.append((n, raw.getvalue()))
+        assert outs[0] == outs[1]
+
+
+@pytest.mark.slow
+def test_cli_output_is_the_same_bytes_through_the_bitmaps(tmp_path: Path) -> None:
+    index = build_index(tmp_path, seed=5)
+    add_odd_paths(index.db)
+    conn = connect(index.db)
+    assert bitmaps.refresh(conn, index.db) == "built"
+    _mutate(conn, random.Random(3), 6)  # stale: some files come from SQLite
+    conn.close()
+    models = [{"name": "wd", "path": str(tmp_path)}]
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        {"database": str(index.db), "watch": [str(tmp_path)], "models": models},
+    )
+    for args in (["*", "-0"], ["1girl", "-smile"], ["hat*", "-0", "--sort", "mtime"]):
+        fast, slow = (search_bytes(cfg, args, off) for off in (False, True))
+        assert fast.returncode == slow.returncode == 0, fast.stderr + slow.stderr
+        assert fast.stdout == slow.stdout and fast.stdout, args
+    assert b"/g/a/caf\xe9-\xff.png\0" in search_bytes(cfg, ["*", "-0"], False).stdout
+
+
+def search_bytes(cfg: Path, args: list[str], off: bool) -> subprocess.CompletedProcess[bytes]:
+    """stdout as bytes: a name that is not UTF-8 comes out as its own bytes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TAGD_CONFIG", "TAGD_BITMAPS")}
+    if off:
+        env["TAGD_BITMAPS"] = "off"
+    cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "search", *args]
+    return subprocess.run(cmd, capture_output=True, env=env, timeout=60)
