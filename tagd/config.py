@@ -573,7 +573,9 @@ class WebConfig:
     )
     thumbnail_size: int = setting(Int(32), "thumbnail edge in pixels", 256)
     pregenerate_thumbs: bool = setting(
-        Bool(), "`tagd run` makes thumbnails of newly tagged files ahead of the first request", False
+        Bool(),
+        "`tagd run` makes thumbnails of newly tagged files ahead of the first request",
+        False,
     )
 
     def access_token(self) -> str | None:
