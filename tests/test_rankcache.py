@@ -36,6 +36,9 @@ RANKED = [
     "general:1girl solo rating:general",
     "1girl solo ext:png",
     "solo long_hair -(hat | smile:>0.8)",
+    "hat* 1girl",
+    "character:* smile",
+    "(hat* | solo) smile",
 ]
 
 
