@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.subset_of is not None:
         subset(args.subset_of, args.db, args.files, args.subset_embeddings)
-    elif not (args.measure_only or args.counts_only or args.ann):
+    elif not (args.measure_only or args.counts_only or args.ann or args.unlimited):
         build(args.db, args.files, args.dim)
     if args.ann:
         measure_ann(args.db, args.repeats, args.patch)

@@ -8,9 +8,10 @@ import heapq
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
+from tagd.index import changes, sidecache
 from tagd.index import reviews as review
+from tagd.search import rankcache
 from tagd.search.compile import (
     Compiled,
     _Ctx,
@@ -83,19 +84,18 @@ def _cached_top_k(
     if not _ranked_page(node, opts) or _similar_terms(node):
         return None
     db = _db_file(conn)
+    meta = sidecache.read_meta(db, rankcache.KIND, rankcache.FORMAT)
+    if meta is None:
+        return None
     try:
-        meta = json.loads(Path(f"{db}.rank.json").read_text())
         cached = set(meta["tags"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
     if resolved.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
         return None  # the cache bounds model scores only; a verdict can lift a rank to 1
-    from tagd.index import changes
-    from tagd.search import rankcache
-
     began = not conn.in_transaction
     if began:
         conn.execute("BEGIN")  # one snapshot: the bounds and the checks see the same scores
