@@ -125,8 +125,8 @@ def _rows(
     cur = conn.cursor()
     cur.row_factory = None
     listed = cur.execute(
-        "SELECT CAST(path AS BLOB), file_id, mtime_ns FROM paths WHERE missing = 0 "
-        "AND file_id IN (SELECT value FROM json_each(?))",
+        "SELECT CAST(path AS BLOB), file_id, coalesce(mtime_ns, 0), mtime_ns IS NULL "
+        "FROM paths WHERE missing = 0 AND file_id IN (SELECT value FROM json_each(?))",
         (json.dumps(list(clean)),),
     ).fetchall()
     ranks: list[float | None] = []
@@ -134,15 +134,16 @@ def _rows(
         q = build_sql(node, opts, restrict=json.dumps(dirty), resolved=resolved)
         for path, fid, _, mtime, rank in cur.execute(q.sql, q.params):
             raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-            listed.append((raw, fid, mtime))
+            listed.append((raw, fid, mtime or 0, mtime is None))
             ranks.append(None if rank is None else float(rank))
     n_clean = len(listed) - len(ranks)
-    paths = [r[0] for r in listed]
-    fids = np.fromiter((r[1] for r in listed), dtype=np.int64, count=len(listed))
-    raw_mtimes = [r[2] for r in listed]
+    columns = list(zip(*listed, strict=True)) or [(), (), (), ()]
     del listed
-    no_mtime = np.fromiter((m is None for m in raw_mtimes), dtype=bool, count=len(paths))
-    mtimes = np.fromiter((m or 0 for m in raw_mtimes), dtype=np.int64, count=len(paths))
+    paths = list(columns[0])
+    fids = np.array(columns[1], dtype=np.int64)
+    mtimes = np.array(columns[2], dtype=np.int64)
+    no_mtime = np.array(columns[3], dtype=bool)
+    del columns
     rank = None
     if opts.sort == "score":
         top = int(fids.max()) + 1 if len(fids) else 1
@@ -185,10 +186,10 @@ def _factors(cur: sqlite3.Cursor, node: Node, top: int) -> list[np.ndarray] | No
         ).fetchall()
         best = np.zeros(top, dtype=np.float64)
         if found:
-            arr = np.asarray(found, dtype=np.float64)
-            fids = arr[:, 0].astype(np.int64)
+            file_ids, scores = zip(*found, strict=True)
+            fids = np.array(file_ids, dtype=np.int64)
             keep = fids < top
-            np.maximum.at(best, fids[keep], arr[keep, 1])
+            np.maximum.at(best, fids[keep], np.array(scores, dtype=np.float64)[keep])
         return [best]
     if isinstance(node, And):
         parts = [_factors(cur, t, top) for t in node.terms]
