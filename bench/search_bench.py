@@ -57,8 +57,10 @@ QUERIES: dict[str, list[str]] = {
     "OR": ["(smile | blush) long_hair", "tag_0100 | tag_0200 | tag_0300"],
     "confidence": ["1girl:>0.9", "tag_0100:0.5..0.8"],
     "rating/ns": ["rating:<=sensitive solo", "character:char_0003"],
-    "wildcard": ["tag_01*", "character:* solo", "1girl -character:*"],
+    "wildcard": ["tag_01*", "character:* solo", "1girl -character:*", "tag_01* solo"],
 }
+# Unlimited `-0` output (every match, in order): about 480k and 450k paths at 1M.
+UNLIMITED = ["smile", "1girl solo"]
 
 
 def general_names() -> list[str]:
@@ -529,6 +531,49 @@ def measure_cold(db: Path, limit: int) -> None:
             )
 
 
+def children_cpu() -> float:
+    """CPU seconds of finished child processes: on a shared machine, what a run costs
+    without the time it waited for a core."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_unlimited(db: Path, repeats: int, sqlite_too: bool) -> None:
+    """Whole-process `tagd search Q -0` with no limit, through the bitmaps (p50 of `repeats`)
+    and once through SQLite (TAGD_BITMAPS=off), checking that both write the same bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(
+            f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n    path: {tmp}\n"
+        )
+        for query in UNLIMITED:
+            for sort in ("score", "path", "mtime"):
+                cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "search", query]
+                cmd += ["-0", "--sort", sort]
+                times, cpus, out = [], [], b""
+                for _ in range(repeats):
+                    t, c = time.perf_counter(), children_cpu()
+                    out = subprocess.run(cmd, capture_output=True, check=True).stdout
+                    times.append(time.perf_counter() - t)
+                    cpus.append(children_cpu() - c)
+                line = (
+                    f"unlimited `tagd search '{query}' -0 --sort {sort}`: {out.count(0)} paths, "
+                    f"bitmaps p50 {percentile(times, 0.5):.2f} s min {min(times):.2f} s, "
+                    f"CPU (user+sys) p50 {percentile(cpus, 0.5):.2f} s"
+                )
+                if sqlite_too:
+                    env = {**os.environ, "TAGD_BITMAPS": "off"}
+                    t, c = time.perf_counter(), children_cpu()
+                    slow = subprocess.run(cmd, capture_output=True, check=True, env=env).stdout
+                    line += (
+                        f"; SQLite {time.perf_counter() - t:.2f} s, CPU {children_cpu() - c:.2f} s"
+                        f", same bytes: {slow == out}"
+                    )
+                print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("db", type=Path)
@@ -549,19 +594,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--counts-only", action="store_true", help="only the bitmaps and `--count` timings"
     )
-    ap.add_argument("--sqlite-counts", action="store_true", help="also time SQLite's counts")
+    ap.add_argument(
+        "--sqlite-counts", action="store_true", help="also time SQLite's counts (unlimited output)"
+    )
     ap.add_argument("--ann", action="store_true", help="only the HNSW index for similar")
     ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
+    ap.add_argument(
+        "--unlimited", action="store_true", help="only unlimited `-0` output (whole process)"
+    )
     ap.add_argument(
         "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
     )
     args = ap.parse_args(argv)
     if args.subset_of is not None:
         subset(args.subset_of, args.db, args.files, args.subset_embeddings)
-    elif not (args.measure_only or args.counts_only or args.ann):
+    elif not (args.measure_only or args.counts_only or args.ann or args.unlimited):
         build(args.db, args.files, args.dim)
     if args.ann:
         measure_ann(args.db, args.repeats, args.patch)
+    elif args.unlimited:
+        prepare_bitmaps(args.db, not args.no_bitmaps)
+        measure_unlimited(args.db, args.repeats, args.sqlite_counts)
     elif args.counts_only:
         prepare_bitmaps(args.db, not args.no_bitmaps)
         measure_counts(args.db, args.repeats, args.sqlite_counts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 import tagd.search.plan
 import tagd.search.rankcache
 from tagd.config import TagRules
-from tagd.index import changes
+from tagd.index import changes, sidecache
 from tagd.index.atomic import write_atomic
 from tagd.index.db import connect
 from tagd.search import rankcache
@@ -36,6 +37,9 @@ RANKED = [
     "general:1girl solo rating:general",
     "1girl solo ext:png",
     "solo long_hair -(hat | smile:>0.8)",
+    "hat* 1girl",
+    "character:* smile",
+    "(hat* | solo) smile",
 ]
 
 
@@ -322,4 +326,42 @@ def test_a_failed_write_leaves_the_old_cache_and_no_temporary_files(index: Index
         write_atomic(rankcache.meta_path(index.db), disk_full, mode=0o644)
     assert sorted(p.name for p in index.db.parent.iterdir()) == before
     assert rankcache.meta_path(index.db).read_text() == meta
+    conn.close()
+
+
+def test_an_unwritable_cache_is_skipped_with_its_reason_and_the_old_one_kept(
+    index: Index, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ranking cache shares tagd/index/sidecache.py with the bitmaps: one logged reason
+    naming the cache, the old files left as they were, pages still exact."""
+    conn = connect(index.db)
+    assert rankcache.refresh(conn, index.db, min_files=1) == "built"
+    before = {p.name: p.read_bytes() for p in index.db.parent.iterdir() if ".rank" in p.name}
+    retag(conn, 5, 1, {tag_ids(conn, "1girl")[0]: (0.99, 1)})
+
+    def full(*_a: object, **_k: object) -> str:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sidecache, "write_data", full)
+    monkeypatch.setattr(sidecache, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="tagd.index.sidecache"):
+        assert rankcache.refresh(conn, index.db, min_files=1, max_age_s=0) == "skipped"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and "rank cache" in warned[0] and "No space left" in warned[0]
+    after = {p.name: p.read_bytes() for p in index.db.parent.iterdir() if ".rank" in p.name}
+    assert after == before
+    pages_match_full_ranking(conn, RANKED[:3])
+    conn.close()
+
+
+def test_cache_files_take_the_database_folder_mode(index: Index) -> None:
+    conn = connect(index.db)
+    index.db.parent.chmod(0o750)
+    try:
+        rankcache.build(conn, index.db, min_files=1)
+    finally:
+        index.db.parent.chmod(0o755)
+    meta = json.loads(rankcache.meta_path(index.db).read_text())
+    for path in (rankcache.meta_path(index.db), index.db.parent / meta["file"]):
+        assert path.stat().st_mode & 0o777 == 0o640, path
     conn.close()

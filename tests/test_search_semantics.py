@@ -508,6 +508,11 @@ def test_random_pages_are_one_seeded_order(index: Index, conn, text: str) -> Non
         "smile | hat",
         "(1girl | smile:>0.6) -hat",
         "(1girl | hat*) solo",
+        "hat*",
+        "hat* smile",
+        "character:* 1girl",
+        "hat*:>0.5 -solo",
+        "(hat* | smile) 1girl",
     ],
 )
 @pytest.mark.parametrize(("limit", "offset"), [(1, 0), (5, 2), (40, 0)])
@@ -524,6 +529,31 @@ def test_ranked_page_equals_full_ranking(
         (h.path, h.rank) for h in iter_search(conn, node, SearchOptions(limit=limit, offset=offset))
     ]
     assert page == full[offset : offset + limit]
+
+
+def test_wildcards_are_walked_as_the_or_of_their_tags(conn) -> None:
+    """A ranked page of a wildcard walks its tags' lists, not every match (#17: `tag_01*`
+    ranked all its matches at 1M files)."""
+    from tagd.search.plan import WALK_MAX_TAGS, _driver
+
+    ids = {n: i for i, n in conn.execute("SELECT id, name FROM tags")}
+    page = SearchOptions(limit=5)
+    walks = _driver(conn, parse("hat*"), page)
+    assert walks is not None
+    assert sorted(t for t, _ in walks) == sorted(i for n, i in ids.items() if n.startswith("hat"))
+    walks = _driver(conn, parse("character:* 1girl"), page)
+    assert walks is not None and {t for t, _ in walks} <= {ids[n] for n in [*CHARACTERS, "1girl"]}
+    mixed, alone = _driver(conn, parse("smile:<0.3 hat*"), page), walks_of(conn, "hat*")
+    assert mixed and alone and [t for t, _ in mixed] == [t for t, _ in alone]
+    assert len(ids) <= WALK_MAX_TAGS
+    assert _driver(conn, parse("*"), page) is not None
+
+
+def walks_of(conn, text: str) -> list | None:  # type: ignore[no-untyped-def]
+    """The walks of one term alone; a range holding 0 (smile:<0.3) has none, so it never drives."""
+    from tagd.search.plan import _driver
+
+    return _driver(conn, parse(text), SearchOptions(limit=5))
 
 
 # -- item 12: long and deeply nested queries, against the reference, with a time bound --------

@@ -104,6 +104,17 @@ def test_streamed_hits_equal_sqlite_in_every_order(
         assert served == (text in STREAMED), text
 
 
+@pytest.mark.parametrize("opts", ORDERS, ids=lambda o: f"{o.sort}-{o.descending}-{o.offset}")
+def test_unlimited_paths_are_sqlites_paths_as_bytes(
+    rconn, opts: SearchOptions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paths-only stream (what `tagd search -0` writes) reads mtimes only for --sort mtime."""
+    for text in STREAMED:
+        paths = unlimited_paths(rconn, parse(text), opts)
+        want = [os.fsencode(h.path) for h in through_sqlite(rconn, text, opts, monkeypatch)]
+        assert paths == want, text
+
+
 def test_ties_nulls_and_odd_names_are_exercised(built: Index, rconn) -> None:
     """The comparisons above would not see a wrong tie-break, NULL or byte order otherwise."""
     found = streamed(rconn, built.db, "*", SearchOptions())

@@ -134,7 +134,7 @@ def unlimited_paths(
 
     check_model(conn, node)
     resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
-    found = stream.rows(conn, _db_file(conn), node, opts, resolved)
+    found = stream.rows(conn, _db_file(conn), node, opts, resolved, with_mtime=False)
     return None if found is None else found.paths
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import heapq
 import json
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
+from tagd.index import changes, sidecache
 from tagd.index import reviews as review
+from tagd.search import rankcache
 from tagd.search.compile import (
     Compiled,
     _Ctx,
@@ -28,6 +29,7 @@ from tagd.search.types import Resolved, SearchOptions
 TOPK_FIRST_BATCH = 256
 TOPK_MAX_BATCH = 4096
 DRIVER_COUNT_CAPS = (20_000, 200_000)
+WALK_MAX_TAGS = 1024
 
 
 def _ranked_page(node: Node, opts: SearchOptions) -> bool:
@@ -41,24 +43,25 @@ def _driver(
     conn: sqlite3.Connection, node: Node, opts: SearchOptions
 ) -> list[tuple[int, Tag | Score]] | None:
     """The top-level term to walk in score order for a ranked page: a tag, a confidence
-    filter, or an OR of those (walked together)."""
+    filter, or an OR of those (walked together); a wildcard is the OR of its tags."""
     if not _ranked_page(node, opts):
         return None
     terms = node.terms if isinstance(node, And) else (node,)
     walkable: list[list[tuple[int, Tag | Score]]] = []
     for term in terms:
-        branches = term.terms if isinstance(term, Or) else (term,)
-        walks = [_walkable(conn, b) for b in branches]
-        if all(w is not None for w in walks):
-            walkable.append(walks)  # type: ignore[arg-type]
+        walks = _term_walks(conn, term)
+        if walks is not None:
+            walkable.append(walks)
     if not walkable:
         return None
+    if len(walkable) == 1:
+        return walkable[0]
     # The shortest lists are the cheapest to walk; count with growing caps so that common
     # tags cost a few ms and only ties at a cap are counted further.
     sizes = {i: 0 for i in range(len(walkable))}
     for cap in DRIVER_COUNT_CAPS:
         for i in list(sizes):
-            sizes[i] = sum(_walk_size(conn, tag_id, term, cap) for tag_id, term in walkable[i])
+            sizes[i] = _walks_size(conn, walkable[i], cap)
         smallest = min(sizes.values())
         if smallest < cap:
             break
@@ -81,19 +84,18 @@ def _cached_top_k(
     if not _ranked_page(node, opts) or _similar_terms(node):
         return None
     db = _db_file(conn)
+    meta = sidecache.read_meta(db, rankcache.KIND, rankcache.FORMAT)
+    if meta is None:
+        return None
     try:
-        meta = json.loads(Path(f"{db}.rank.json").read_text())
         cached = set(meta["tags"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
     groups, listed = _cache_groups(conn, node, cached)
     if not groups or len(groups) + len(listed) < 2:
         return None
     if resolved.reviews and review.touches(conn, [t for g in (*groups, *listed) for t in g]):
         return None  # the cache bounds model scores only; a verdict can lift a rank to 1
-    from tagd.index import changes
-    from tagd.search import rankcache
-
     began = not conn.in_transaction
     if began:
         conn.execute("BEGIN")  # one snapshot: the bounds and the checks see the same scores
@@ -106,11 +108,12 @@ def _cached_top_k(
             return None
         driver = None
         if listed:
-            sizes = [
-                sum(_walk_size(conn, t, None, DRIVER_COUNT_CAPS[0]) for t in group)
-                for group in listed
-            ]
-            driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
+            cap = DRIVER_COUNT_CAPS[1]
+            sizes = [_walks_size(conn, [(t, None) for t in group], cap) for group in listed]
+            # A wildcard of many rare tags can list about as many files as the cache's
+            # columns bound: read it only when it is shorter; its factor is at most 1.
+            if min(sizes) < cap:
+                driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
         ids, bounds = rankcache.candidates(conn, cache, groups, dirty, driver)
         return _top_k(conn, node, opts, resolved, rankcache.descending(ids, bounds))
     finally:
@@ -134,25 +137,43 @@ def _cache_groups(
     held: list[list[int]] = []
     rare: list[list[int]] = []
     for term in terms:
-        branches = term.terms if isinstance(term, Or) else (term,)
-        walks = [_walkable(conn, b) for b in branches]
-        if any(w is None or not isinstance(w[1], Tag) for w in walks):
+        walks = _term_walks(conn, term)
+        if walks is None or any(not isinstance(w[1], Tag) for w in walks):
             continue
-        ids = [w[0] for w in walks]  # type: ignore[index]
+        ids = [w[0] for w in walks]
         (held if all(t in cached for t in ids) else rare).append(ids)
     return held, rare
 
 
-def _walkable(conn: sqlite3.Connection, term: Node) -> tuple[int, Tag | Score] | None:
-    """(tag id, term) when `term` can be walked in score order: one tag, all matches stored."""
-    tag = term if isinstance(term, Tag) else term.tag if isinstance(term, Score) else None
-    if tag is None or tag.wildcard:
-        return None
-    if isinstance(term, Score) and term.range.contains(0.0):
-        return None  # files without a stored score match too
+def _term_walks(conn: sqlite3.Connection, term: Node) -> list[tuple[int, Tag | Score]] | None:
+    """The (tag id, term) lists whose merged walk bounds `term`'s rank factor: its tags, or
+    every branch's for an OR; None when one of them cannot be walked."""
+    walks: list[tuple[int, Tag | Score]] = []
+    for branch in term.terms if isinstance(term, Or) else (term,):
+        found = _walkable(conn, branch)
+        if found is None:
+            return None
+        walks += found
+    return walks
+
+
+def _walkable(conn: sqlite3.Connection, term: Node) -> list[tuple[int, Tag | Score]] | None:
+    """(tag id, term) for each tag of `term` when it can be walked in score order: a tag or a
+    confidence filter with every match stored. A wildcard (or a name in several namespaces)
+    is walked as the OR of its tags: its rank factor is their best score, which its first
+    appearance in the merged walk bounds. Up to WALK_MAX_TAGS tags, one query each."""
+    walked: Tag | Score
+    if isinstance(term, Tag):
+        tag = walked = term
+    elif isinstance(term, Score) and not term.range.contains(0.0):
+        tag, walked = term.tag, term
+    else:
+        return None  # (a range with 0 also matches files without a stored score)
     sql, params = _tag_ids(tag)
-    ids = [r[0] for r in conn.execute(sql, params)]
-    return (ids[0], term) if len(ids) == 1 else None  # type: ignore[return-value]
+    ids = [r[0] for r in conn.execute(f"{sql} LIMIT ?", [*params, WALK_MAX_TAGS + 1])]
+    if not ids or len(ids) > WALK_MAX_TAGS:
+        return None
+    return [(int(i), walked) for i in ids]
 
 
 def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score | None, cap: int) -> int:
@@ -167,6 +188,19 @@ def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score | None, 
         f"SELECT count(*) FROM (SELECT 1 FROM scores WHERE tag_id = ? AND {cond} LIMIT ?)",
         [tag_id, *params, cap],
     ).fetchone()[0]
+
+
+def _walks_size(
+    conn: sqlite3.Connection, walks: Sequence[tuple[int, Tag | Score | None]], cap: int
+) -> int:
+    """How many entries the walks list together, counted up to `cap` (a wildcard's hundreds
+    of tags cost one cap, not one cap each)."""
+    total = 0
+    for tag_id, term in walks:
+        total += _walk_size(conn, tag_id, term, cap - total)
+        if total >= cap:
+            break
+    return total
 
 
 def _walk(

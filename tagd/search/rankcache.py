@@ -8,8 +8,12 @@ upper bound of the file's best selected score for that tag (0 = not selected). M
 query's columns bounds every file's rank at once, so search checks files in bound order and
 stops after little more than a page.
 
-On disk: `<db>.rank.json` (tags, capacity, the `score_changes` seq the columns reflect, the
-column file's name) and `<db>.rank-<stamp>.npy` ([tags, capacity] uint16, memory-mapped).
+On disk, with the discipline of every cache beside the database (tagd/index/sidecache.py: db
+id and seq check, atomic data file then meta, the folder's file mode, a logged reason when it
+cannot be written): `<db>.rank.json` (tags, capacity, the `score_changes` seq the columns
+reflect, the column file's name) and `<db>.rank-<stamp>.npy` ([tags, capacity] uint16,
+memory-mapped). numpy is imported when a cache is used, not with this module, so a query the
+cache cannot serve starts without it.
 Files whose `score_changes` seq is newer than the cache's are dirty: search bounds them from
 SQLite instead. `refresh` (the daemon's schedule, the end of `tagd scan`) patches dirty
 columns in place, and rebuilds when tags may have become common or ids outgrew the capacity.
@@ -21,17 +25,19 @@ checking it against the old ones; every other file is ranked exactly as of its s
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from tagd.index import changes, sidecache
-from tagd.index.atomic import write_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
+
+KIND = "rank"
 
 SCALE = 65535
 MIN_FILES = 20_000
@@ -43,6 +49,8 @@ FORMAT = 1
 
 def quantize_up(scores: np.ndarray) -> np.ndarray:
     """uint16 q with q / SCALE >= score: rounding up keeps every product an upper bound."""
+    import numpy as np
+
     s = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
     q = np.floor(s * SCALE) + 1
     q[s <= 0.0] = 0
@@ -51,6 +59,8 @@ def quantize_up(scores: np.ndarray) -> np.ndarray:
 
 def bound(columns: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
     """Rank bounds: per AND term the best of its OR branches' columns, multiplied."""
+    import numpy as np
+
     out: np.ndarray | None = None
     for branches in columns:
         best = branches[0] if len(branches) == 1 else np.maximum.reduce(list(branches))
@@ -61,7 +71,7 @@ def bound(columns: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
 
 
 def meta_path(db_path: str | Path) -> Path:
-    return Path(f"{db_path}.rank.json")
+    return sidecache.meta_path(db_path, KIND)
 
 
 @dataclass
@@ -82,11 +92,13 @@ class RankCache:
 
         `meta`: its `.rank.json`, when the caller has already read it.
         """
+        import numpy as np
+
+        if meta is None:
+            meta = sidecache.read_meta(db_path, KIND, FORMAT)
+        if meta is None or meta.get("format") != FORMAT:
+            return None
         try:
-            if meta is None:
-                meta = json.loads(meta_path(db_path).read_text())
-            if meta.get("format") != FORMAT:
-                return None
             rows = {int(t): i for i, t in enumerate(meta["tags"])}
             capacity = int(meta["capacity"])
             if rows:
@@ -110,7 +122,18 @@ class RankCache:
 
     def usable(self, conn: sqlite3.Connection) -> bool:
         """Built from this database, not from a later state of it (a restored backup)."""
-        return self.db_id == changes.db_id(conn) and self.seq <= changes.current_seq(conn)
+        return sidecache.usable({"db_id": self.db_id, "seq": self.seq}, conn)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "db_id": self.db_id,
+            "seq": self.seq,
+            "capacity": self.capacity,
+            "tags": sorted(self.rows, key=self.rows.__getitem__),
+            "built_at": self.built_at,
+            "file": self.file,
+        }
 
     def column(self, tag_id: int) -> np.ndarray | None:
         row = self.rows.get(tag_id)
@@ -158,6 +181,8 @@ def build(
     max_bytes: int = MAX_BYTES,
 ) -> RankCache:
     """Write a fresh cache from one read snapshot (callers hold the lock)."""
+    import numpy as np
+
     conn.execute("BEGIN")
     try:
         seq = changes.current_seq(conn)
@@ -176,38 +201,23 @@ def build(
                 np.maximum.at(columns[row], ids, quantize_up(arr[:, 1]))
     finally:
         conn.execute("COMMIT")
-    folder = Path(db_path).parent
-    name = f"{Path(db_path).name}.rank-{time.time_ns()}.npy"
-    mode = os.stat(folder).st_mode & 0o664
-    if tags:
-        write_atomic(folder / name, lambda fh: np.save(fh, columns), mode=mode)
+    # No common tag, no column file: the meta alone says so.
+    name = (
+        sidecache.write_data(db_path, KIND, "npy", lambda fh: np.save(fh, columns)) if tags else ""
+    )
     rows = {t: i for i, t in enumerate(tags)}
     cache = RankCache(ident, seq, capacity, rows, columns, time.time(), name)
-    old = RankCache.open(db_path)
-    _write_meta(db_path, cache, mode)
-    if old is not None and old.file != name:
-        (folder / old.file).unlink(missing_ok=True)
+    old = sidecache.read_meta(db_path, KIND, FORMAT)
+    sidecache.replace(db_path, KIND, cache.meta(), None if old is None else old.get("file"))
     return cache
-
-
-def _write_meta(db_path: str | Path, cache: RankCache, mode: int) -> None:
-    meta = {
-        "format": FORMAT,
-        "db_id": cache.db_id,
-        "seq": cache.seq,
-        "capacity": cache.capacity,
-        "tags": sorted(cache.rows, key=cache.rows.__getitem__),
-        "built_at": cache.built_at,
-        "file": cache.file,
-    }
-    target = meta_path(db_path)
-    write_atomic(target, lambda fh: fh.write(json.dumps(meta).encode()), mode=mode)
 
 
 def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> int | None:
     """Bring stale columns up to date in place; None when only a rebuild can (too many
     changes, or file ids past the capacity). Readers stay exact meanwhile: a file patched
     under them is newer than the seq they read, so they bound it from SQLite anyway."""
+    import numpy as np
+
     conn.execute("BEGIN")
     try:
         seq = changes.current_seq(conn)
@@ -230,8 +240,7 @@ def patch(conn: sqlite3.Connection, db_path: str | Path, cache: RankCache) -> in
         cache.columns[row_of[held], found[held, 0].astype(np.int64)] = quantize_up(found[held, 2])
         cache.columns.flush()  # type: ignore[attr-defined]  # a np.memmap at run time
     cache.seq = seq
-    mode = os.stat(Path(db_path).parent).st_mode & 0o664
-    _write_meta(db_path, cache, mode)
+    sidecache.write_meta(db_path, KIND, cache.meta())
     return len(dirty)
 
 
@@ -244,7 +253,7 @@ def refresh(
     max_age_s: float = REBUILD_AFTER_S,
 ) -> str:
     """Patch or rebuild the cache as needed: 'fresh', 'patched N', 'built' or 'skipped'."""
-    with sidecache.locked(db_path, "rank") as ok:
+    with sidecache.locked(db_path, KIND) as ok:
         if not ok:
             return "skipped"
         try:
@@ -261,7 +270,8 @@ def refresh(
                     return f"patched {n}"
             build(conn, db_path, min_files=min_files, max_bytes=max_bytes)
             return "built"
-        except OSError:
+        except OSError as exc:
+            sidecache.not_written(KIND, db_path, exc)
             return "skipped"
 
 
@@ -279,6 +289,8 @@ def candidates(
     files are candidates, and its score is one more factor. Files changed since the cache's
     seq (or past its capacity) are bounded from SQLite instead of the columns.
     """
+    import numpy as np
+
     stale = np.asarray(sorted(dirty), dtype=np.int64)
     if listed is None:
         bounds = bound([[cache.columns[cache.rows[t]] for t in group] for group in groups])
@@ -317,6 +329,8 @@ def listed_scores(
     conn: sqlite3.Connection, tag_ids: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(file ids, best selected score over every model and `tag_ids`) from SQLite."""
+    import numpy as np
+
     rows = conn.execute(
         "SELECT file_id, max(score) FROM scores WHERE tag_id IN "
         "(SELECT value FROM json_each(?)) AND selected = 1 GROUP BY file_id",
@@ -332,6 +346,8 @@ def descending(
     """(bound, file id), best first: a partial sort for the head, which is usually all that
     is read, then the rest. Bounds are widened by a hair so float rounding never lets a rank
     computed by SQLite exceed its bound."""
+    import numpy as np
+
     bounds = bounds * (1 + 1e-9)
     if len(ids) > first:
         head = np.argpartition(-bounds, first - 1)[:first]

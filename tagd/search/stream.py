@@ -68,9 +68,18 @@ class Found:
 
 
 def rows(
-    conn: sqlite3.Connection, db_path: str, node: Node, opts: SearchOptions, resolved: Resolved
+    conn: sqlite3.Connection,
+    db_path: str,
+    node: Node,
+    opts: SearchOptions,
+    resolved: Resolved,
+    *,
+    with_mtime: bool = True,
 ) -> Found | None:
-    """Every matching present path in output order, or None when SQLite must answer."""
+    """Every matching present path in output order, or None when SQLite must answer.
+
+    `with_mtime=False` (output of paths alone) reads mtimes only to order by them; the rows
+    then carry NULL mtimes (a quarter less to read at 500k paths)."""
     if opts.limit is not None or resolved.reviews or resolved.similar:
         return None
     if os.environ.get("TAGD_BITMAPS", "") == "off" or bitmaps._needs_sqlite_only(node):
@@ -86,7 +95,8 @@ def rows(
     if own:
         conn.execute("BEGIN")  # one snapshot: the change log, the paths and the scores
     try:
-        found = _rows(conn, db_path, meta, node, opts, resolved)
+        with_mtime = with_mtime or opts.sort == "mtime"
+        found = _rows(conn, db_path, meta, node, opts, resolved, with_mtime)
         return None if found is None else _ordered(found, opts)
     finally:
         if own:
@@ -102,6 +112,7 @@ def _rows(
     node: Node,
     opts: SearchOptions,
     resolved: Resolved,
+    with_mtime: bool,
 ) -> Found | None:
     import numpy as np
 
@@ -124,8 +135,9 @@ def _rows(
     clean.difference_update(BitMap(dirty))
     cur = conn.cursor()
     cur.row_factory = None
+    mtime_sql = ", coalesce(mtime_ns, 0), mtime_ns IS NULL" if with_mtime else ""
     listed = cur.execute(
-        "SELECT CAST(path AS BLOB), file_id, mtime_ns FROM paths WHERE missing = 0 "
+        f"SELECT CAST(path AS BLOB), file_id{mtime_sql} FROM paths WHERE missing = 0 "
         "AND file_id IN (SELECT value FROM json_each(?))",
         (json.dumps(list(clean)),),
     ).fetchall()
@@ -134,15 +146,19 @@ def _rows(
         q = build_sql(node, opts, restrict=json.dumps(dirty), resolved=resolved)
         for path, fid, _, mtime, rank in cur.execute(q.sql, q.params):
             raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-            listed.append((raw, fid, mtime))
+            listed.append((raw, fid, mtime or 0, mtime is None) if with_mtime else (raw, fid))
             ranks.append(None if rank is None else float(rank))
     n_clean = len(listed) - len(ranks)
-    paths = [r[0] for r in listed]
-    fids = np.fromiter((r[1] for r in listed), dtype=np.int64, count=len(listed))
-    raw_mtimes = [r[2] for r in listed]
+    columns = list(zip(*listed, strict=True)) or [(), (), (), ()]
     del listed
-    no_mtime = np.fromiter((m is None for m in raw_mtimes), dtype=bool, count=len(paths))
-    mtimes = np.fromiter((m or 0 for m in raw_mtimes), dtype=np.int64, count=len(paths))
+    paths = list(columns[0])
+    fids = np.array(columns[1], dtype=np.int64)
+    if with_mtime:
+        mtimes = np.array(columns[2], dtype=np.int64)
+        no_mtime = np.array(columns[3], dtype=bool)
+    else:
+        mtimes, no_mtime = np.zeros(len(paths), dtype=np.int64), np.ones(len(paths), dtype=bool)
+    del columns
     rank = None
     if opts.sort == "score":
         top = int(fids.max()) + 1 if len(fids) else 1
@@ -185,10 +201,10 @@ def _factors(cur: sqlite3.Cursor, node: Node, top: int) -> list[np.ndarray] | No
         ).fetchall()
         best = np.zeros(top, dtype=np.float64)
         if found:
-            arr = np.asarray(found, dtype=np.float64)
-            fids = arr[:, 0].astype(np.int64)
+            file_ids, scores = zip(*found, strict=True)
+            fids = np.array(file_ids, dtype=np.int64)
             keep = fids < top
-            np.maximum.at(best, fids[keep], arr[keep, 1])
+            np.maximum.at(best, fids[keep], np.array(scores, dtype=np.float64)[keep])
         return [best]
     if isinstance(node, And):
         parts = [_factors(cur, t, top) for t in node.terms]
