@@ -33,7 +33,7 @@ def run(ctx: Context) -> int:
 
 
 def run_reference(ctx: Context) -> int:
-    """The tables of docs/config.md, rendered from the schema the parser reads."""
+    """docs/config.md, rendered from the schema the parser reads."""
     from tagd.config import reference_markdown
 
     sys.stdout.write(reference_markdown())
