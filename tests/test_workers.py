@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from tagd.tagging.workers import (
     Setup,
     Task,
     decode_and_prepare,
+    prestart,
 )
 
 SPEC = WD14.preprocess.with_size(448, 448)
@@ -96,6 +99,25 @@ def test_pool_decodes_in_worker_processes(tmp_path: Path) -> None:
     assert isinstance(out[1], Decoded) and out[1].tensors["m"].shape == (448, 448, 3)
     assert isinstance(out[2], Failed) and "not a recognised image" in out[2].reason
     assert isinstance(out[3], Failed) and out[3].gone
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forkserver is Linux-only here")
+def test_prestarted_forkserver_is_the_one_workers_come_from(tmp_path: Path) -> None:
+    """`tagd scan` starts the forkserver before its model loads; the pool then forks from
+    that process instead of waiting for a new one to start."""
+    server = prestart()
+    assert server is not None and os.path.exists(f"/proc/{server}")
+    assert prestart() == server
+    good = _jpeg(tmp_path / "a.jpg", 320, 240)
+    with DecodePool(functools.partial(Decoder, SETUP), 1) as pool:
+        pool.submit(Task(0, str(good), ("m",)))
+        out = _collect(pool, 1)
+        (pid,) = pool.pids
+        assert pid is not None
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+    assert parent == server
+    assert isinstance(out[0], Decoded) and (out[0].width, out[0].height) == (320, 240)
 
 
 def test_crashing_worker_fails_only_its_file_and_is_replaced(tmp_path: Path) -> None:

@@ -51,6 +51,10 @@ def run(ctx: Context) -> int:
     taggers: list[Tagger] = []
     skipped: list[tuple[str, str]] = []
     if not ctx.args.no_tag:
+        if config.cluster is None and config.inference.decode_workers != 0:
+            from tagd.tagging import workers
+
+            workers.prestart()  # its start overlaps the model load
         taggers, skipped = _load_models(config)
     result = scanner.scan(conn, config)
     log.info(

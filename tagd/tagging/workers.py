@@ -312,6 +312,22 @@ def _context() -> Any:
     return mp.get_context("spawn")
 
 
+def prestart() -> int | None:
+    """Start the forkserver now; returns its pid (None where workers are spawned).
+
+    The first worker cannot start before the forkserver has started Python and imported
+    this module (about half a second), and tagd waits for that. Called before a model
+    loads, that start runs on the core the session load leaves idle."""
+    if not sys.platform.startswith("linux"):
+        return None
+    from multiprocessing import forkserver
+
+    _context()
+    forkserver.ensure_running()
+    pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    return pid if isinstance(pid, int) else None
+
+
 @dataclass
 class _Worker:
     process: mp.process.BaseProcess
