@@ -67,7 +67,8 @@ def general_names() -> list[str]:
     return [*COMMON, *(f"tag_{i:04d}" for i in range(len(COMMON), N_GENERAL))]
 
 
-def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
+def build(db: Path, n_files: int, dim: int, seed: int = 0, kind: str = "structured") -> None:
+    from bench import embeddings
     from tagd.index.db import connect
 
     if db.exists():
@@ -105,6 +106,7 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
     char_p = 1.0 / np.arange(1, N_CHARACTER + 1)
     char_p /= char_p.sum()
     now_ns = time.time_ns()
+    dirs = embeddings.directions(len(names), dim)
     t0 = time.perf_counter()
     for start in range(0, n_files, CHUNK):
         n = min(CHUNK, n_files - start)
@@ -129,7 +131,13 @@ def build(db: Path, n_files: int, dim: int, seed: int = 0) -> None:
             if has_char[k]:
                 cs = float(c_scores[k])
                 rows.append((fid, 1, int(chars[k]), cs, int(cs >= 0.85)))
-        vectors = rng.standard_normal((n, dim), dtype=np.float32).astype("<f2")
+        vectors = embeddings.noise(rng, n, dim).astype("<f2")  # drawn either way: same files
+        if kind == "structured":
+            arr = np.asarray(rows, dtype=np.float64)
+            scored = (arr[:, 0].astype(np.int64), arr[:, 2].astype(np.int64))
+            vectors = embeddings.structured(
+                start + 1, n, (*scored, arr[:, 3].astype(np.float32)), dirs
+            ).astype("<f2")
         mtimes = now_ns - rng.integers(0, 3 * 365 * 86400 * 10**9, size=n)
         sizes = rng.integers(50_000, 8_000_000, size=n)
         widths = rng.choice([512, 768, 1024, 1200, 1920, 2048, 3840], size=n)
@@ -598,6 +606,17 @@ def main(argv: list[str] | None = None) -> None:
         "--sqlite-counts", action="store_true", help="also time SQLite's counts (unlimited output)"
     )
     ap.add_argument("--ann", action="store_true", help="only the HNSW index for similar")
+    ap.add_argument(
+        "--embeddings",
+        choices=("structured", "noise"),
+        default="structured",
+        help="synthetic embeddings of a build: from the file's tags (default), or i.i.d. noise",
+    )
+    ap.add_argument(
+        "--rewrite-embeddings",
+        action="store_true",
+        help="replace the embeddings of an existing bench database (--embeddings kind), in place",
+    )
     ap.add_argument("--no-bitmaps", action="store_true", help="set the count bitmaps aside")
     ap.add_argument(
         "--unlimited", action="store_true", help="only unlimited `-0` output (whole process)"
@@ -606,10 +625,15 @@ def main(argv: list[str] | None = None) -> None:
         "--patch", type=int, default=0, help="then time a bitmap patch of N changed files"
     )
     args = ap.parse_args(argv)
+    if args.rewrite_embeddings:
+        from bench.embeddings import rewrite
+
+        rewrite(args.db, args.embeddings)
+        return
     if args.subset_of is not None:
         subset(args.subset_of, args.db, args.files, args.subset_embeddings)
     elif not (args.measure_only or args.counts_only or args.ann or args.unlimited):
-        build(args.db, args.files, args.dim)
+        build(args.db, args.files, args.dim, kind=args.embeddings)
     if args.ann:
         measure_ann(args.db, args.repeats, args.patch)
     elif args.unlimited:

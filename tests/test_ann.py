@@ -1,8 +1,11 @@
 """The HNSW index for `similar`: planted neighbours found as the exact scan finds them, changed
-files scored exactly before and after a patch, never used for another or restored database."""
+files scored exactly before and after a patch, never used for another or restored database,
+the exact scan when it is stale, missing or turned off; `dupes` and `similar:` through it."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -10,9 +13,11 @@ import numpy as np
 import pytest
 from conftest import run_tagd, write_config
 
-from tagd.index import changes
+from tagd.index import changes, sidecache
 from tagd.index.db import connect
 from tagd.search import ann, similar
+from tagd.search.engine import resolve_similar
+from tagd.search.query import parse
 from tagd.search.similar import EmbeddingIndex
 
 N, DIM, QUERIES, PLANTED = 3000, 48, 8, 20
@@ -63,9 +68,10 @@ def _index(tmp: Path, vecs: np.ndarray) -> Path:
 
 
 def _both(conn: sqlite3.Connection, db: Path, fid: int, limit: int = 20):
-    exact = EmbeddingIndex.open(conn, db, None).nearest_to_file(fid, limit=limit, exact=True)
-    index = EmbeddingIndex.open(conn, db, None).with_ann(conn, db)
-    return exact, index.nearest_to_file(fid, limit=limit), index.ann
+    """(the exact scan's answer, the default path's answer, the index it could use)."""
+    exact = EmbeddingIndex.open(conn, db, None).nearest_to_file(fid, limit=limit)
+    fast = similar.nearest_files(conn, db, None, fid, limit=limit)
+    return exact, fast, ann.Ann.open(conn, db, 1)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,8 @@ def _agree(exact: list[tuple[int, float]], fast: list[tuple[int, float]]) -> int
 
 
 def test_planted_neighbours_are_found_like_the_exact_scan(built: Path) -> None:
-    """HNSW built on several threads is not deterministic: at most one planted miss in 160."""
+    """HNSW built on several threads is not deterministic: at most two planted misses in 160
+    (recall >= 0.98, the documented target; 0 misses in 8 local builds)."""
     conn = connect(built, readonly=True)
     found = 0
     for q in range(1, QUERIES + 1):
@@ -102,7 +109,7 @@ def test_planted_neighbours_are_found_like_the_exact_scan(built: Path) -> None:
         planted = {QUERIES + 1 + (q - 1) * PLANTED + j for j in range(PLANTED)}
         assert {f for f, _ in exact} == planted
         found += _agree(exact, fast)
-    assert found >= QUERIES * PLANTED - 1
+    assert found >= QUERIES * PLANTED - 2
     conn.close()
 
 
@@ -180,11 +187,166 @@ def test_similar_cli_exact_and_indexed_agree(built: Path, tmp_path: Path) -> Non
         tmp_path / "config.yaml",
         {"database": str(built), "watch": [str(tmp_path)], "models": [{"name": "wd", "path": "."}]},
     )
-    fast = run_tagd(
-        "--config", str(cfg), "similar", "/g/2.png", "--format", "tsv", env={"TAGD_ANN": "on"}
-    )
+    fast = run_tagd("--config", str(cfg), "similar", "/g/2.png", "--format", "tsv")
     exact = run_tagd("--config", str(cfg), "similar", "/g/2.png", "--format", "tsv", "--exact")
     assert fast.returncode == exact.returncode == 0, fast.stderr + exact.stderr
     lines, want = fast.stdout.splitlines(), exact.stdout.splitlines()
     assert len(lines) == len(want) == 20 and lines[0] == want[0]
     assert len(set(lines) & set(want)) >= 19
+
+
+def _refuse(*_: object, **__: object) -> None:
+    raise AssertionError("this path must not be taken")
+
+
+def test_the_index_answers_without_loading_the_matrix(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = connect(built, readonly=True)
+    exact = EmbeddingIndex.open(conn, built, None).nearest_to_file(1, limit=20)
+    monkeypatch.setattr(EmbeddingIndex, "open", _refuse)
+    assert _agree(exact, similar.nearest_files(conn, built, None, 1, limit=20)) >= PLANTED - 1
+    conn.close()
+
+
+def test_missing_stale_or_turned_off_index_gives_the_exact_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _index(tmp_path, _vectors(seed=4))
+    conn = connect(db)
+    exact = EmbeddingIndex.open(conn, db, None).nearest_to_file(5, limit=20)
+    assert similar.nearest_files(conn, db, None, 5, limit=20) == exact  # no index yet
+    similar.refresh_ann(conn, db, min_files=1)
+    with monkeypatch.context() as m:
+        m.setattr(ann.Ann, "nearest", _refuse)
+        assert similar.nearest_files(conn, db, None, 5, limit=20, exact=True) == exact
+        m.setenv("TAGD_ANN", "off")
+        assert not ann.enabled()
+        assert similar.nearest_files(conn, db, None, 5, limit=20) == exact
+    monkeypatch.setattr(ann, "DIRTY_MAX", 1)  # too far behind the database: not used
+    for fid in (2000, 2001):
+        conn.execute("UPDATE embeddings SET vector = vector WHERE file_id = ?", (fid,))
+    conn.commit()
+    assert ann.Ann.open(conn, db, 1) is None
+    monkeypatch.setattr(ann.Ann, "nearest", _refuse)
+    assert similar.nearest_files(conn, db, None, 5, limit=20) == exact
+    meta = sidecache.read_meta(db, ann.kind(1), ann.FORMAT)
+    assert meta is not None
+    (tmp_path / meta["file"]).unlink()  # the data file gone under its meta
+    monkeypatch.setattr(ann, "DIRTY_MAX", 100)
+    assert ann.Ann.open(conn, db, 1) is None
+    assert similar.nearest_files(conn, db, None, 5, limit=20) == exact
+    conn.close()
+
+
+def test_the_daemon_patches_within_its_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _index(tmp_path, _vectors(seed=5))
+    conn = connect(db)
+    assert similar.refresh_ann(conn, db, min_files=1, patch_all=False) == ["wd: built"]
+    conn.execute("UPDATE embeddings SET vector = vector WHERE file_id = 7")
+    conn.commit()
+    assert similar.refresh_ann(conn, db, min_files=1, patch_all=False) == ["wd: pending 1"]
+    monkeypatch.setattr(ann, "PATCH_MIN_FILES", 1)
+    assert similar.refresh_ann(conn, db, min_files=1, patch_all=False) == ["wd: patched 1"]
+    conn.execute("UPDATE embeddings SET vector = vector WHERE file_id = 8")
+    conn.commit()
+    monkeypatch.setattr(ann, "PATCH_MIN_FILES", 100)
+    monkeypatch.setattr(ann, "PATCH_MAX_AGE_S", 0.0)  # the last save is old enough
+    assert similar.refresh_ann(conn, db, min_files=1, patch_all=False) == ["wd: patched 1"]
+    assert similar.refresh_ann(conn, db, min_files=1, patch_all=False) == ["wd: fresh"]
+    conn.close()
+
+
+def test_similar_terms_through_the_index_match_the_exact_scan(
+    built: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = connect(built, readonly=True)
+    node = parse("similar:/g/1.png:>=0.8")
+    monkeypatch.setenv("TAGD_ANN", "off")
+    want = resolve_similar(conn, node, str(built))
+    monkeypatch.delenv("TAGD_ANN")
+    monkeypatch.setattr(EmbeddingIndex, "open", _refuse)
+    got = resolve_similar(conn, node, str(built))
+    (exact,), (fast,) = want.values(), got.values()
+    assert len(exact) >= 10 and fast == exact
+    conn.close()
+
+
+def _dupes_vectors() -> np.ndarray:
+    """Random 48-d files; 40 planted groups of 2-4 near-duplicates (cosine >= 0.98) and 20
+    pairs just below the threshold (cosine ~0.93)."""
+    rng = np.random.default_rng(9)
+    vecs = _vectors(seed=9)
+    fid = 200  # past the planted neighbours of _vectors
+    for g in range(60):
+        base = vecs[fid]
+        size = 2 + g % 3 if g < 40 else 2
+        spread = 0.02 if g < 40 else 0.38
+        for j in range(1, size):
+            noise = rng.standard_normal(DIM).astype(np.float32)
+            noise -= noise @ base * base
+            noise /= np.linalg.norm(noise)
+            v = base + spread * noise
+            vecs[fid + j] = v / np.linalg.norm(v)
+        fid += 10
+    return vecs
+
+
+def _same_groups(got: list[list[tuple[int, float]]], want: list[list[tuple[int, float]]]) -> None:
+    """Same groups of the same files, each with its exact similarity (to float32 rounding)."""
+    assert [[f for f, _ in g] for g in got] == [[f for f, _ in g] for g in want]
+    for g, w in zip(got, want, strict=True):
+        assert [s for _, s in g] == pytest.approx([s for _, s in w], abs=1e-6)
+
+
+def test_dupes_through_the_index_equal_the_exact_pairs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = _index(tmp_path, _dupes_vectors())
+    conn = connect(db)
+    similar.refresh_ann(conn, db, min_files=1)
+    exact = similar.duplicate_groups(conn, db, None, 0.97, exact=True, exhaustive=True)
+    planted = [g for g in exact if g[0][0] >= 200]  # (the 8 below: _vectors' closest pairs)
+    assert len(planted) == 40 and all(2 <= len(g) <= 4 for g in planted)
+    with monkeypatch.context() as m:
+        m.setattr(EmbeddingIndex, "open", _refuse)
+        fast = similar.duplicate_groups(conn, db, None, 0.97)
+    _same_groups(fast, exact)
+    # A file changed since the index was saved joins a group from its current embedding.
+    twin = np.frombuffer(
+        conn.execute("SELECT vector FROM embeddings WHERE file_id = 2900").fetchone()[0], "<f2"
+    )
+    conn.execute("UPDATE embeddings SET vector = ? WHERE file_id = 2950", (twin.tobytes(),))
+    conn.commit()
+    exact = similar.duplicate_groups(conn, db, None, 0.97, exact=True, exhaustive=True)
+    with monkeypatch.context() as m:
+        m.setattr(EmbeddingIndex, "open", _refuse)
+        assert ann.Ann.open(conn, db, 1).dirty == {2950}  # type: ignore[union-attr]
+        fast = similar.duplicate_groups(conn, db, None, 0.97)
+    assert [[f for f, _ in g] for g in exact if 2950 in dict(g)] == [[2900, 2950]]
+    _same_groups(fast, exact)
+    conn.close()
+
+
+def test_unwritable_matrix_cache_logs_its_reason_and_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = _index(tmp_path, _vectors(seed=6))
+    conn = connect(db)
+    want = EmbeddingIndex.open(conn, None, None).nearest_to_file(3, limit=20)  # no cache at all
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sidecache, "write_atomic", full)
+    with caplog.at_level(logging.WARNING, logger="tagd.index.sidecache"):
+        assert EmbeddingIndex.open(conn, db, None).nearest_to_file(3, limit=20) == want
+        assert EmbeddingIndex.open(conn, db, None).nearest_to_file(3, limit=20) == want
+    reasons = [r.getMessage() for r in caplog.records]
+    assert len(reasons) == 1, reasons  # once per process, not on every call
+    assert "sim-1 cache" in reasons[0] and str(db) in reasons[0]
+    assert "No space left on device" in reasons[0]
+    assert not list(tmp_path.glob("*.sim-*"))
+    conn.close()

@@ -111,7 +111,7 @@ def test_similar_and_dupes(setup) -> None:
     assert float(rows[0][1]) > 0.999 > float(rows[1][1])
     by_sha = tagd(cfg, "similar", f"{1:064x}", "--limit", "1")
     assert by_sha.stdout.splitlines() == [path_of(idx, 2)]
-    assert list(Path(idx.db).parent.glob("*.sim-1.npy"))  # cached next to the DB
+    assert list(Path(idx.db).parent.glob("*.sim-1-*.npy"))  # cached next to the DB
     term = tagd(cfg, "search", f"similar:{path_of(idx, 1)}:>=0.999")
     assert term.returncode == 0 and set(term.stdout.splitlines()) == {
         p for p, f, _ in idx.rows if f == 2
@@ -218,21 +218,24 @@ def test_similar_index_takes_in_changes_without_a_rebuild(
 
     for fid, v in {1: [1, 0, 0], 2: [0.9, 0.1, 0], 3: [0, 1, 0], 4: [0, 0, 1]}.items():
         put(fid, v)
+    def cached() -> str:
+        """The matrix file the cache's meta names (a rebuild writes another)."""
+        return str(json.loads((tmp_path / "e.db.sim-1.json").read_text())["file"])
+
     EmbeddingIndex.open(conn, db, None)
-    cached = tmp_path / "e.db.sim-1.npy"
-    written = cached.stat().st_mtime_ns
+    written = cached()
     # The daemon goes on: a new file, a re-tagged one, a deleted one.
     put(5, [0.99, 0.02, 0])
     put(3, [0.98, 0, 0.05])
     conn.execute("DELETE FROM embeddings WHERE file_id = 2")
     index = EmbeddingIndex.open(conn, db, None)
-    assert cached.stat().st_mtime_ns == written  # served from the cache plus SQLite
+    assert cached() == written  # served from the cache plus SQLite
     assert sorted(index.extra_ids.tolist()) == [3, 5] and len(index.hidden) == 2
     got = index.nearest_to_file(1, limit=None)
     assert [f for f, _ in got] == [5, 3, 4]
     assert index.nearest_to_file(5, limit=1)[0][0] == 1  # a new file as the query
     fresh = EmbeddingIndex.open(conn, db, None, changes_ok=False)
-    assert cached.stat().st_mtime_ns != written
+    assert cached() != written
     again = fresh.nearest_to_file(1, limit=None)
     assert [f for f, _ in again] == [5, 3, 4]
     assert [s for _, s in again] == pytest.approx([s for _, s in got], abs=1e-6)
@@ -242,9 +245,9 @@ def test_similar_index_takes_in_changes_without_a_rebuild(
     monkeypatch.setattr(tagd.search.similar, "DELTA_MAX", 1)
     put(4, [0, 0.5, 0.5])
     put(6, [0, 0, 1])
-    written = cached.stat().st_mtime_ns
+    written = cached()
     assert len(EmbeddingIndex.open(conn, db, None).extra_ids) == 0
-    assert cached.stat().st_mtime_ns != written
+    assert cached() != written
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "similar",
         help="find images that look like one image",
         description="Print the files nearest to PATH (or a sha256) by cosine similarity of the "
-        "stored embeddings, best first. The index is built on first use and cached next to "
-        "the database.",
+        "stored embeddings, best first. From 50,000 embeddings on, `tagd scan` and the daemon "
+        "keep an HNSW index beside the database: its candidates are scored exactly (it may miss "
+        "a neighbour; --exact scans every file). Without it, the exact matrix is built on "
+        "first use and cached next to the database. TAGD_ANN=off turns the index off.",
         epilog="example: tagd similar ~/gallery/img001.jpg --limit 10 --format tsv",
     )
     p.add_argument("ref", metavar="PATH|SHA256", help="an indexed image path or its sha256")
@@ -33,8 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     from tagd.commands.search import write_hits
-    from tagd.search import ann
-    from tagd.search.similar import EmbeddingIndex, SimilarError, paths_of, resolve_ref
+    from tagd.search.similar import SimilarError, nearest_files, paths_of, resolve_ref
     from tagd.search.types import Hit
 
     args = ctx.args
@@ -49,11 +50,14 @@ def run(ctx: Context) -> int:
         require_model_id(conn, args.model)
     try:
         file_id = resolve_ref(conn, args.ref)
-        index = EmbeddingIndex.open(conn, ctx.config.database, args.model)
-        if not args.exact and ann.enabled():
-            index = index.with_ann(conn, ctx.config.database)
-        found = index.nearest_to_file(
-            file_id, limit=args.limit * 2, min_sim=args.min_sim, exact=args.exact
+        found = nearest_files(
+            conn,
+            ctx.config.database,
+            args.model,
+            file_id,
+            limit=args.limit * 2,
+            min_sim=args.min_sim,
+            exact=args.exact,
         )
     except SimilarError as exc:
         raise UserError(str(exc), 1) from None

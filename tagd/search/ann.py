@@ -1,45 +1,50 @@
-"""An HNSW index (usearch) beside the database for `tagd similar`: top-k without a full scan.
+"""An HNSW index (usearch) beside the database for `similar`: top-k without a full scan.
 
 The exact path (similar.EmbeddingIndex: one matrix-vector product over every embedding) reads
 the whole matrix per query: 4 GiB at a million 1024-d files. The HNSW graph visits a few
-thousand vectors instead. Candidates it returns are re-scored exactly from the float32
-matrix, so every reported similarity is exact; what the graph can do is miss a neighbour
-(recall, measured by bench/search_bench.py), and `tagd similar --exact` skips it.
+thousand vectors instead. Candidates it returns are re-scored exactly from the stored
+embeddings (read from SQLite by key: no matrix is loaded), so every reported similarity is
+exact; what the graph can do is miss a neighbour (recall, measured by bench/search_bench.py),
+and `--exact` skips it.
 
-On disk (tagd/sidecache.py's discipline): `<db>.ann-<model id>.json` (db id, change-log seq,
-data file) and `<db>.ann-<model id>-<stamp>.usearch` (f16 vectors + graph, memory-mapped as
-a view when queried). Files changed after the seq are excluded from the graph's answers and
-scored exactly from SQLite instead; `refresh` patches them in (remove + add), or rebuilds
-when too many changed. Below MIN_FILES embeddings the exact scan is as fast: no index.
+On disk (tagd/index/sidecache.py's discipline): `<db>.ann-<model id>.json` (db id, change-log
+seq, data file) and `<db>.ann-<model id>-<stamp>.usearch` (quantised vectors + graph,
+memory-mapped as a view when queried). Files changed after the seq are excluded from the
+graph's answers and scored exactly from SQLite instead; `patch` takes them in (remove + add),
+a rebuild happens when too many changed. Below MIN_FILES embeddings the exact scan is as
+fast: no index.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tagd.index import changes, sidecache
+from tagd.search.vectors import exhaustive_pairs, normalise, read_chunks, read_rows
 
 ENV = "TAGD_ANN"
 
 
 def enabled() -> bool:
-    """The HNSW path is opt-in (TAGD_ANN=on) until its recall is measured on real galleries;
-    the exact scan is the default and always correct."""
-    if os.environ.get(ENV, "").strip().lower() not in ("1", "on", "true", "yes"):
+    """On unless TAGD_ANN=off, whenever usearch is importable (a core dependency; a broken
+    or missing install falls back to the exact scan with one warning)."""
+    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return False
     try:
-        import usearch  # noqa: F401
-    except ImportError:
-        _warn_once(f"{ENV}=on, but usearch is not installed: pip install 'tagd[ann]'")
+        import usearch.index  # noqa: F401
+    except ImportError as exc:
+        _warn_once(f"usearch cannot be imported ({exc}): pip install usearch")
         return False
     return True
 
@@ -49,13 +54,20 @@ def _warn_once(message: str) -> None:
     logging.getLogger(__name__).warning("%s; using the exact scan", message)
 
 
-FORMAT = 1
+FORMAT = 2
 MIN_FILES = 50_000
 DIRTY_MAX = 100_000
+DTYPE = "i8"
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
 EXPANSION_SEARCH = 256
-OVERSAMPLE = 2
+OVERSAMPLE = 4
+PATCH_MIN_FILES = 2_000  # fewer changed files wait (scored exactly meanwhile) ...
+PATCH_MAX_AGE_S = 60.0  # ... at most this long
+DUPES_K = 8  # neighbours asked per file by `dupes`
+DUPES_MARGIN = 0.03  # quantised distances are approximate: verify pairs this far below
+CHUNK = 16_384  # rows read per statement by a build
+RANGE_MAX = 16_384  # a `similar:` threshold reaching past this many files: the exact scan
 
 
 def kind(model_id: int) -> str:
@@ -68,7 +80,7 @@ def _new_index(dim: int) -> Any:
     return Index(
         ndim=dim,
         metric="cos",
-        dtype="f16",
+        dtype=DTYPE,
         connectivity=CONNECTIVITY,
         expansion_add=EXPANSION_ADD,
         expansion_search=EXPANSION_SEARCH,
@@ -92,56 +104,98 @@ def _save(db_path: str | Path, model_id: int, index: Any, meta: dict[str, Any]) 
         tmp.unlink(missing_ok=True)
         raise
     old = sidecache.read_meta(db_path, kind(model_id), FORMAT)
-    meta = {**meta, "format": FORMAT, "file": name}
+    meta = {**meta, "format": FORMAT, "file": name, "saved_at": time.time()}
     sidecache.replace(db_path, kind(model_id), meta, None if old is None else old.get("file"))
 
 
-def build(
-    conn: sqlite3.Connection, db_path: str | Path, model_id: int, ids: np.ndarray, mat: np.ndarray
-) -> None:
-    """A fresh graph over (ids, L2-normalised rows) read in the snapshot of `seq`."""
+def _chunks(conn: sqlite3.Connection, model_id: int, dim: int) -> Iterator[tuple[Any, Any]]:
+    """(ids, normalised rows) of the model's embeddings, a chunk at a time: no full matrix,
+    and no read transaction held for the whole build (the daemon goes on writing)."""
+    last = -1
+    while True:
+        cur = conn.execute(
+            "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? "
+            "AND file_id > ? ORDER BY file_id LIMIT ?",
+            (model_id, last, CHUNK),
+        )
+        rows = cur.fetchall()
+        if not rows:
+            return
+        last = int(rows[-1][0])
+        yield from read_chunks(iter([rows]), dim, len(rows))
+
+
+def build(conn: sqlite3.Connection, db_path: str | Path, model_id: int) -> int:
+    """A fresh graph over the model's embeddings; returns how many it holds.
+
+    The seq is read before the rows, so a file changed during the build is logged after it
+    and taken in again by the next patch."""
+    dim = conn.execute(
+        "SELECT max(dim) FROM embeddings WHERE model_id = ?", (model_id,)
+    ).fetchone()[0]
+    if dim is None:
+        return 0
     seq, ident = changes.current_seq(conn), changes.db_id(conn)
-    index = _new_index(mat.shape[1])
-    index.add(np.asarray(ids, dtype=np.uint64), np.asarray(mat), threads=_threads())
-    meta = {"db_id": ident, "seq": seq, "model_id": model_id, "dim": int(mat.shape[1])}
+    index = _new_index(int(dim))
+    for ids, rows in _chunks(conn, model_id, int(dim)):
+        index.add(ids.astype(np.uint64), rows, threads=_threads())
+    meta = {"db_id": ident, "seq": seq, "model_id": model_id, "dim": int(dim)}
     meta["built_at"] = time.time()
     _save(db_path, model_id, index, meta)
+    return len(index)
 
 
-def patch(
-    conn: sqlite3.Connection, db_path: str | Path, model_id: int, meta: dict[str, Any]
-) -> int | None:
-    """Take the files changed since the index's seq in; None when a rebuild is due."""
-    from usearch.index import Index
-
-    from tagd.search.vectors import read_rows
-
-    seq = changes.current_seq(conn)
+def due(conn: sqlite3.Connection, meta: dict[str, Any]) -> int | None:
+    """Changed files to patch now, 0 when they may wait, None when a rebuild is due."""
     dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
     if dirty is None:
         return None
+    old = time.time() - float(meta.get("saved_at", 0)) >= PATCH_MAX_AGE_S
+    return len(dirty) if dirty and (len(dirty) >= PATCH_MIN_FILES or old) else 0
+
+
+def patch(
+    conn: sqlite3.Connection,
+    db_path: str | Path,
+    model_id: int,
+    meta: dict[str, Any],
+    dirty: list[int] | None = None,
+) -> int | None:
+    """Take the files changed since the index's seq in; None when a rebuild is due.
+    `dirty` (the bench) names the files instead of the change log."""
+    from usearch.index import Index
+
+    seq = changes.current_seq(conn)
+    if dirty is None:
+        dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
+        if dirty is None:
+            return None
     index = Index.restore(str(Path(db_path).parent / meta["file"]))
     if index is None:
         return None
-    cur = conn.execute(
-        "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? "
-        "AND file_id IN (SELECT value FROM json_each(?)) ORDER BY file_id",
-        (model_id, _json(dirty)),
-    )
-    ids, rows = read_rows(cur, len(dirty), int(meta["dim"]))
+    ids, rows = rows_of(conn, model_id, dirty, int(meta["dim"]))
     present = [k for k in dirty if index.contains(k)]
     if present:
         index.remove(np.asarray(present, dtype=np.uint64))
     if len(ids):
-        index.add(np.asarray(ids, dtype=np.uint64), rows, threads=_threads())
+        index.add(ids.astype(np.uint64), rows, threads=_threads())
     _save(db_path, model_id, index, {**meta, "seq": seq})
     return len(dirty)
 
 
-def _json(ids: list[int]) -> str:
-    import json
-
-    return json.dumps(ids)
+def rows_of(
+    conn: sqlite3.Connection, model_id: int, file_ids: list[int] | np.ndarray, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(file ids that have an embedding, their normalised rows), read from SQLite by key."""
+    keys = [int(k) for k in np.unique(np.asarray(file_ids, dtype=np.int64))]
+    if not keys:
+        return np.empty(0, dtype=np.int64), np.empty((0, dim), dtype=np.float32)
+    cur = conn.execute(
+        "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? "
+        "AND file_id IN (SELECT value FROM json_each(?)) ORDER BY file_id",
+        (model_id, json.dumps(keys)),
+    )
+    return read_rows(cur, len(keys), dim)
 
 
 @dataclass
@@ -149,7 +203,10 @@ class Ann:
     """An open, usable index: the graph as a memory-mapped view, and the files changed since."""
 
     index: Any
+    model_id: int
+    dim: int
     dirty: set[int]
+    _gone: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @classmethod
     def open(cls, conn: sqlite3.Connection, db_path: str | Path, model_id: int) -> Ann | None:
@@ -166,20 +223,137 @@ class Ann:
             index = Index.restore(str(Path(db_path).parent / meta["file"]), view=True)
         except (OSError, RuntimeError, ValueError):
             return None
-        if index is None:
+        if index is None or index.ndim != int(meta["dim"]):
             return None
         index.expansion_search = EXPANSION_SEARCH  # type: ignore[misc]  # stubs lack the setter
-        return cls(index, set(dirty))
+        gone = np.asarray(sorted(dirty), dtype=np.int64)
+        return cls(index, model_id, int(meta["dim"]), set(dirty), gone)
 
     def candidates(self, vector: np.ndarray, k: int) -> np.ndarray:
         """Up to k * OVERSAMPLE file ids the graph finds nearest, changed files left out."""
         vector = np.asarray(vector, dtype=np.float32)
         want = k * OVERSAMPLE + 1
-        gone = np.fromiter(self.dirty, dtype=np.int64, count=len(self.dirty))
         while True:
             found = self.index.search(vector, min(want, len(self.index)))
             keys = np.asarray(found.keys, dtype=np.int64)
-            kept = keys[~np.isin(keys, gone)] if len(gone) else keys
+            kept = keys[~np.isin(keys, self._gone)] if len(self._gone) else keys
             if len(kept) > k or len(keys) >= len(self.index):
                 return kept
             want *= 4
+
+    def _scored(
+        self, conn: sqlite3.Connection, vector: np.ndarray, keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosine of the graph's candidates and of every changed file."""
+        ids, rows = rows_of(conn, self.model_id, np.concatenate([keys, self._gone]), self.dim)
+        return ids, rows @ np.asarray(vector, dtype=np.float32)
+
+    def nearest(
+        self,
+        conn: sqlite3.Connection,
+        vector: np.ndarray,
+        *,
+        limit: int | None,
+        min_sim: float | None = None,
+        exclude: int | None = None,
+    ) -> list[tuple[int, float]] | None:
+        """(file id, exact cosine) best first; None when the graph cannot answer (no limit and
+        no threshold, or a threshold reaching past RANGE_MAX files): scan exactly then."""
+        if limit is None and min_sim is None:
+            return None
+        k = limit if limit is not None else 64
+        while True:
+            ids, sims = self._scored(conn, vector, self.candidates(vector, k + 1))
+            if exclude is not None:
+                sims[ids == exclude] = -np.inf
+            if limit is not None:
+                break
+            # A threshold: ask for more until the graph's farthest answer is below it.
+            graph = ~np.isin(ids, self._gone)
+            if not graph.any() or sims[graph].min() < float(min_sim or 0.0):
+                break
+            if k >= min(len(self.index), RANGE_MAX):
+                return None if k < len(self.index) else _ranked(ids, sims, limit, min_sim)
+            k *= 4
+        return _ranked(ids, sims, limit, min_sim)
+
+    def pairs(
+        self, conn: sqlite3.Connection, min_sim: float, *, batch: int = 16_384
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file a, file b, exact cosine) of pairs >= min_sim among every file's DUPES_K graph
+        neighbours, each file's changed embedding from SQLite asked as well."""
+        keys = np.asarray(self.index.keys, dtype=np.int64)
+        keys = keys[~np.isin(keys, self._gone)]
+        self.index.expansion_search = max(DUPES_K * 2, 16)
+        cut = 1.0 - min_sim + DUPES_MARGIN
+        found_a: list[np.ndarray] = []
+        found_b: list[np.ndarray] = []
+        try:
+            for start in range(0, len(keys), batch):
+                part = keys[start : start + batch]
+                vecs = np.asarray(self.index.get(part.astype(np.uint64), dtype=np.float32))
+                a, b = self._close(part, vecs, cut)
+                found_a.append(a)
+                found_b.append(b)
+            d_ids, d_rows = rows_of(conn, self.model_id, self._gone, self.dim)
+            if len(d_ids):
+                a, b = self._close(d_ids, d_rows, cut)
+                found_a.append(a)
+                found_b.append(b)
+                ra, rb, _ = exhaustive_pairs(d_rows, min_sim - DUPES_MARGIN)
+                found_a.append(d_ids[ra])
+                found_b.append(d_ids[rb])
+        finally:
+            self.index.expansion_search = EXPANSION_SEARCH
+        a = np.concatenate(found_a) if found_a else np.empty(0, dtype=np.int64)
+        b = np.concatenate(found_b) if found_b else np.empty(0, dtype=np.int64)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        uniq = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.empty((0, 2))
+        return self._verified(conn, uniq.astype(np.int64), min_sim)
+
+    def _close(self, keys: np.ndarray, vecs: np.ndarray, cut: float) -> tuple[Any, Any]:
+        """(query key, neighbour key) of graph neighbours within distance `cut`."""
+        found = self.index.search(vecs, DUPES_K + 1, threads=_threads())
+        nkeys = np.asarray(found.keys, dtype=np.int64).reshape(len(keys), -1)
+        dist = np.asarray(found.distances, dtype=np.float32).reshape(len(keys), -1)
+        # One query comes back as Matches (no per-query counts), more as BatchMatches.
+        counts = np.asarray(getattr(found, "counts", [len(found.keys)])).reshape(-1, 1)
+        ok = (dist <= cut) & (np.arange(nkeys.shape[1])[None, :] < counts)
+        ok &= nkeys != keys[:, None]
+        if len(self._gone):
+            ok &= ~np.isin(nkeys, self._gone)
+        r, c = np.nonzero(ok)
+        return keys[r], nkeys[r, c]
+
+    def _verified(
+        self, conn: sqlite3.Connection, pairs: np.ndarray, min_sim: float
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pairs whose exact cosine (stored embeddings) is >= min_sim."""
+        empty = np.empty(0, dtype=np.int64)
+        if not len(pairs):
+            return empty, empty, np.empty(0, dtype=np.float32)
+        ids, rows = rows_of(conn, self.model_id, pairs.ravel(), self.dim)
+        ia = np.searchsorted(ids, pairs[:, 0])
+        ib = np.searchsorted(ids, pairs[:, 1])
+        ia, ib = np.minimum(ia, len(ids) - 1), np.minimum(ib, len(ids) - 1)
+        real = (ids[ia] == pairs[:, 0]) & (ids[ib] == pairs[:, 1])
+        sims = np.einsum("ij,ij->i", rows[ia], rows[ib])
+        keep = real & (sims >= min_sim)
+        return pairs[keep, 0], pairs[keep, 1], sims[keep].astype(np.float32)
+
+
+def _ranked(
+    ids: np.ndarray, sims: np.ndarray, limit: int | None, min_sim: float | None
+) -> list[tuple[int, float]]:
+    keep = np.isfinite(sims)
+    if min_sim is not None:
+        keep &= sims >= min_sim
+    ids, sims = ids[keep], sims[keep]
+    order = np.lexsort((ids, -sims))
+    if limit is not None:
+        order = order[:limit]
+    return [(int(ids[i]), float(sims[i])) for i in order]
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return normalise(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]

@@ -40,14 +40,16 @@ def resolve_similar(
     terms = _similar_terms(node)
     if not terms:
         return {}
-    from tagd.search.similar import EmbeddingIndex, SimilarError, resolve_ref
+    from tagd.search.similar import SimilarError, nearest_files, resolve_ref
 
     out = {}
     try:
-        index = EmbeddingIndex.open(conn, db_path, scope_model(node))
         for term in terms:
             file_id = resolve_ref(conn, term.ref)
-            out[term] = dict(index.nearest_to_file(file_id, min_sim=term.min_sim, limit=None))
+            found = nearest_files(
+                conn, db_path, scope_model(node), file_id, min_sim=term.min_sim, limit=None
+            )
+            out[term] = dict(found)
     except SimilarError as exc:
         raise SearchError(str(exc)) from None
     return out

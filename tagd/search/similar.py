@@ -1,16 +1,19 @@
 """Nearest images by cosine similarity of stored embeddings, and near-duplicate groups.
 
-The `embeddings` table holds raw float16 vectors; the index is an L2-normalised float32
-matrix plus the file ids, built from SQLite on demand and cached next to the database as
-`<db>.sim-<model id>.npy` / `.ids.npy` / `.json` (the signature: a change counter on the
-embeddings table; a changed signature rebuilds). Search is one exact matrix-vector
-product (numpy/BLAS); see README "Performance" for why not an ANN library.
+The `embeddings` table holds raw float16 vectors. Top-k queries go to the HNSW index beside
+the database (ann.py) when it is usable: candidates from the graph, scored exactly from the
+stored rows. Otherwise, and with `--exact`, the exact scan: an L2-normalised float32 matrix
+plus the file ids, built from SQLite on demand and cached next to the database through
+sidecache.py (`<db>.sim-<model id>.json` names `<db>.sim-<model id>-<stamp>.npy` and its
+`.ids.npy`; the database's id, change-log seq and embeddings counter it reflects). Files
+changed since are read from SQLite; a cache that cannot be written is logged once.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -21,12 +24,19 @@ from typing import Any
 import numpy as np
 
 from tagd.index import changes, inventory, sidecache
-from tagd.index.atomic import write_atomic
 from tagd.names import AS_TEXT, for_humans, to_db
 from tagd.search import ann
-from tagd.search.vectors import CHUNK_ROWS, read_rows
+from tagd.search.vectors import CHUNK_ROWS, concat_pairs, exhaustive_pairs, read_rows
 
 DELTA_MAX = 100_000  # changed files read from SQLite before a rebuild is cheaper
+SIM_FORMAT = 1
+DUPES_DIRTY_MAX = 20_000  # changed files `dupes` compares among themselves before the scan
+
+log = logging.getLogger(__name__)
+
+
+def sim_kind(model_id: int) -> str:
+    return f"sim-{model_id}"
 
 
 class SimilarError(Exception):
@@ -96,6 +106,8 @@ def changed_files(
         return None
     if meta.get("model_id") != sig["model_id"] or meta.get("db_id") != sig.get("db_id"):
         return None
+    if seq == now and meta.get("version") != sig.get("version"):
+        return None  # embeddings changed without reaching the log: nothing to read back
     return changes.changed_since(conn, seq, DELTA_MAX)
 
 
@@ -125,8 +137,6 @@ class EmbeddingIndex:
     extra_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     extra: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
     hidden: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    # The HNSW index (tagd/ann.py) when one is usable: top-k candidates without a full scan.
-    ann: Any = None
 
     @classmethod
     def open(
@@ -144,24 +154,26 @@ class EmbeddingIndex:
         """
         model_id, name = pick_model(conn, model)
         sig = signature(conn, model_id)
-        base = None if db_path is None else Path(f"{db_path}.sim-{model_id}")
-        if base is not None:
-            try:
-                meta = json.loads(Path(f"{base}.json").read_text())
-                changed: list[int] | None = [] if meta == sig else None
+        if db_path is not None:
+            meta = sidecache.read_meta(db_path, sim_kind(model_id), SIM_FORMAT)
+            if meta is not None:
+                cached = {k: v for k, v in meta.items() if k not in ("format", "file", "ids")}
+                changed: list[int] | None = [] if cached == sig else None
                 if changed is None and changes_ok:
                     changed = changed_files(meta, sig, conn)
                 if changed is not None:
-                    ids = np.load(Path(f"{base}.ids.npy"))
-                    mat = np.load(Path(f"{base}.npy"), mmap_mode="r")
-                    if len(ids) == mat.shape[0]:
+                    try:
+                        folder = Path(db_path).parent
+                        ids = np.load(folder / str(meta["ids"]))
+                        mat = np.load(folder / str(meta["file"]), mmap_mode="r")
+                    except (OSError, ValueError, KeyError):
+                        ids, mat = np.empty(0), np.empty((1, 0))
+                    if len(ids) and len(ids) == mat.shape[0]:
                         index = cls(model_id, name, ids, mat)
                         return index.with_changes(conn, changed) if changed else index
-            except (OSError, ValueError):
-                pass
         ids, mat = build_matrix(conn, model_id)
-        if base is not None:
-            _save(base, ids, mat, sig)
+        if db_path is not None:
+            _save(db_path, model_id, ids, mat, sig)
         return cls(model_id, name, ids, mat)
 
     def with_changes(self, conn: sqlite3.Connection, file_ids: list[int]) -> EmbeddingIndex:
@@ -176,14 +188,8 @@ class EmbeddingIndex:
         pos = np.minimum(np.searchsorted(self.ids, wanted), max(len(self.ids) - 1, 0))
         hidden = pos[self.ids[pos] == wanted] if len(self.ids) else pos[:0]
         return EmbeddingIndex(
-            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden, self.ann
+            self.model_id, self.model, self.ids, self.matrix, extra_ids, extra, hidden
         )
-
-    def with_ann(self, conn: sqlite3.Connection, db_path: str | Path | None) -> EmbeddingIndex:
-        """Use the HNSW index beside the database for top-k queries when it is usable."""
-        if db_path is not None:
-            self.ann = ann.Ann.open(conn, db_path, self.model_id)
-        return self
 
     def rows_for(self, file_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(file ids that have a current embedding, those rows): changed files from SQLite."""
@@ -244,18 +250,10 @@ class EmbeddingIndex:
         exclude: int | None = None,
         exact: bool = False,
     ) -> list[tuple[int, float]]:
-        """(file_id, cosine) best first; `exclude` is a file id.
-
-        With an HNSW index and a limit, only its candidates (plus files changed since it was
-        written) are scored, exactly; `exact` scores every file."""
+        """(file_id, cosine) best first over every file; `exclude` is a file id. (`exact` is
+        accepted for callers that pass it through: this scan is always exact.)"""
         vector = np.asarray(vector, dtype=np.float32)
-        if self.ann is not None and limit is not None and not exact:
-            cand = self.ann.candidates(vector, limit + 1)
-            extra = np.fromiter(self.ann.dirty, dtype=np.int64, count=len(self.ann.dirty))
-            ids, rows = self.rows_for(np.concatenate([cand, extra, self.extra_ids]))
-            sims = rows @ vector
-        else:
-            ids, sims = self.scored(vector)
+        ids, sims = self.scored(vector)
         if exclude is not None:
             sims[ids == exclude] = -np.inf
         if min_sim is not None:
@@ -305,20 +303,6 @@ class EmbeddingIndex:
 LSH_MIN_FILES = 20_000
 LSH_RECALL = 0.99
 BIG_BUCKET = 256  # pairs of a bucket this big come from one matrix product, not gathers
-
-
-def exhaustive_pairs(
-    matrix: np.ndarray, min_sim: float, block: int = 1024
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows a, rows b, cosine) of every pair a < b at or above `min_sim`, block by block."""
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    for start in range(0, matrix.shape[0], block):
-        sims = np.asarray(matrix[start : start + block]) @ np.asarray(matrix).T
-        r, c = np.nonzero(sims >= min_sim)
-        a = r + start
-        keep = c > a
-        found.append((a[keep], c[keep], sims[r[keep], c[keep]]))
-    return _concat(found)
 
 
 def lsh_plan(n: int, min_sim: float, recall: float = LSH_RECALL) -> tuple[int, int]:
@@ -384,24 +368,11 @@ def lsh_pairs(
                 keep = sims >= min_sim
                 lo, hi = np.minimum(pa, pc)[keep], np.maximum(pa, pc)[keep]
                 found.append((lo, hi, sims[keep]))
-    a, c, sims = _concat(found)
+    a, c, sims = concat_pairs(found)
     if len(a):
         _, first = np.unique(a * n + c, return_index=True)
         a, c, sims = a[first], c[first], sims[first]
     return a, c, sims
-
-
-def _concat(
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    if not parts:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, np.empty(0, dtype=np.float32)
-    return (
-        np.concatenate([p[0] for p in parts]).astype(np.int64),
-        np.concatenate([p[1] for p in parts]).astype(np.int64),
-        np.concatenate([p[2] for p in parts]).astype(np.float32),
-    )
 
 
 def _connect(
@@ -434,15 +405,30 @@ def _connect(
     ]
 
 
-def _save(base: Path, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]) -> None:
-    """Write the cache atomically; an unwritable folder only means no cache."""
+def _save(
+    db_path: str | Path, model_id: int, ids: np.ndarray, mat: np.ndarray, sig: dict[str, object]
+) -> None:
+    """Both data files, then the meta naming them (sidecache.py); the replaced files and a
+    cache of the old layout (`<db>.sim-N.npy`) are removed. An unwritable folder logs its
+    reason once: every later `similar` would rebuild the matrix from SQLite."""
+    kind = sim_kind(model_id)
     try:
-        mode = os.stat(base.parent).st_mode & 0o644  # as readable as the database folder
-        for suffix, arr in ((".ids.npy", ids), (".npy", mat)):
-            write_atomic(Path(f"{base}{suffix}"), functools.partial(_save_npy, arr=arr), mode=mode)
-        write_atomic(Path(f"{base}.json"), lambda fh: fh.write(json.dumps(sig).encode()), mode=mode)
-    except OSError:
-        pass
+        old = sidecache.read_meta(db_path, kind, SIM_FORMAT)
+        ids_name = sidecache.write_data(
+            db_path, kind, "ids.npy", functools.partial(_save_npy, arr=ids)
+        )
+        name = sidecache.write_data(db_path, kind, "npy", functools.partial(_save_npy, arr=mat))
+        meta = {**sig, "format": SIM_FORMAT, "file": name, "ids": ids_name}
+        sidecache.replace(db_path, kind, meta, None if old is None else old.get("file"))
+    except OSError as exc:
+        sidecache.not_written(kind, db_path, exc)
+        return
+    folder = Path(db_path).parent
+    stale = [] if old is None else [str(old.get("ids"))]
+    stale += [f"{Path(db_path).name}.{kind}.npy", f"{Path(db_path).name}.{kind}.ids.npy"]
+    for leftover in stale:
+        if leftover != ids_name:
+            (folder / leftover).unlink(missing_ok=True)
 
 
 def exact_duplicates(conn: sqlite3.Connection) -> list[tuple[str, list[str]]]:
@@ -471,9 +457,16 @@ def paths_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[s
 
 
 def refresh_ann(
-    conn: sqlite3.Connection, db_path: str | Path, *, min_files: int | None = None
+    conn: sqlite3.Connection,
+    db_path: str | Path,
+    *,
+    min_files: int | None = None,
+    patch_all: bool = True,
 ) -> list[str]:
-    """Per model with at least `min_files` embeddings: 'fresh', 'patched N', 'built', 'skipped'."""
+    """Per model with at least `min_files` embeddings: 'fresh', 'patched N', 'built',
+    'skipped', or (without `patch_all`: the daemon, every few seconds) 'pending N' while
+    fewer than ann.PATCH_MIN_FILES changed and the last save is under ann.PATCH_MAX_AGE_S
+    old; those files are scored exactly meanwhile."""
     floor = ann.MIN_FILES if min_files is None else min_files
     out = []
     for model_id, name in conn.execute("SELECT id, name FROM models ORDER BY id").fetchall():
@@ -488,22 +481,91 @@ def refresh_ann(
                 out.append(f"{name}: skipped")
                 continue
             try:
-                meta = sidecache.read_meta(db_path, ann.kind(model_id), ann.FORMAT)
-                if meta is not None and sidecache.usable(meta, conn):
-                    if int(meta["seq"]) == changes.current_seq(conn):
-                        out.append(f"{name}: fresh")
-                        continue
-                    done = ann.patch(conn, db_path, model_id, meta)
-                    if done is not None:
-                        out.append(f"{name}: patched {done}")
-                        continue
-                exact = EmbeddingIndex.open(conn, db_path, name, changes_ok=False)
-                ann.build(conn, db_path, model_id, exact.ids, exact.matrix)
-                out.append(f"{name}: built")
+                out.append(f"{name}: {_refresh_one(conn, db_path, model_id, patch_all)}")
             except OSError as exc:
                 sidecache.not_written(ann.kind(model_id), db_path, exc)
                 out.append(f"{name}: skipped")
     return out
+
+
+def _refresh_one(
+    conn: sqlite3.Connection, db_path: str | Path, model_id: int, patch_all: bool
+) -> str:
+    meta = sidecache.read_meta(db_path, ann.kind(model_id), ann.FORMAT)
+    if meta is not None and sidecache.usable(meta, conn):
+        if int(meta["seq"]) == changes.current_seq(conn):
+            return "fresh"
+        waiting = ann.due(conn, meta)
+        if waiting == 0 and not patch_all:
+            pending = changes.changed_since(conn, int(meta["seq"]), ann.DIRTY_MAX) or []
+            return f"pending {len(pending)}"
+        if waiting is not None:
+            done = ann.patch(conn, db_path, model_id, meta)
+            if done is not None:
+                return f"patched {done}"
+    ann.build(conn, db_path, model_id)
+    return "built"
+
+
+def stored_vector(conn: sqlite3.Connection, model_id: int, model: str, file_id: int) -> np.ndarray:
+    """One file's embedding, normalised as the matrix rows are."""
+    row = conn.execute(
+        "SELECT file_id, dim, dtype, vector FROM embeddings WHERE model_id = ? AND file_id = ?",
+        (model_id, file_id),
+    ).fetchone()
+    if row is None or row[2] != "float16" or len(row[3]) != 2 * int(row[1]):
+        raise SimilarError(f"that file has no embedding from model {model!r} yet")
+    return ann.unit(np.frombuffer(row[3], dtype="<f2").astype(np.float32))
+
+
+def nearest_files(
+    conn: sqlite3.Connection,
+    db_path: str | Path | None,
+    model: str | None,
+    file_id: int,
+    *,
+    limit: int | None = 20,
+    min_sim: float | None = None,
+    exact: bool = False,
+    exact_index: Any = None,
+) -> list[tuple[int, float]]:
+    """(file id, cosine) nearest to a file, best first: through the HNSW index when it is
+    usable (every printed similarity exact; a neighbour may be missed), else, or with
+    `exact`, the exact scan. `exact_index`: a callable giving a cached EmbeddingIndex."""
+    model_id, name = pick_model(conn, model)
+    if not exact and db_path is not None and ann.enabled():
+        graph = ann.Ann.open(conn, db_path, model_id)
+        if graph is not None:
+            vector = stored_vector(conn, model_id, name, file_id)
+            if len(vector) == graph.dim:
+                found = graph.nearest(conn, vector, limit=limit, min_sim=min_sim, exclude=file_id)
+                if found is not None:
+                    return found
+    index = exact_index() if exact_index is not None else EmbeddingIndex.open(conn, db_path, model)
+    return index.nearest_to_file(file_id, limit=limit, min_sim=min_sim)
+
+
+def duplicate_groups(
+    conn: sqlite3.Connection,
+    db_path: str | Path | None,
+    model: str | None,
+    min_sim: float,
+    *,
+    exact: bool = False,
+    exhaustive: bool | None = None,
+) -> list[list[tuple[int, float]]]:
+    """Near-duplicate groups: through the HNSW index (every file's nearest DUPES_K, pairs
+    verified exactly) when it is usable, else, or with `exact`/`exhaustive`, the matrix."""
+    model_id, _ = pick_model(conn, model)
+    if not exact and not exhaustive and db_path is not None and ann.enabled():
+        graph = ann.Ann.open(conn, db_path, model_id)
+        if graph is not None and len(graph.dirty) <= DUPES_DIRTY_MAX:
+            a, b, sims = graph.pairs(conn, min_sim)
+            ids = np.unique(np.concatenate([a, b]))
+            return _connect(ids, (np.searchsorted(ids, a), np.searchsorted(ids, b), sims))
+        log.info("dupes: no usable similarity index; comparing the whole matrix")
+    index = EmbeddingIndex.open(conn, db_path, model, changes_ok=False)
+    return index.groups(min_sim, exhaustive=exhaustive)
 
 
 def _save_npy(fh: Any, arr: np.ndarray) -> None:

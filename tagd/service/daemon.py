@@ -251,7 +251,7 @@ class Daemon:
 
         # A busy GIL or a suspended machine must delay maintenance, never skip it.
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(2)},
+            executors={"default": ThreadPoolExecutor(3)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone=UTC,
         )
@@ -274,6 +274,13 @@ class Daemon:
             "interval",
             seconds=self.config.daemon.rank_cache_interval,
             id="rank-cache",
+            next_run_time=now,
+        )
+        scheduler.add_job(
+            self._guarded(self._similar_index),
+            "interval",
+            seconds=self.config.daemon.rank_cache_interval,
+            id="similar-index",
             next_run_time=now,
         )
         hydrus = self.config.hydrus
@@ -376,13 +383,24 @@ class Daemon:
 
             outcome = bitmaps.refresh(conn, self.config.database)
             (log.info if outcome == "built" else log.debug)("search bitmaps: %s", outcome)
-            from tagd.search import ann, similar
-
-            if ann.enabled():
-                for outcome in similar.refresh_ann(conn, self.config.database):
-                    (log.info if "built" in outcome else log.debug)("similar index: %s", outcome)
         except sqlite3.Error as exc:
             log.warning("search ranking cache: database error: %s", exc)
+        finally:
+            conn.close()
+
+    def _similar_index(self) -> None:
+        """Keep the HNSW index for `similar` current: its own job, so a build (minutes at a
+        million files) never holds up the ranking cache and bitmaps."""
+        from tagd.search import ann, similar
+
+        if not ann.enabled():
+            return
+        conn = db.connect(self.config.database)
+        try:
+            for outcome in similar.refresh_ann(conn, self.config.database, patch_all=False):
+                (log.info if "built" in outcome else log.debug)("similar index: %s", outcome)
+        except sqlite3.Error as exc:
+            log.warning("similar index: database error: %s", exc)
         finally:
             conn.close()
 

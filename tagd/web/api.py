@@ -27,15 +27,21 @@ def similar_of(
     """(nearest files, near duplicates among them at cosine >= 0.97); empty without
     embeddings."""
     from tagd.index.inventory import UnknownModel
-    from tagd.search.similar import SimilarError, paths_of
+    from tagd.search.similar import SimilarError, nearest_files, paths_of
 
     try:
-        index = state.similar_index(conn)
-        near = index.nearest_to_file(file_id, limit=limit)
+        near = nearest_files(
+            conn,
+            str(state.config.database),
+            None,
+            file_id,
+            limit=limit,
+            exact_index=lambda: state.similar_index(conn),
+        )
     except (SimilarError, UnknownModel, ValueError):
         return [], []
     where = paths_of(conn, [f for f, _ in near])
-    out = [
+    out: list[dict[str, Any]] = [
         {"sha256": where[f][1], "path": where[f][0], "similarity": round(s, 4)}
         for f, s in near
         if f in where
