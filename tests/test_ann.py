@@ -16,7 +16,7 @@ from conftest import run_tagd, write_config
 from tagd.index import changes, sidecache
 from tagd.index.db import connect
 from tagd.search import ann, similar
-from tagd.search.engine import resolve_similar
+from tagd.search.execute import resolve_similar
 from tagd.search.query import parse
 from tagd.search.similar import EmbeddingIndex
 
