@@ -150,21 +150,24 @@ def hits_tags(conn: sqlite3.Connection, file_ids: list[int], limit: int = 60) ->
     if not file_ids:
         return []
     from tagd.index import reviews
+
+    if not reviews.in_use(conn):
+        rows = conn.execute(
+            "SELECT t.namespace, t.name, count(DISTINCT s.file_id) AS n FROM scores s "
+            "JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN (SELECT value FROM json_each(?)) "
+            "AND s.selected = 1 GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
+            (json.dumps(file_ids), limit),
+        ).fetchall()
+        return [{"namespace": r[0], "tag": r[1], "count": int(r[2])} for r in rows]
     from tagd.search import verdicts
 
-    pairs = (
-        "SELECT s.file_id AS f, s.tag_id AS t FROM scores s "
-        "WHERE s.file_id IN ids AND s.selected = 1"
-    )
-    if reviews.in_use(conn):
-        pairs += (
-            f" AND NOT {verdicts.overridden('s.file_id', 's.tag_id')} UNION "
-            "SELECT r.file_id, r.tag_id FROM reviews r WHERE r.file_id IN ids AND r.verdict = 1"
-        )
     rows = conn.execute(
         "WITH ids(id) AS (SELECT value FROM json_each(?)) "
-        f"SELECT t.namespace, t.name, count(DISTINCT p.f) AS n FROM ({pairs}) p "
-        "JOIN tags t ON t.id = p.t GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
+        "SELECT t.namespace, t.name, count(DISTINCT p.f) AS n FROM ("
+        "SELECT s.file_id AS f, s.tag_id AS t FROM scores s WHERE s.file_id IN ids "
+        f"AND s.selected = 1 AND NOT {verdicts.overridden('s.file_id', 's.tag_id')} "
+        "UNION SELECT r.file_id, r.tag_id FROM reviews r WHERE r.file_id IN ids AND r.verdict = 1"
+        ") p JOIN tags t ON t.id = p.t GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
         (json.dumps(file_ids), limit),
     ).fetchall()
     return [{"namespace": r[0], "tag": r[1], "count": int(r[2])} for r in rows]
