@@ -1,6 +1,7 @@
 """Does `web.pregenerate_thumbs` slow tagging? `tagd run` over the same gallery with it off
 and on, alternating, timing how long the daemon takes to tag every image (and, with it on,
-until every thumbnail exists).
+until every thumbnail exists), and the CPU time the thumbnail child used while the daemon
+was still tagging: wall times swing with the machine's load, that figure does not.
 
     nice python -m bench.thumbs_ahead --images 200 --rounds 2
 
@@ -11,6 +12,7 @@ decode-bound: the case where thumbnails (decodes too) compete hardest.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sqlite3
 import statistics
@@ -47,6 +49,22 @@ def _count(db: Path, sql: str) -> int:
         conn.close()
 
 
+def _child_cpu_s(parent: int) -> float | None:
+    """CPU seconds (user + system) the daemon's thumbnail child has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes()
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"tagd.web.pregen" in cmd and int(stat[1]) == parent:
+            return (int(stat[11]) + int(stat[12])) / tick
+    return None
+
+
 def one_run(work: Path, gallery: Path, model: Path, n: int, ahead: bool, tag: str) -> dict:
     db = work / f"{tag}.db"
     thumbs = work / f"{tag}.thumbs"
@@ -72,9 +90,12 @@ def one_run(work: Path, gallery: Path, model: Path, n: int, ahead: bool, tag: st
             done = _count(db, "SELECT count(*) FROM taggings")
             if done >= n and "tagged_s" not in out:
                 out["tagged_s"] = time.monotonic() - began
+                if ahead:
+                    out["child_cpu_while_tagging_s"] = _child_cpu_s(proc.pid)
             made = sum(1 for _ in thumbs.rglob("*.webp")) if ahead and thumbs.exists() else 0
             if ahead and made >= n:
                 out["thumbs_s"] = time.monotonic() - began
+                out["child_cpu_total_s"] = _child_cpu_s(proc.pid)
             if "tagged_s" in out and (not ahead or "thumbs_s" in out):
                 break
             time.sleep(0.2)
@@ -107,6 +128,12 @@ def main(argv: list[str] | None = None) -> None:
         off = statistics.median(r["tagged_s"] for r in runs[False])
         on = statistics.median(r["tagged_s"] for r in runs[True])
         thumbs = statistics.median(r["thumbs_s"] for r in runs[True])
+        during = [r["child_cpu_while_tagging_s"] for r in runs[True]]
+        total = [r["child_cpu_total_s"] for r in runs[True]]
+        print(
+            f"the thumbnail child's CPU while the daemon tagged: {during} s; "
+            f"by the last thumbnail: {total} s"
+        )
         print(
             f"{args.images} images of 1.9 MP: all tagged in {off:.1f} s with it off, {on:.1f} s "
             f"with it on ({(on / off - 1) * 100:+.0f}%); every thumbnail made {thumbs:.1f} s "

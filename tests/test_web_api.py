@@ -213,6 +213,16 @@ def test_review_through_the_api_changes_search(site: dict) -> None:
     assert [h["sha256"] for h in c.get("/api/search", params={"q": "grass"}).json()["hits"]] == [
         sha
     ]
+    # confidence filters and the hits' scores follow: the person's tag is 1.0, the rejected 0
+    hits = c.get("/api/search", params={"q": "grass:>0.99"}).json()["hits"]
+    assert [(h["sha256"], h["tags"]) for h in hits] == [(sha, {"general:grass": 1.0})]
+    assert sha not in [
+        h["sha256"] for h in c.get("/api/search", params={"q": "green:>0.01"}).json()["hits"]
+    ]
+    sidebar = (
+        c.get("/", params={"q": "grass"}).text.split('id="sidebar"', 1)[1].split("</aside>")[0]
+    )
+    assert 'data-tag="grass"' in sidebar and 'data-tag="green"' not in sidebar
     info = c.get(f"/api/files/{sha}").json()
     assert {(v["tag"], v["verdict"]) for v in info["reviews"]} == {("green", -1), ("grass", 1)}
     assert any(s["tag"] == "green" and s["selected"] for s in info["models"]["probe"])

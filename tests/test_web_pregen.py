@@ -164,3 +164,25 @@ def test_it_waits_while_the_daemon_has_files_to_tag(tmp_path: Path) -> None:
         stop.set()
         thread.join(10)
         conn.close()
+
+
+def test_an_unwritable_cache_is_one_warning_and_nothing_stops(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    g, paths, _ = _gallery(tmp_path)
+    make_index(tmp_path / "t.db", {paths["red"]: {}, paths["blue"]: {}}).close()
+    cache = tmp_path / "th"
+    cache.write_text("a file where the cache folder should be")
+    job = Job(str(tmp_path / "t.db"), str(cache), 64, 100_000, (str(g),), poll_s=0.01)
+    stop, tally = threading.Event(), Tally()
+    thread = threading.Thread(target=run, args=(job, stop, tally))
+    with caplog.at_level("WARNING", logger="tagd.thumbs"):
+        thread.start()
+        try:
+            assert wait_for(lambda: tally.failed == 2, timeout=20)
+        finally:
+            stop.set()
+            thread.join(10)
+    assert tally.unwritable == 2 and tally.made == 0
+    warned = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(warned) == 1 and str(cache) in warned[0]

@@ -8,6 +8,8 @@ import json
 import sqlite3
 from typing import Any
 
+from tagd.index import verdicts
+
 
 def present_paths(conn: sqlite3.Connection, file_id: int) -> list[str]:
     """The file's paths that are not missing, sorted."""
@@ -83,11 +85,25 @@ def scores_of(conn: sqlite3.Connection, file_id: int) -> list[tuple[str, str, st
 def hits_tags(
     conn: sqlite3.Connection, file_ids: list[int], limit: int
 ) -> list[tuple[str, str, int]]:
-    """(namespace, tag, files) of the tags selected on these files, most files first."""
+    """(namespace, tag, files) of the effective tags of these files, most files first: model
+    selections, and where people gave verdicts, those not overridden plus the accepted ones."""
+    from tagd.index import reviews
+
+    if not reviews.in_use(conn):
+        rows = conn.execute(
+            "SELECT t.namespace, t.name, count(DISTINCT s.file_id) AS n FROM scores s "
+            "JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN (SELECT value FROM json_each(?)) "
+            "AND s.selected = 1 GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
+            (json.dumps(file_ids), limit),
+        ).fetchall()
+        return [(r[0], r[1], int(r[2])) for r in rows]
     rows = conn.execute(
-        "SELECT t.namespace, t.name, count(DISTINCT s.file_id) AS n FROM scores s "
-        "JOIN tags t ON t.id = s.tag_id WHERE s.file_id IN (SELECT value FROM json_each(?)) "
-        "AND s.selected = 1 GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
+        "WITH ids(id) AS (SELECT value FROM json_each(?)) "
+        "SELECT t.namespace, t.name, count(DISTINCT p.f) AS n FROM ("
+        "SELECT s.file_id AS f, s.tag_id AS t FROM scores s WHERE s.file_id IN ids "
+        f"AND s.selected = 1 AND NOT {verdicts.overridden('s.file_id', 's.tag_id')} "
+        "UNION SELECT r.file_id, r.tag_id FROM reviews r WHERE r.file_id IN ids AND r.verdict = 1"
+        ") p JOIN tags t ON t.id = p.t GROUP BY t.id ORDER BY n DESC, t.namespace, t.name LIMIT ?",
         (json.dumps(file_ids), limit),
     ).fetchall()
     return [(r[0], r[1], int(r[2])) for r in rows]

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tagd.index import verdicts
 from tagd.names import bind
-from tagd.search import verdicts
 from tagd.search.query import (
     And,
     FileFilter,
@@ -263,7 +263,7 @@ def _where(node: Node, ctx: _Ctx) -> Compiled:
 
 
 def _reviewed(term: Tag, ctx: _Ctx, sub: str, params: list[object]) -> Compiled:
-    """A tag term with human verdicts (tagd/search/verdicts.py): `sub` already leaves out
+    """A tag term with human verdicts (tagd/index/verdicts.py): `sub` already leaves out
     the model rows a verdict overrides; a tag a person accepted always matches."""
     ids, iparams = _tag_ids(term)
     accepted = _in(ctx, "r.file_id", "reviews r", f"r.verdict = 1 AND r.tag_id IN ({ids})")

@@ -59,6 +59,7 @@ class Tally:
     present: int = 0
     failed: int = 0
     waits: int = 0  # pauses while the daemon had files to tag
+    unwritable: int = 0  # of the failed: the thumbnail could not be written
 
 
 class Pregenerator:
@@ -184,8 +185,9 @@ def _make_all(
         try:
             made = thumbs.make(sha, usable) if usable else None
         except OSError as exc:  # the cache cannot be written: say so once, keep going
-            if tally.failed == 0:
+            if not tally.unwritable:
                 log.warning("thumbnails: cannot write to %s: %s", thumbs.directory, exc)
+            tally.unwritable += 1
             made = None
         if made is None:
             tally.failed += 1

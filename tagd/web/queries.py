@@ -116,7 +116,7 @@ def file_info(conn: sqlite3.Connection, sha: str) -> FileInfo | None:
 
 
 def hits_tags(conn: sqlite3.Connection, file_ids: list[int], limit: int = 60) -> list[dict]:
-    """The tags selected on these files (a page of results) with how many carry each."""
+    """The effective tags of these files (a page of results) with how many carry each."""
     if not file_ids:
         return []
     rows = views.hits_tags(conn, file_ids, limit)
