@@ -308,7 +308,7 @@ def measure_counts(db: Path, repeats: int, sqlite_too: bool) -> None:
     """`--count` of every benchmark query: through the bitmaps (in process, p50/p95), and
     once through SQLite alone (TAGD_BITMAPS=off) for comparison."""
     from tagd.index.db import connect
-    from tagd.search.engine import count
+    from tagd.search.execute import count
     from tagd.search.query import parse
 
     conn = connect(db, readonly=True)
@@ -429,8 +429,9 @@ def measure(
     db: Path, repeats: int, limit: int, skip_search: bool = False, dupes: bool = False
 ) -> None:
     from tagd.index.db import connect
-    from tagd.search.engine import SearchOptions, count, search
+    from tagd.search.execute import count, search
     from tagd.search.query import parse
+    from tagd.search.types import SearchOptions
 
     conn = connect(db, readonly=True)
     print(

@@ -18,8 +18,10 @@ from test_search_semantics import QUERIES, Index, build_index, reference
 from tagd.index import changes, sidecache
 from tagd.index.db import connect
 from tagd.search import bitmaps
-from tagd.search.engine import SearchOptions, _tag_ids, build_sql, count
+from tagd.search.compile import _tag_ids, build_sql
+from tagd.search.execute import count
 from tagd.search.query import QueryError, parse
+from tagd.search.types import SearchOptions
 
 BITMAP_ATOMS = [
     "1girl", "solo", "smile", "hat*", "character:*", "rating:<=sensitive", ">_<", ":d",

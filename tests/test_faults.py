@@ -303,8 +303,9 @@ def test_item11_search_limit_and_offset_out_of_range(
 def test_item11_top_page_of_zero_rows(tagged_index: Path) -> None:
     from tagd.config import load
     from tagd.index import db
-    from tagd.search.engine import SearchOptions, search
+    from tagd.search.execute import search
     from tagd.search.query import parse
+    from tagd.search.types import SearchOptions
 
     conn = db.connect(load(str(tagged_index)).database, readonly=True)
     assert list(search(conn, parse("red"), SearchOptions(limit=0))) == []

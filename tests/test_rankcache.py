@@ -11,15 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tagd.search.engine
+import tagd.search.plan
 import tagd.search.rankcache
 from tagd.config import TagRules
 from tagd.index import changes
 from tagd.index.atomic import write_atomic
 from tagd.index.db import connect
 from tagd.search import rankcache
-from tagd.search.engine import SearchOptions, iter_search
+from tagd.search.execute import iter_search
 from tagd.search.query import parse
+from tagd.search.types import SearchOptions
 from tagd.tagging.reindex import reindex_model
 from tests.indexdb import RULES, make_index
 from tests.test_search_semantics import ATOMS, Index, build_index
@@ -108,7 +109,7 @@ def test_pages_from_the_cache_equal_the_full_ranking(index: Index, used: list[in
 def test_small_first_batches_still_exact(
     index: Index, used: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tagd.search.engine, "TOPK_FIRST_BATCH", 1)
+    monkeypatch.setattr(tagd.search.plan, "TOPK_FIRST_BATCH", 1)
     conn = connect(index.db)
     rankcache.build(conn, index.db, min_files=1)
     pages_match_full_ranking(conn, RANKED[:4])

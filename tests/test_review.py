@@ -14,7 +14,7 @@ from indexdb import make_index, sha_of
 from tagd.hydrus.sync import HydrusConfig, desired_tags
 from tagd.index import reviews as review
 from tagd.outputs.effective import iter_files
-from tagd.search.engine import count, search
+from tagd.search.execute import count, search
 from tagd.search.query import parse
 
 

@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tagd.index.db import connect
-from tagd.search.engine import SearchOptions, count, iter_search, scope_model
+from tagd.search.compile import scope_model
+from tagd.search.execute import count, iter_search
 from tagd.search.query import (
     And,
     FileFilter,
@@ -33,6 +34,7 @@ from tagd.search.query import (
     TimeBound,
     parse,
 )
+from tagd.search.types import SearchOptions
 
 GENERAL = ["1girl", "solo", "long_hair", "smile", "hat", "hat_ribbon", ">_<", ":d", "re:zero"]
 CHARACTERS = ["hatsune_miku", "hakurei_reimu"]
@@ -403,9 +405,9 @@ def test_sort_limit_offset(index: Index, conn) -> None:
 def test_ranked_page_equals_full_ranking(
     conn, monkeypatch, text: str, limit: int, offset: int, first_batch: int
 ) -> None:
-    import tagd.search.engine
+    import tagd.search.plan
 
-    monkeypatch.setattr(tagd.search.engine, "TOPK_FIRST_BATCH", first_batch)
+    monkeypatch.setattr(tagd.search.plan, "TOPK_FIRST_BATCH", first_batch)
     node = parse(text)
     full = [(h.path, h.rank) for h in iter_search(conn, node, SearchOptions())]
     page = [

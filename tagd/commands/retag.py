@@ -36,7 +36,7 @@ def run(ctx: Context) -> int:
     where, params = "1", []
     text = " ".join(ctx.args.query).strip()
     if text:
-        from tagd.search.engine import compile_where
+        from tagd.search.compile import compile_where
         from tagd.search.query import QueryError, parse
 
         try:

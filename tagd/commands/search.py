@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from tagd.commands import Context, UserError
 
 if TYPE_CHECKING:
-    from tagd.search.engine import Hit
+    from tagd.search.types import Hit
 
 FORMATS = ("paths", "json", "jsonl", "tsv")
 MAX_ROWS = 2**63 - 1  # SQLite's largest integer
@@ -78,18 +78,12 @@ def split_flags(words: list[str]) -> tuple[list[str], bool]:
 
 def run(ctx: Context) -> int:
     from tagd.names import for_humans
-    from tagd.search.engine import (
-        Resolved,
-        SearchError,
-        SearchOptions,
-        build_sql,
-        count,
-        explain,
-        iter_search,
-        resolve_similar,
-    )
+    from tagd.search.compile import build_sql
+    from tagd.search.execute import count, iter_search, resolve_similar
+    from tagd.search.explain import explain
     from tagd.search.query import QueryError, parse
     from tagd.search.suggest import unknown_tags
+    from tagd.search.types import Resolved, SearchError, SearchOptions
 
     args = ctx.args
     words, nul = split_flags(args.query)

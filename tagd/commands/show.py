@@ -31,8 +31,8 @@ def _order(ns: str) -> tuple[int, str]:
 
 
 def run(ctx: Context) -> int:
+    from tagd.index.inventory import file_tags
     from tagd.names import for_humans, json_path
-    from tagd.search.engine import file_tags
 
     path = os.path.abspath(ctx.args.path)
     conn = ctx.db(readonly=True)

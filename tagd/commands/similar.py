@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ctx: Context) -> int:
     from tagd.commands.search import write_hits
     from tagd.search import ann
-    from tagd.search.engine import Hit
     from tagd.search.similar import EmbeddingIndex, SimilarError, paths_of, resolve_ref
+    from tagd.search.types import Hit
 
     args = ctx.args
     if args.limit < 1:

@@ -66,7 +66,7 @@ def skipped_lines(skipped: dict[str, object] | None) -> list[str]:
 def _untagged(conn: sqlite3.Connection) -> int:
     """Exactly what `tagd search untagged` counts (live paths no model processed, queued and
     failed ones included), so the two never disagree."""
-    from tagd.search.engine import count
+    from tagd.search.execute import count
     from tagd.search.query import parse
 
     return count(conn, parse("untagged"))

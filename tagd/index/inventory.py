@@ -1,4 +1,5 @@
-"""Read-side summaries of the index that commands print: counts per model, tag counts, stats.
+"""Read-side summaries of the index that commands print: counts per model, tag counts, stats,
+one file's stored tags (`tagd show`).
 
 Commands format; this module speaks SQL, so a schema change touches one place. Each function
 takes an open connection and returns plain values.
@@ -11,6 +12,8 @@ import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tagd.names import AS_TEXT, to_db
 
 JOB_STATES = ("queued", "running", "done", "failed")
 
@@ -197,3 +200,37 @@ def index_counts(conn: sqlite3.Connection, db_path: str) -> IndexCounts:
         jobs={s: int(jobs.get(s, 0)) for s in JOB_STATES},
         db_bytes=size,
     )
+
+
+@dataclass(frozen=True)
+class FileTags:
+    path: str
+    sha256: str
+    width: int | None
+    height: int | None
+    models: dict[str, list[tuple[str, str, float, bool]]]
+
+
+def file_tags(conn: sqlite3.Connection, path: str) -> FileTags | None:
+    """Everything stored about the file at `path`: per model, (namespace, tag, score, selected)."""
+    row = conn.execute(
+        "SELECT f.id, f.sha256, f.width, f.height FROM paths p JOIN files f ON f.id = p.file_id "
+        f"WHERE p.path = {AS_TEXT} AND p.missing = 0",
+        (to_db(path),),
+    ).fetchone()
+    if row is None:
+        return None
+    models: dict[str, list[tuple[str, str, float, bool]]] = {}
+    for model, ns, name, score, selected in conn.execute(
+        """SELECT m.name, t.namespace, t.name, s.score, s.selected
+           FROM scores s JOIN tags t ON t.id = s.tag_id JOIN models m ON m.id = s.model_id
+           WHERE s.file_id = ? ORDER BY m.name, s.score DESC""",
+        (row[0],),
+    ):
+        models.setdefault(model, []).append((ns, name, float(score), bool(selected)))
+    for (model,) in conn.execute(
+        "SELECT m.name FROM taggings t JOIN models m ON m.id = t.model_id WHERE t.file_id = ?",
+        (row[0],),
+    ):
+        models.setdefault(model, [])
+    return FileTags(path, row[1], row[2], row[3], models)

@@ -68,7 +68,7 @@ def iter_files(
 
     `reviews=False` gives the models' own decisions (what `tagd eval` scores)."""
     from tagd.index import reviews as review
-    from tagd.search.engine import compile_where
+    from tagd.search.compile import compile_where
 
     ids = model_ids(conn, models)
     if not ids:

@@ -70,9 +70,9 @@ def routes(state: State) -> list[Route]:
 
     def count(request: Request) -> Response:
         from tagd.index.inventory import UnknownModel
-        from tagd.search.engine import SearchError
-        from tagd.search.engine import count as count_of
+        from tagd.search.execute import count as count_of
         from tagd.search.query import QueryError, parse
+        from tagd.search.types import SearchError
 
         q = request.query_params.get("q", "").strip() or "path:*"
         if len(q) > 1000:

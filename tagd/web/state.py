@@ -219,8 +219,9 @@ def search_page(
 ) -> dict[str, Any]:
     """One page of results as the API returns it; raises ValueError with a user message."""
     from tagd.index.inventory import UnknownModel
-    from tagd.search.engine import Hit, SearchError, SearchOptions, count, iter_search
+    from tagd.search.execute import count, iter_search
     from tagd.search.query import QueryError, parse
+    from tagd.search.types import Hit, SearchError, SearchOptions
 
     if len(q) > MAX_QUERY:
         raise ValueError(f"query longer than {MAX_QUERY} characters")

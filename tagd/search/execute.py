@@ -1,0 +1,152 @@
+"""Run a parsed query against the index: hits (through the planner where a ranked page can
+skip most matches), counts (from the bitmaps where they can answer), and the scores of the
+tags each hit matched."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+from tagd.index import reviews as review
+from tagd.search.compile import (
+    _Ctx,
+    _model_clause,
+    _score_condition,
+    _similar_terms,
+    _tag_ids,
+    build_sql,
+    scope_model,
+)
+from tagd.search.plan import _cached_top_k, _db_file, _driver, _driver_walk, _top_k
+from tagd.search.query import And, Node, Or, Score, Similar, Tag
+from tagd.search.types import Hit, Resolved, SearchError, SearchOptions
+
+
+def resolve_similar(
+    conn: sqlite3.Connection, node: Node, db_path: str | None
+) -> dict[Similar, dict[int, float]]:
+    """Look up every `similar:` term in the embedding index (imports numpy only if needed)."""
+    terms = _similar_terms(node)
+    if not terms:
+        return {}
+    from tagd.search.similar import EmbeddingIndex, SimilarError, resolve_ref
+
+    out = {}
+    try:
+        index = EmbeddingIndex.open(conn, db_path, scope_model(node))
+        for term in terms:
+            file_id = resolve_ref(conn, term.ref)
+            out[term] = dict(index.nearest_to_file(file_id, min_sim=term.min_sim, limit=None))
+    except SimilarError as exc:
+        raise SearchError(str(exc)) from None
+    return out
+
+
+def check_model(conn: sqlite3.Connection, node: Node) -> None:
+    name = scope_model(node)
+    if name is None:
+        return
+    from tagd.index.inventory import require_model_id
+
+    require_model_id(conn, name)
+
+
+def iter_search(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
+) -> Iterator[Hit]:
+    """Hits of `node`; `similar` holds its `similar:` terms, resolved (resolve_similar)."""
+    opts = opts or SearchOptions()
+    check_model(conn, node)
+    resolved = Resolved(
+        similar=similar or {},
+        model_ids=tuple(r[0] for r in conn.execute("SELECT id FROM models ORDER BY id")),
+        reviews=review.in_use(conn),
+    )
+    wanted = positive_tags(node) if opts.with_tags else []
+    ctx = _Ctx(model=scope_model(node), similar=resolved.similar)
+    rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
+    if rows is None:
+        driver = _driver(conn, node, opts)
+        if driver is not None:
+            walk = _driver_walk(conn, node, driver, resolved.reviews)
+            rows = _top_k(conn, node, opts, resolved, walk)
+        else:
+            q = build_sql(node, opts, resolved=resolved)
+            rows = conn.execute(q.sql, q.params)
+    for path, file_id, sha, mtime_ns, rank in rows:
+        tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
+        yield Hit(path, sha, tags, file_id, None if rank is None else float(rank), mtime_ns)
+
+
+def search(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    limit: int | None = None,
+) -> list[Hit]:
+    if opts is None:
+        opts = SearchOptions(limit=limit, with_tags=True)
+    return list(iter_search(conn, node, opts))
+
+
+def count(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions | None = None,
+    *,
+    similar: Mapping[Similar, dict[int, float]] | None = None,
+) -> int:
+    opts = opts or SearchOptions()
+    check_model(conn, node)
+    resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
+    # Human verdicts change what a tag term matches; the bitmaps hold model selections only.
+    if os.environ.get("TAGD_BITMAPS", "") != "off" and not resolved.reviews:
+        from tagd.search import bitmaps
+
+        def count_sql(restrict: str) -> tuple[str, Sequence[object]]:
+            q = build_sql(node, opts, count=True, restrict=restrict, resolved=resolved)
+            return q.sql, q.params
+
+        fast = bitmaps.count(conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql)
+        if fast is not None:
+            return fast
+    q = build_sql(node, opts, count=True, resolved=resolved)
+    return int(conn.execute(q.sql, q.params).fetchone()[0])
+
+
+def positive_tags(node: Node) -> list[Tag | Score]:
+    """Tag and confidence terms not under a NOT: the ones a hit reports scores for."""
+    if isinstance(node, Tag | Score):
+        return [node]
+    if isinstance(node, And | Or):
+        return [t for term in node.terms for t in positive_tags(term)]
+    return []
+
+
+def matched_scores(
+    conn: sqlite3.Connection,
+    file_id: int,
+    terms: list[Tag | Score],
+    ctx: _Ctx | None = None,
+) -> dict[str, float]:
+    """The best stored score of each matched tag, keyed `namespace:name`."""
+    ctx = ctx or _Ctx()
+    out: dict[str, float] = {}
+    for term in terms:
+        ids, params, cond, cparams = _score_condition(term)
+        msql, mparams = _model_clause("s", ctx)
+        rows = conn.execute(
+            "SELECT t.namespace, t.name, max(s.score) FROM scores s JOIN tags t ON t.id = s.tag_id"
+            f" WHERE s.file_id = ? AND s.tag_id IN ({ids}) AND {cond}{msql} GROUP BY t.id",
+            [file_id, *params, *cparams, *mparams],
+        ).fetchall()
+        for ns, name, score in rows:
+            key = f"{ns}:{name}"
+            out[key] = max(out.get(key, 0.0), float(score))
+    return out
