@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_search_semantics import QUERIES, Index, build_index, reference
+from test_search_semantics import (
+    QUERIES,
+    REVIEW_QUERIES,
+    Index,
+    add_reviews,
+    build_index,
+    reference,
+)
 
 from tagd.index import changes, sidecache
 from tagd.index.db import connect
@@ -326,4 +333,34 @@ def test_without_path_logging_the_bitmaps_are_not_used(tmp_path: Path) -> None:
     conn.execute("DROP TRIGGER paths_log_update")
     assert fast_count(conn, index.db, "1girl") is None
     assert count(conn, parse("1girl")) == sql_count(conn, "1girl")
+    conn.close()
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_counts_with_verdicts_use_the_bitmaps_and_follow_the_verdicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: bool
+) -> None:
+    """Verdicts given before the bitmaps were built (`after`: since) are counted again by
+    SQLite, file by file; every other file is counted from the bitmaps."""
+    index = build_index(tmp_path)
+    if not after:
+        add_reviews(index)
+    conn = connect(index.db)
+    assert bitmaps.refresh(conn, index.db) == "built"
+    if after:
+        add_reviews(index)
+    served: list[str] = []
+    real = bitmaps.count
+
+    def spy(*args: object, **kw: object) -> int | None:
+        got = real(*args, **kw)  # type: ignore[arg-type]
+        if got is not None:
+            served.append(str(kw.get("recheck")))
+        return got
+
+    monkeypatch.setattr(bitmaps, "count", spy)
+    for text in REVIEW_QUERIES:
+        node = parse(text)
+        assert count(conn, node) == len(reference(index, node)), text
+    assert len(served) >= 15  # the tag queries came from the bitmaps, verdicts and all
     conn.close()

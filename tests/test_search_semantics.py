@@ -488,6 +488,17 @@ def test_random_pages_are_one_seeded_order(index: Index, conn, text: str) -> Non
     others = [order(seed) for seed in (12, 2**40 + 11, 2**63 - 1)]
     assert all(sorted(o) == sorted(everything) and o != everything for o in others)
     assert len({tuple(o) for o in others}) == 3
+    # The same order computed outside SQLite (for orders made from the bitmaps), one id at
+    # a time and as a numpy array.
+    import numpy as np
+
+    from tagd.search.shuffle import key
+
+    hits = list(iter_search(conn, node, SearchOptions(sort="random", seed=11)))
+    by_key = sorted(hits, key=lambda h: (key(11, h.file_id or 0), h.file_id or 0, h.path))
+    assert [h.path for h in by_key] == everything
+    ids = np.array([h.file_id or 0 for h in hits], dtype=np.int64)
+    assert key(11, ids).tolist() == [key(11, int(i)) for i in ids]
     ranks = {p: i for i, p in enumerate(everything)}
     # Not the order of paths or ids: a shuffle moves most files far from where they were.
     by_path = sorted(everything)

@@ -49,6 +49,15 @@ def in_use(conn: sqlite3.Connection) -> bool:
     return conn.execute("SELECT 1 FROM reviews LIMIT 1").fetchone() is not None
 
 
+def judged_files(conn: sqlite3.Connection, limit: int) -> list[int] | None:
+    """Ids of the files with any verdict, or None when more than `limit` have one."""
+    ids = [
+        int(r[0])
+        for r in conn.execute("SELECT DISTINCT file_id FROM reviews LIMIT ?", (limit + 1,))
+    ]
+    return None if len(ids) > limit else ids
+
+
 def resolve_file(conn: sqlite3.Connection, ref: str) -> tuple[int, str]:
     """(file id, sha256) from an indexed path or a sha256 (full, or a unique prefix of 8+)."""
     if re.fullmatch(r"[0-9a-fA-F]{8,64}", ref):

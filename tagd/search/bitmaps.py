@@ -407,11 +407,13 @@ def count(
     *,
     tag_sql: TagSql,
     count_sql: CountSql,
+    recheck: Sequence[int] = (),
 ) -> int | None:
     """The number of matching present paths, or None when SQLite must count.
 
     The search engine hands in its SQL for a tag term's ids (`tag_sql`) and for counting
-    the query over a JSON list of file ids (`count_sql`), so this module stays below it.
+    the query over a JSON list of file ids (`count_sql`), so this module stays below it;
+    `recheck` names files `count_sql` must count whatever the bitmaps say (human verdicts).
 
     The meta is read before the read transaction starts, so the snapshot is at least as new
     as the bitmaps and every file changed in between is in the change log it reads."""
@@ -424,7 +426,7 @@ def count(
     if own:
         conn.execute("BEGIN")
     try:
-        return _count(conn, db_path, meta, node, tag_sql, count_sql)
+        return _count(conn, db_path, meta, node, tag_sql, count_sql, recheck)
     finally:
         if own:
             conn.execute("COMMIT")
@@ -437,6 +439,7 @@ def _count(
     node: Node,
     tag_sql: TagSql,
     count_sql: CountSql,
+    recheck_ids: Sequence[int] = (),
 ) -> int | None:
     if not sidecache.usable(meta, conn):
         return None
@@ -446,7 +449,7 @@ def _count(
     dirty_ids = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
     if dirty_ids is None:
         return None
-    dirty = BitMap(dirty_ids)
+    dirty = BitMap(dirty_ids) | BitMap(recheck_ids)
     try:
         found, exact = Evaluator(conn, cache, tag_sql).candidates(node)
     except _Unsupported:

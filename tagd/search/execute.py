@@ -162,17 +162,22 @@ def count(
     opts = opts or SearchOptions()
     check_model(conn, node)
     resolved = Resolved(similar=similar or {}, reviews=review.in_use(conn))
-    # Human verdicts change what a tag term matches; the bitmaps hold model selections only.
-    if os.environ.get("TAGD_BITMAPS", "") != "off" and not resolved.reviews:
+    if os.environ.get("TAGD_BITMAPS", "") != "off":
         from tagd.search import bitmaps
 
         def count_sql(restrict: str) -> tuple[str, Sequence[object]]:
             q = build_sql(node, opts, count=True, restrict=restrict, resolved=resolved)
             return q.sql, q.params
 
-        fast = bitmaps.count(conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql)
-        if fast is not None:
-            return fast
+        # The bitmaps hold model selections; a verdict changes only its own file, so the
+        # files with verdicts are counted again by SQLite, like files changed since the build.
+        judged = review.judged_files(conn, bitmaps.DIRTY_MAX) if resolved.reviews else []
+        if judged is not None:
+            fast = bitmaps.count(
+                conn, _db_file(conn), node, tag_sql=_tag_ids, count_sql=count_sql, recheck=judged
+            )
+            if fast is not None:
+                return fast
     q = build_sql(node, opts, count=True, resolved=resolved)
     return int(conn.execute(q.sql, q.params).fetchone()[0])
 

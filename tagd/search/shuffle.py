@@ -11,6 +11,7 @@ as `random()`; every product stays below 2**63, so SQLite never turns it into a 
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 MAX_SEED = 2**63 - 1
 _PRIME = 4_294_967_291  # the largest prime below 2**32
@@ -33,15 +34,29 @@ def _stream(seed: int) -> list[int]:
     return out
 
 
-def shuffled(seed: int, column: str) -> str:
-    """An SQL expression over the integer `column` (ids below 2**32): its rank in the order
-    of `seed`. Ties (NULL ids count as 0) need a tie-break in the ORDER BY."""
+def _keys(seed: int) -> tuple[int, int, int, int, int, int]:
+    """(add, xor 1, xor 2, and three multipliers) of the hash for `seed`."""
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be 0 to {MAX_SEED}")
     w = _stream(seed)
-    add, x1, x2 = w[0] >> 1, w[1], w[2]
     # Multipliers below 2**30 keep (id + add) * a and (x < 2**32) * b under 2**63.
-    a, b, c = (w[3] >> 2) | 1, (w[4] >> 2) | 1, ((w[3] ^ w[4]) >> 2) | 1
+    return w[0] >> 1, w[1], w[2], (w[3] >> 2) | 1, (w[4] >> 2) | 1, ((w[3] ^ w[4]) >> 2) | 1
+
+
+def shuffled(seed: int, column: str) -> str:
+    """An SQL expression over the integer `column` (ids below 2**32): its rank in the order
+    of `seed`. Ties (NULL ids count as 0) need a tie-break in the ORDER BY."""
+    add, x1, x2, a, b, c = _keys(seed)
     k = f"((coalesce({column}, 0) + {add}) * {a} % {_PRIME})"
     k = f"((({k} | {x1}) - ({k} & {x1})) * {b} % {_PRIME})"
     return f"((({k} | {x2}) - ({k} & {x2})) * {c} % {_PRIME})"
+
+
+def key(seed: int, file_id: Any) -> Any:
+    """The same rank as `shuffled` computed outside SQLite, for one id (an int) or many (a
+    numpy int64 array: no product reaches 2**63), so an order made elsewhere (unlimited
+    output from the bitmaps) matches the SQL one: sort by (key, file id, path)."""
+    add, x1, x2, a, b, c = _keys(seed)
+    k = (file_id + add) * a % _PRIME
+    k = ((k | x1) - (k & x1)) * b % _PRIME
+    return ((k | x2) - (k & x2)) * c % _PRIME
