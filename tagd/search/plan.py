@@ -110,10 +110,11 @@ def _cached_top_k(
         if listed:
             cap = DRIVER_COUNT_CAPS[1]
             sizes = [_walks_size(conn, [(t, None) for t in group], cap) for group in listed]
-            # A wildcard of many rare tags can list about as many files as the cache's
-            # columns bound: read it only when it is shorter; its factor is at most 1.
-            if min(sizes) < cap:
-                driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
+            # A wildcard of many rare tags can list as many files as a common tag: reading
+            # it all would cost more than walking (tag_01* solo: 1.5M entries).
+            if min(sizes) >= cap:
+                return None
+            driver = rankcache.listed_scores(conn, listed[sizes.index(min(sizes))])
         ids, bounds = rankcache.candidates(conn, cache, groups, dirty, driver)
         return _top_k(conn, node, opts, resolved, rankcache.descending(ids, bounds))
     finally:
