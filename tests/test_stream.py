@@ -139,6 +139,19 @@ def test_random_order_holds_the_same_hits(built: Index, rconn, monkeypatch) -> N
     assert streamed(rconn, built.db, "1girl | hat*", opts) is not None
 
 
+def test_seeded_random_stream_is_sqlites_seeded_order(built: Index, rconn, monkeypatch) -> None:
+    """Unlimited `--sort random --seed N` output is the same order as the SQL's pages."""
+    for seed in (0, 42, 2**40 + 7):
+        opts = SearchOptions(sort="random", seed=seed)
+        for text in ("1girl | hat*", "*"):
+            assert streamed(rconn, built.db, text, opts) is not None
+            got = [h.path for h in iter_search(rconn, parse(text), opts)]
+            assert got == [h.path for h in through_sqlite(rconn, text, opts, monkeypatch)], text
+    one = [h.path for h in iter_search(rconn, parse("*"), SearchOptions(sort="random", seed=1))]
+    two = [h.path for h in iter_search(rconn, parse("*"), SearchOptions(sort="random", seed=2))]
+    assert sorted(one) == sorted(two) and one != two
+
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

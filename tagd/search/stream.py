@@ -9,7 +9,7 @@ the one build_sql's ORDER BY gives, reproduced exactly:
 - score: rank (computed with SQLite's own float operations, in the same order: the product
   of the AND terms' ranks, left to right; the best branch of an OR) then path;
 - mtime: mtime then path; path: path (bytes compared as SQLite's BINARY collation does);
-- random: shuffled.
+- random: the seeded order of search/shuffle.py, as the SQL gives it.
 
 Files changed since the bitmaps' seq are checked by SQLite (build_sql over those ids), so a
 stale cache costs time, never correctness. None (SQLite answers) for everything else: a
@@ -237,7 +237,12 @@ def _ordered(found: Found, opts: SearchOptions) -> Found:
     import numpy as np
 
     if opts.sort == "random":
-        order = np.random.permutation(len(found))
+        from tagd.search.shuffle import key, new_seed
+
+        by_path = _path_order(found.paths)
+        fids = found.file_ids[by_path]
+        ranks = key(new_seed() if opts.seed is None else opts.seed, fids)
+        order = by_path[np.lexsort([np.arange(len(by_path)), fids, ranks])]
     else:
         desc = _DEFAULT_DESC[opts.sort] if opts.descending is None else opts.descending
         by_path = _path_order(found.paths)
