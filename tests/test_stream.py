@@ -131,6 +131,17 @@ def test_ties_nulls_and_odd_names_are_exercised(built: Index, rconn) -> None:
     assert from_db(b"/g/a/caf\xe9-\xff.png") in [h.path for h in hits]
 
 
+def test_long_paths_sort_in_python_like_numpy(
+    built: Index, rconn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the numpy sort's memory budget, Python sorts the bytes: the same order."""
+    for opts in ORDERS[:6]:
+        want = streamed(rconn, built.db, "*", opts)
+        monkeypatch.setattr(stream, "NUMPY_SORT_MAX_BYTES", 0)
+        assert streamed(rconn, built.db, "*", opts) == want
+        monkeypatch.undo()
+
+
 def test_random_order_holds_the_same_hits(built: Index, rconn, monkeypatch) -> None:
     opts = SearchOptions(sort="random")
     got = list(iter_search(rconn, parse("1girl | hat*"), opts))

@@ -39,9 +39,10 @@ from tagd.search.types import Resolved, SearchOptions
 if TYPE_CHECKING:
     import numpy as np
 
-# Paths longer than this are sorted by Python (bytes compare as BINARY does) instead of as a
-# fixed-width numpy array, whose width is the longest path.
-NUMPY_SORT_MAX_LEN = 1024
+# Paths are sorted as a fixed-width numpy array (its width: the longest path) up to this size,
+# else by Python (slower, no copy): one long name must not cost a gigabyte at 1M paths.
+NUMPY_SORT_MAX_BYTES = 64 << 20
+RANK_CHUNK = 1 << 18
 
 
 @dataclass
@@ -198,10 +199,11 @@ def _factors(cur: sqlite3.Cursor, node: Node, top: int) -> list[np.ndarray] | No
         found = cur.execute(
             f"SELECT file_id, score FROM scores WHERE tag_id IN ({sql}) AND selected = 1",
             params,
-        ).fetchall()
+        )
         best = np.zeros(top, dtype=np.float64)
-        if found:
-            file_ids, scores = zip(*found, strict=True)
+        # In chunks: `*` lists every selected score in the index (tens of millions at 1M).
+        while chunk := found.fetchmany(RANK_CHUNK):
+            file_ids, scores = zip(*chunk, strict=True)
             fids = np.array(file_ids, dtype=np.int64)
             keep = fids < top
             np.maximum.at(best, fids[keep], np.array(scores, dtype=np.float64)[keep])
@@ -227,7 +229,7 @@ def _path_order(paths: list[bytes]) -> np.ndarray:
     import numpy as np
 
     longest = max(map(len, paths), default=1)
-    if longest <= NUMPY_SORT_MAX_LEN:
+    if longest * len(paths) <= NUMPY_SORT_MAX_BYTES:
         return np.argsort(np.array(paths, dtype=f"S{max(longest, 1)}"), kind="stable")
     return np.asarray(sorted(range(len(paths)), key=paths.__getitem__), dtype=np.int64)
 
