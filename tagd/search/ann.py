@@ -60,11 +60,12 @@ DIRTY_MAX = 100_000
 DTYPE = "i8"
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
-EXPANSION_SEARCH = 256
-OVERSAMPLE = 4
+EXPANSION_SEARCH = 512
+OVERSAMPLE = 2
 PATCH_MIN_FILES = 2_000  # fewer changed files wait (scored exactly meanwhile) ...
 PATCH_MAX_AGE_S = 60.0  # ... at most this long
 DUPES_K = 8  # neighbours asked per file by `dupes`
+DUPES_EF = 64  # its ef_search: 16 missed a planted cluster at 20k files
 DUPES_MARGIN = 0.03  # quantised distances are approximate: verify pairs this far below
 CHUNK = 16_384  # rows read per statement by a build
 RANGE_MAX = 16_384  # a `similar:` threshold reaching past this many files: the exact scan
@@ -284,7 +285,7 @@ class Ann:
         neighbours, each file's changed embedding from SQLite asked as well."""
         keys = np.asarray(self.index.keys, dtype=np.int64)
         keys = keys[~np.isin(keys, self._gone)]
-        self.index.expansion_search = max(DUPES_K * 2, 16)
+        self.index.expansion_search = DUPES_EF
         cut = 1.0 - min_sim + DUPES_MARGIN
         found_a: list[np.ndarray] = []
         found_b: list[np.ndarray] = []
