@@ -350,3 +350,19 @@ def test_unwritable_matrix_cache_logs_its_reason_and_answers(
     assert "No space left on device" in reasons[0]
     assert not list(tmp_path.glob("*.sim-*"))
     conn.close()
+
+
+def test_the_web_strip_asks_the_index(built: Path) -> None:
+    """The image page's similar strip (web/api.similar_of) is answered by the HNSW index: the
+    cached exact matrix is never asked for."""
+    from types import SimpleNamespace
+
+    from tagd.web.api import similar_of
+
+    conn = connect(built, readonly=True)
+    exact = EmbeddingIndex.open(conn, built, None).nearest_to_file(2, limit=12)
+    state = SimpleNamespace(config=SimpleNamespace(database=built), similar_index=_refuse)
+    near, _ = similar_of(state, conn, 2, 12)  # type: ignore[arg-type]
+    assert [n["path"] for n in near][:1] == [f"/g/{exact[0][0]}.png"]
+    assert len({n["path"] for n in near} & {f"/g/{f}.png" for f, _ in exact}) >= 11
+    conn.close()
