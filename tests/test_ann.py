@@ -271,6 +271,17 @@ def test_similar_terms_through_the_index_match_the_exact_scan(
     got = resolve_similar(conn, node, str(built))
     (exact,), (fast,) = want.values(), got.values()
     assert len(exact) >= 10 and fast == exact
+    # A wide threshold: more files than the first round of candidates, asked for in rounds.
+    node = parse("similar:/g/1.png:>=0.2")
+    monkeypatch.undo()  # EmbeddingIndex.open back, for the reference answer
+    monkeypatch.setenv("TAGD_ANN", "off")
+    (exact,) = resolve_similar(conn, node, str(built)).values()
+    monkeypatch.delenv("TAGD_ANN")
+    monkeypatch.setattr(EmbeddingIndex, "open", _refuse)
+    (fast,) = resolve_similar(conn, node, str(built)).values()
+    assert len(exact) > 2 * 64 * ann.OVERSAMPLE
+    assert set(fast) <= set(exact) and len(fast) >= 0.98 * len(exact)
+    assert all(fast[f] == pytest.approx(exact[f], abs=1e-6) for f in fast)
     conn.close()
 
 

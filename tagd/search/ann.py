@@ -281,7 +281,7 @@ class Ann:
             if limit is not None:
                 break
             # A threshold: ask for more until the graph's farthest answer is below it.
-            graph = ~np.isin(ids, self._gone)
+            graph = ~np.isin(ids, self._gone) & np.isfinite(sims)  # not the query itself
             if not graph.any() or sims[graph].min() < float(min_sim or 0.0):
                 break
             if k >= min(len(self.index), RANGE_MAX):
