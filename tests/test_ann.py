@@ -271,6 +271,17 @@ def test_similar_terms_through_the_index_match_the_exact_scan(
     got = resolve_similar(conn, node, str(built))
     (exact,), (fast,) = want.values(), got.values()
     assert len(exact) >= 10 and fast == exact
+    # A wide threshold: more files than the first round of candidates, asked for in rounds.
+    node = parse("similar:/g/1.png:>=0.2")
+    monkeypatch.undo()  # EmbeddingIndex.open back, for the reference answer
+    monkeypatch.setenv("TAGD_ANN", "off")
+    (exact,) = resolve_similar(conn, node, str(built)).values()
+    monkeypatch.delenv("TAGD_ANN")
+    monkeypatch.setattr(EmbeddingIndex, "open", _refuse)
+    (fast,) = resolve_similar(conn, node, str(built)).values()
+    assert len(exact) > 2 * 64 * ann.OVERSAMPLE
+    assert set(fast) <= set(exact) and len(fast) >= 0.98 * len(exact)
+    assert all(fast[f] == pytest.approx(exact[f], abs=1e-6) for f in fast)
     conn.close()
 
 
@@ -349,4 +360,20 @@ def test_unwritable_matrix_cache_logs_its_reason_and_answers(
     assert "sim-1 cache" in reasons[0] and str(db) in reasons[0]
     assert "No space left on device" in reasons[0]
     assert not list(tmp_path.glob("*.sim-*"))
+    conn.close()
+
+
+def test_the_web_strip_asks_the_index(built: Path) -> None:
+    """The image page's similar strip (web/api.similar_of) is answered by the HNSW index: the
+    cached exact matrix is never asked for."""
+    from types import SimpleNamespace
+
+    from tagd.web.api import similar_of
+
+    conn = connect(built, readonly=True)
+    exact = EmbeddingIndex.open(conn, built, None).nearest_to_file(2, limit=12)
+    state = SimpleNamespace(config=SimpleNamespace(database=built), similar_index=_refuse)
+    near, _ = similar_of(state, conn, 2, 12)  # type: ignore[arg-type]
+    assert [n["path"] for n in near][:1] == [f"/g/{exact[0][0]}.png"]
+    assert len({n["path"] for n in near} & {f"/g/{f}.png" for f, _ in exact}) >= 11
     conn.close()
