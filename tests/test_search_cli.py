@@ -218,6 +218,7 @@ def test_similar_index_takes_in_changes_without_a_rebuild(
 
     for fid, v in {1: [1, 0, 0], 2: [0.9, 0.1, 0], 3: [0, 1, 0], 4: [0, 0, 1]}.items():
         put(fid, v)
+
     def cached() -> str:
         """The matrix file the cache's meta names (a rebuild writes another)."""
         return str(json.loads((tmp_path / "e.db.sim-1.json").read_text())["file"])
