@@ -443,7 +443,7 @@ def measure_ann(db: Path, n_queries: int, patch: int, dupes: bool, noise_control
             )
     if dupes:
         t = time.perf_counter()
-        groups = similar.duplicate_groups(conn, db, None, 0.97)
+        groups = similar.duplicate_groups(conn, db, None, 0.97, use_index=True)
         took = time.perf_counter() - t
         pairs = sum(len(g) - 1 for g in groups)
         print(f"dupes --min-sim 0.97 through the index: {took:.1f} s, {len(groups)} groups")

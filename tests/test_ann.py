@@ -318,12 +318,12 @@ def test_dupes_through_the_index_equal_the_exact_pairs(
     db = _index(tmp_path, _dupes_vectors())
     conn = connect(db)
     similar.refresh_ann(conn, db, min_files=1)
-    exact = similar.duplicate_groups(conn, db, None, 0.97, exact=True, exhaustive=True)
+    exact = similar.duplicate_groups(conn, db, None, 0.97, exhaustive=True)
     planted = [g for g in exact if g[0][0] >= 200]  # (the 8 below: _vectors' closest pairs)
     assert len(planted) == 40 and all(2 <= len(g) <= 4 for g in planted)
     with monkeypatch.context() as m:
         m.setattr(EmbeddingIndex, "open", _refuse)
-        fast = similar.duplicate_groups(conn, db, None, 0.97)
+        fast = similar.duplicate_groups(conn, db, None, 0.97, use_index=True)
     _same_groups(fast, exact)
     # A file changed since the index was saved joins a group from its current embedding.
     twin = np.frombuffer(
@@ -331,11 +331,11 @@ def test_dupes_through_the_index_equal_the_exact_pairs(
     )
     conn.execute("UPDATE embeddings SET vector = ? WHERE file_id = 2950", (twin.tobytes(),))
     conn.commit()
-    exact = similar.duplicate_groups(conn, db, None, 0.97, exact=True, exhaustive=True)
+    exact = similar.duplicate_groups(conn, db, None, 0.97, exhaustive=True)
     with monkeypatch.context() as m:
         m.setattr(EmbeddingIndex, "open", _refuse)
         assert ann.Ann.open(conn, db, 1).dirty == {2950}  # type: ignore[union-attr]
-        fast = similar.duplicate_groups(conn, db, None, 0.97)
+        fast = similar.duplicate_groups(conn, db, None, 0.97, use_index=True)
     assert [[f for f, _ in g] for g in exact if 2950 in dict(g)] == [[2900, 2950]]
     _same_groups(fast, exact)
     conn.close()

@@ -15,11 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list duplicate and near-duplicate images",
         description="Print groups of files with the same content (sha256), then groups whose "
         "embeddings have cosine similarity >= --min-sim. Groups are separated by a blank line. "
-        "With the HNSW index beside the database (from 50,000 embeddings on) every file's "
-        "nearest neighbours in it are compared, each reported pair exactly. With --exact, or "
-        "without the index: up to 20,000 files every pair is compared; above, random-projection "
-        "LSH compares only likely pairs (a pair at exactly --min-sim is found with 99% "
-        "probability, closer pairs almost surely): about a minute per million files.",
+        "Up to 20,000 files every pair is compared; above, random-projection LSH compares only "
+        "likely pairs (a pair at exactly --min-sim is found with 99% probability, closer pairs "
+        "almost surely): about a minute per million files. --ann compares every file's nearest "
+        "neighbours in the HNSW index instead (each reported pair exactly; slower and less "
+        "complete than LSH on the benchmark so far).",
         epilog="example: tagd dupes --min-sim 0.98 --format json",
     )
     p.add_argument("--min-sim", type=float, default=0.97, help="near-duplicate cosine (0.97)")
@@ -28,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--exhaustive", action="store_true", help="compare every pair, however many files (slow)"
     )
-    p.add_argument(
-        "--exact", action="store_true", help="compare the exact matrix, not the HNSW index"
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--exact", action="store_true", help="compare the exact matrix (the default)")
+    how.add_argument(
+        "--ann", action="store_true", help="pairs from the HNSW index's nearest neighbours"
     )
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=run)
@@ -56,7 +58,7 @@ def run(ctx: Context) -> int:
                 ctx.config.database,
                 args.model,
                 args.min_sim,
-                exact=args.exact,
+                use_index=args.ann,
                 exhaustive=args.exhaustive or None,
             )
         except SimilarError as exc:

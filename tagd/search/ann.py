@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -209,6 +210,39 @@ def rows_of(
     return read_rows(cur, len(keys), dim)
 
 
+_views: dict[str, Any] = {}
+_views_lock = threading.Lock()
+
+
+def _view(path: Path) -> Any:
+    """The data file as a memory-mapped view, kept for the process: usearch walks the whole
+    file to open a view (~50 ms at 250k files), which a web server or a search with several
+    `similar:` terms should pay once. Data files are never rewritten in place (a new stamp
+    each save), so a kept view of a name that still exists is current."""
+    key = str(path)
+    with _views_lock:
+        if not path.exists():
+            _views.pop(key, None)
+            return None
+        index = _views.get(key)
+        if index is not None:
+            return index
+        Index = _index_class()
+        if Index is None:
+            return None
+        try:
+            index = Index.restore(key, view=True)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if index is None:
+            return None
+        family = key.rsplit("-", 1)[0]
+        for old in [k for k in _views if k.rsplit("-", 1)[0] == family]:
+            del _views[old]
+        _views[key] = index
+        return index
+
+
 @dataclass
 class Ann:
     """An open, usable index: the graph as a memory-mapped view, and the files changed since."""
@@ -228,13 +262,7 @@ class Ann:
         dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
         if dirty is None:
             return None
-        Index = _index_class()
-        if Index is None:
-            return None
-        try:
-            index = Index.restore(str(Path(db_path).parent / meta["file"]), view=True)
-        except (OSError, RuntimeError, ValueError):
-            return None
+        index = _view(Path(db_path).parent / str(meta["file"]))
         if index is None or index.ndim != int(meta["dim"]):
             return None
         index.expansion_search = EXPANSION_SEARCH
