@@ -120,8 +120,10 @@ def mark_search_terms(argv: list[str], parser: argparse.ArgumentParser) -> list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     _exact_stdout()
-    parser = build_parser()
-    argv = mark_search_terms(list(sys.argv[1:] if argv is None else argv), parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    at = _command_index(argv)
+    parser = build_parser(None if at is None else argv[at])
+    argv = mark_search_terms(argv, parser)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `tagd search -hat --limit 5 1girl`: words after an option are query terms too.
