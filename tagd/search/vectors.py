@@ -24,12 +24,7 @@ def read_rows(cur: sqlite3.Cursor, n: int, dim: int) -> tuple[np.ndarray, np.nda
     mat = np.zeros((n, dim), dtype=np.float32)
     i = 0
     while rows := cur.fetchmany(8192):
-        for file_id, d, dtype, blob in rows:
-            if dtype != "float16" or d != dim or len(blob) != 2 * d:
-                continue
-            ids[i] = file_id
-            mat[i] = np.frombuffer(blob, dtype="<f2")
-            i += 1
+        i += _decode(rows, dim, ids[i:], mat[i:])
     ids, mat = ids[:i], mat[:i]
     for start in range(0, i, CHUNK_ROWS):
         mat[start : start + CHUNK_ROWS] = normalise(mat[start : start + CHUNK_ROWS])
@@ -43,13 +38,7 @@ def read_chunks(
     for rows in batches:
         ids = np.empty(len(rows), dtype=np.int64)
         mat = np.zeros((len(rows), dim), dtype=np.float32)
-        i = 0
-        for file_id, d, dtype, blob in rows:
-            if dtype != "float16" or d != dim or len(blob) != 2 * d:
-                continue
-            ids[i] = file_id
-            mat[i] = np.frombuffer(blob, dtype="<f2")
-            i += 1
+        i = _decode(rows, dim, ids, mat)
         if i:
             yield ids[:i], normalise(mat[:i])
 
@@ -79,3 +68,16 @@ def concat_pairs(
         np.concatenate([p[1] for p in parts]).astype(np.int64),
         np.concatenate([p[2] for p in parts]).astype(np.float32),
     )
+
+
+def _decode(rows: list[Any], dim: int, ids: np.ndarray, mat: np.ndarray) -> int:
+    """Fill ids/mat from (file_id, dim, dtype, vector) rows, skipping rows of another shape
+    or dtype; returns how many were kept."""
+    i = 0
+    for file_id, d, dtype, blob in rows:
+        if dtype != "float16" or d != dim or len(blob) != 2 * d:
+            continue
+        ids[i] = file_id
+        mat[i] = np.frombuffer(blob, dtype="<f2")
+        i += 1
+    return i
