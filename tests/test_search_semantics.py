@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tagd.index.db import connect
-from tagd.search.compile import scope_model
 from tagd.search.execute import count, iter_search
 from tagd.search.query import (
     And,
@@ -317,6 +316,12 @@ def _path_filter(node: FileFilter, path: str, mtime: int) -> bool:
     raise AssertionError(node.key)
 
 
+def scope_of(node: Node) -> str | None:
+    """The reference's reading of the grammar: a top-level `model:NAME` term scopes the query."""
+    terms = node.terms if isinstance(node, And) else (node,)
+    return next((t.name for t in terms if isinstance(t, Model)), None)
+
+
 def needs_jobs(node: Node) -> bool:
     if isinstance(node, Flag):
         return True
@@ -328,7 +333,7 @@ def needs_jobs(node: Node) -> bool:
 
 
 def reference(idx: Index, node: Node) -> set[str]:
-    model = scope_model(node)
+    model = scope_of(node)
     rows = list(idx.rows)
     if needs_jobs(node):
         live = {p for p, _, _ in idx.rows}
