@@ -44,7 +44,12 @@ def test_progress_line_while_busy_and_none_when_idle(
     log = tmp_path / "run.log"
     proc = start(config, notify_socket, log)
     try:
-        busy = wait_for(lambda: PROGRESS.search(log.read_text()), timeout=60)
+        try:
+            busy = wait_for(lambda: PROGRESS.search(log.read_text()), timeout=60)
+        except AssertionError:
+            raise AssertionError(
+                f"no progress line (daemon exit {proc.poll()}); its log:\n{log.read_text()}"
+            ) from None
         assert isinstance(busy, re.Match)
         wait_for(lambda: db_counts(db_path).get("done", 0) == 80, timeout=90)
         # The daemon has seen the empty queue once it publishes a status saying so.
