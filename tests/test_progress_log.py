@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import save, wait_for, write_config
+from conftest import run_tagd, save, wait_for, write_config
 from test_daemon import db_counts, messages, notify_socket, start  # noqa: F401
 
 PROGRESS = re.compile(
@@ -42,6 +42,9 @@ def test_progress_line_while_busy_and_none_when_idle(
         },
     )
     log = tmp_path / "run.log"
+    # Paused, the queue stays busy for as long as the test needs: a fast machine tags the 80
+    # files within one progress interval, and a line must be seen before the queue drains.
+    assert run_tagd("-c", str(config), "pause").returncode == 0
     proc = start(config, notify_socket, log)
     try:
         try:
@@ -51,6 +54,7 @@ def test_progress_line_while_busy_and_none_when_idle(
                 f"no progress line (daemon exit {proc.poll()}); its log:\n{log.read_text()}"
             ) from None
         assert isinstance(busy, re.Match)
+        assert run_tagd("-c", str(config), "resume").returncode == 0
         wait_for(lambda: db_counts(db_path).get("done", 0) == 80, timeout=90)
         # The daemon has seen the empty queue once it publishes a status saying so.
         wait_for(lambda: any("queue=0 running=0" in m for m in messages(notify_socket)), timeout=30)
