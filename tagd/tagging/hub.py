@@ -6,6 +6,7 @@ be found is the most common first-run problem.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import urllib.parse
@@ -15,6 +16,7 @@ from pathlib import Path
 from tagd.config import ModelConfig
 from tagd.tagging.families import Family
 
+log = logging.getLogger(__name__)
 _SHA1 = set("0123456789abcdef")
 # huggingface_hub retries an unreachable Hub for ~25 s before giving up on a file that is not
 # cached; a TCP connect with this bound answers "offline" first.
@@ -117,16 +119,23 @@ def _from_hub(
     assert model.repo is not None
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     where = f"model {model.name!r} ({model.repo}@{model.revision})"
-    if not offline and not _cached(model, family, cache_dir):
+    if not offline:
         from huggingface_hub import constants
 
         why = unreachable(constants.ENDPOINT, PROBE_TIMEOUT)
-        if why is not None:
+        if why is not None and not _cached(model, family, cache_dir):
             raise ModelError(
                 f"{where}: not in the cache, and {constants.ENDPOINT} cannot be reached ({why}): "
                 "run `tagd models pull` once with network access, or use `path:` with a local "
                 "folder"
             )
+        if why is not None:
+            # Cached, hub down: the cache answers at once, where each optional file would
+            # otherwise wait out huggingface_hub's retries (~20 s in all).
+            log.info(
+                "%s: %s cannot be reached (%s); using the cache", where, constants.ENDPOINT, why
+            )
+            offline = True
     paths: list[Path] = []
     extras: dict[str, Path] = {}
     # Optional: weights stored outside the graph (`model.onnx.data`, which ONNX Runtime finds
