@@ -32,6 +32,7 @@ def _lines(out: str) -> set[str]:
     return {line for line in out.splitlines() if line}
 
 
+@pytest.mark.slow
 def test_scan_search_show(config_file: Path, gallery: Path) -> None:
     files = _gallery(gallery)
     r = run_tagd("--config", str(config_file), "scan")

@@ -108,6 +108,7 @@ def db_counts(path: Path) -> dict[str, int]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_batch_then_restart_tags_everything_once(
     daemon_config: Path, tmp_path: Path, notify_socket: socket.socket
 ) -> None:
@@ -162,6 +163,7 @@ def test_sigkill_mid_batch_then_restart_tags_everything_once(
     )
 
 
+@pytest.mark.slow
 def test_cli_works_while_the_daemon_writes(
     daemon_config: Path, tmp_path: Path, gallery: Path, notify_socket: socket.socket
 ) -> None:
@@ -224,6 +226,7 @@ def test_cli_works_while_the_daemon_writes(
     assert "last error:" in status.stdout and "broken.png" in status.stdout
 
 
+@pytest.mark.slow
 def test_daemon_pushes_new_tags_to_hydrus(
     tmp_path: Path, gallery: Path, probe_model: Path, notify_socket: socket.socket
 ) -> None:
@@ -329,6 +332,7 @@ def test_sighup_reload_adds_a_root_and_a_model(
         assert proc.wait(timeout=30) == 0, log.read_text()
 
 
+@pytest.mark.slow
 def test_a_second_daemon_on_the_same_database_is_refused(
     daemon_config: Path, tmp_path: Path, notify_socket: socket.socket
 ) -> None:

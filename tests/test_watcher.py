@@ -192,6 +192,7 @@ def test_move_rename_delete_keep_tags(
     assert conn.execute("SELECT count(*) FROM jobs WHERE state != 'done'").fetchone()[0] == 0
 
 
+@pytest.mark.slow
 def test_unmounted_root_is_not_marked_missing(
     conf: cfg.Config, watcher: Watcher, conn: sqlite3.Connection, gallery: Path, tmp_path: Path
 ) -> None:
