@@ -745,3 +745,16 @@ def test_reviewed_ranks_and_reported_scores_are_the_effective_confidences(
     for limit, offset in ((1, 0), (4, 3), (40, 0)):
         page = iter_search(rconn, node, SearchOptions(limit=limit, offset=offset))
         assert [(h.path, h.rank) for h in page] == full[offset : offset + limit]
+
+
+def test_explain_says_how_verdicts_change_each_term(reviewed: Index, rconn, conn) -> None:
+    from tagd.search.explain import explain
+
+    text = "1girl smile:<0.5 rating:general reviewed"
+    judged = explain(parse(text), rconn)
+    assert "a person's verdict overrides: accepted matches, rejected does not" in judged
+    assert "a tag a person accepted counts 1.0, one rejected 0" in judged
+    assert "a rating a person gave replaces the models'" in judged
+    assert "reviewed (files with any human verdict)" in judged
+    plain = explain(parse(text), conn)  # no verdicts in this index: nothing about them
+    assert "person" not in plain

@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 from pyroaring import BitMap, FrozenBitMap
 
 from tagd.index import changes, sidecache
-from tagd.search.query import And, Node, Not, Or, Rating, Tag, walk
+from tagd.search.query import And, FileFilter, Node, Not, Or, Rating, Tag, walk
 
 # SQL for a tag term's tag ids, and for counting the query over a JSON list of file ids.
 TagSql = Callable[[Tag], tuple[str, Sequence[object]]]
@@ -361,6 +361,8 @@ class Evaluator:
             return BitMap.union(BitMap(), *(cache.tag(t) for t in ids))
         if isinstance(node, Not):
             return cache.present - self.eval(node.term)
+        if isinstance(node, FileFilter) and node.key == "path" and node.text == "*":
+            return cache.present  # the web UI's empty query: every file with a present path
         if isinstance(node, And):
             parts = sorted((self.eval(t) for t in node.terms), key=len)
             return BitMap.intersection(*parts) if len(parts) > 1 else parts[0]

@@ -23,7 +23,14 @@ from tagd.search.compile import (
     build_sql,
     scope_model,
 )
-from tagd.search.plan import _cached_top_k, _db_file, _driver, _driver_walk, _top_k
+from tagd.search.plan import (
+    _cached_top_k,
+    _db_file,
+    _driver,
+    _driver_walk,
+    _top_k,
+    zero_driver,
+)
 from tagd.search.query import And, Node, Or, Score, Similar, Tag
 from tagd.search.types import Hit, Resolved, SearchError, SearchOptions
 
@@ -82,11 +89,18 @@ def iter_search(
     wanted = positive_tags(node) if opts.with_tags else []
     ctx = _Ctx(model=scope_model(node), similar=resolved.similar, reviews=resolved.reviews)
     rows: Iterable[tuple] | None = _cached_top_k(conn, node, opts, resolved)
+    zeros = zero_driver(conn, node, opts) if rows is None else None
+    if zeros is not None:
+        rows = _with_zero_ranks(conn, node, opts, resolved, zeros)
     if rows is None:
         driver = _driver(conn, node, opts)
         if driver is not None:
             walk = _driver_walk(conn, node, driver, resolved.reviews)
             rows = _top_k(conn, node, opts, resolved, walk)
+        elif opts.limit is not None:
+            from tagd.search import page
+
+            rows = page.page(conn, _db_file(conn), node, opts, resolved)
         else:
             rows = _streamed(conn, node, opts, resolved)
         if rows is None:
@@ -95,6 +109,34 @@ def iter_search(
     for path, file_id, sha, mtime_ns, rank in rows:
         tags = matched_scores(conn, file_id, wanted, ctx) if wanted and file_id else {}
         yield Hit(path, sha, tags, file_id, None if rank is None else float(rank), mtime_ns)
+
+
+def _with_zero_ranks(
+    conn: sqlite3.Connection,
+    node: Node,
+    opts: SearchOptions,
+    resolved: Resolved,
+    walks: list[tuple[int, Tag | Score]],
+) -> list[tuple]:
+    """A ranked page of a query whose rank is 0 for most matches (plan.zero_driver): the
+    files ranked above 0 from the walk of the filter's stored scores, then the files ranked
+    0 in path order (build_sql's tie-break) from a page in path order."""
+    from tagd.search import page
+
+    k = (opts.limit or 0) + opts.offset
+    first = SearchOptions(sort="score", limit=k)
+    walk = _driver_walk(conn, node, walks, resolved.reviews)
+    rows = [r for r in _top_k(conn, node, first, resolved, walk) if r[4]]
+    if len(rows) < k:
+        ranked = {r[1] for r in rows}
+        by_path = SearchOptions(sort="path", limit=k)
+        tail = page.page(conn, _db_file(conn), node, by_path, resolved)
+        if tail is None:
+            q = build_sql(node, by_path, resolved=resolved)
+            tail = conn.execute(q.sql, q.params).fetchall()
+        zero = [(p, f, sha, m, 0.0) for p, f, sha, m, _ in tail if f not in ranked]
+        rows += zero[: k - len(rows)]
+    return rows[opts.offset : k]
 
 
 def _streamed(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+from tagd.index import reviews as review
 from tagd.search.query import (
     And,
     Flag,
@@ -25,37 +26,50 @@ def explain(
     conn: sqlite3.Connection | None = None,
     indent: int = 0,
     notes: dict[Tag, str] | None = None,
+    verdicts: bool | None = None,
 ) -> str:
     """The parsed tree, one node a line, with the thresholds each tag term uses.
 
     `notes` marks tag terms the index does not know (tagd.suggest), so the reader sees
-    which branch can never match.
+    which branch can never match. Where people have reviewed tags (`verdicts`, looked up
+    when None), each term says how their verdicts change it.
     """
     pad = "  " * indent
     notes = notes or {}
+    if verdicts is None:
+        verdicts = conn is not None and review.in_use(conn)
     if isinstance(node, And | Or):
         head = "AND" if isinstance(node, And) else "OR"
-        lines = (explain(t, conn, indent + 1, notes) for t in node.terms)
+        lines = (explain(t, conn, indent + 1, notes, verdicts) for t in node.terms)
         return "\n".join([f"{pad}{head}", *lines])
     if isinstance(node, Not):
-        return f"{pad}NOT\n{explain(node.term, conn, indent + 1, notes)}"
+        return f"{pad}NOT\n{explain(node.term, conn, indent + 1, notes, verdicts)}"
     if isinstance(node, Tag):
         ns = node.namespace or "any namespace"
         kind = "pattern" if node.wildcard else "tag"
         line = f"{pad}{kind} {node.name!r} ({ns}), selected by {_thresholds(node, conn)}"
+        if verdicts:
+            line += "; a person's verdict overrides: accepted matches, rejected does not"
         return line + (f"  [UNKNOWN: {notes[node]}]" if node in notes else "")
     if isinstance(node, Score):
         mark = f"  [UNKNOWN: {notes[node.tag]}]" if node.tag in notes else ""
+        judged = "; a tag a person accepted counts 1.0, one rejected 0" if verdicts else ""
         return (
             f"{pad}confidence of {node.tag.name!r} ({node.tag.namespace or 'any'}) in "
-            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0){mark}"
+            f"{_fmt_range(node.range)} (unstored scores below the floor count as 0)"
+            f"{judged}{mark}"
         )
     if isinstance(node, Rating):
-        return f"{pad}rating in {', '.join(node.names)} (each model's top rating)"
+        given = "; a rating a person gave replaces the models'" if verdicts else ""
+        return f"{pad}rating in {', '.join(node.names)} (each model's top rating){given}"
     if isinstance(node, Model):
         return f"{pad}model {node.name!r}: every term uses only this model's predictions"
     if isinstance(node, Flag):
-        return f"{pad}{node.name}"
+        what = {
+            "reviewed": "files with any human verdict",
+            "source:human": "files with a tag a person accepted or added",
+        }.get(node.name)
+        return f"{pad}{node.name}" + (f" ({what})" if what else "")
     if isinstance(node, Similar):
         return f"{pad}similar to {node.ref!r} (cosine >= {node.min_sim})"
     shown = _fmt_range(node.range) if node.range else node.text

@@ -23,7 +23,7 @@ from tagd.search.compile import (
     build_sql,
     scope_model,
 )
-from tagd.search.query import And, Node, Or, Score, Tag
+from tagd.search.query import And, Node, Or, Range, Score, Tag
 from tagd.search.types import Resolved, SearchOptions
 
 TOPK_FIRST_BATCH = 256
@@ -81,7 +81,7 @@ def _cached_top_k(
     and the cache bounds the rest. The cache's list of tags is read before numpy is imported,
     so queries it cannot serve start as fast as without it.
     """
-    if not _ranked_page(node, opts) or _similar_terms(node):
+    if not _ranked_page(node, opts) or _similar_terms(node) or _zero_terms(node):
         return None
     db = _db_file(conn)
     meta = sidecache.read_meta(db, rankcache.KIND, rankcache.FORMAT)
@@ -175,6 +175,39 @@ def _walkable(conn: sqlite3.Connection, term: Node) -> list[tuple[int, Tag | Sco
     if not ids or len(ids) > WALK_MAX_TAGS:
         return None
     return [(int(i), walked) for i in ids]
+
+
+def _zero_terms(node: Node) -> list[Score]:
+    """Top-level confidence filters whose range takes 0 (`smile:<0.2`): a file without a
+    stored score for the tag matches with rank factor 0, so most matches may rank 0 and no
+    walk's bound ever falls below them."""
+    terms = node.terms if isinstance(node, And) else (node,)
+    return [t for t in terms if isinstance(t, Score) and t.range.contains(0.0)]
+
+
+def zero_driver(
+    conn: sqlite3.Connection, node: Node, opts: SearchOptions
+) -> list[tuple[int, Tag | Score]] | None:
+    """For a ranked page of a query with a zero-inclusive confidence filter: the walk of
+    that filter's stored scores above 0 (the smallest such list), which holds every file
+    ranked above 0; the files ranked 0 follow in path order (see execute). None: no such
+    term, or a wildcard too wide to walk."""
+    if not _ranked_page(node, opts):
+        return None
+    best: list[tuple[int, Tag | Score]] | None = None
+    size = 0
+    for term in _zero_terms(node):
+        rng = term.range
+        positive = Score(term.tag, Range(0.0, rng.hi, False, rng.hi_incl), term.column)
+        sql, params = _tag_ids(term.tag)
+        ids = [r[0] for r in conn.execute(f"{sql} LIMIT ?", [*params, WALK_MAX_TAGS + 1])]
+        if len(ids) > WALK_MAX_TAGS:
+            continue
+        walks: list[tuple[int, Tag | Score]] = [(int(i), positive) for i in ids]
+        n = _walks_size(conn, walks, DRIVER_COUNT_CAPS[1])
+        if best is None or n < size:
+            best, size = walks, n
+    return best
 
 
 def _walk_size(conn: sqlite3.Connection, tag_id: int, term: Tag | Score | None, cap: int) -> int:
