@@ -750,7 +750,7 @@ def test_reviewed_ranks_and_reported_scores_are_the_effective_confidences(
 def test_explain_says_how_verdicts_change_each_term(reviewed: Index, rconn, conn) -> None:
     from tagd.search.explain import explain
 
-    text = "1girl smile:<0.5 rating:general reviewed"
+    text = "1girl smile:<0.5 rating:<=sensitive reviewed"
     judged = explain(parse(text), rconn)
     assert "a person's verdict overrides: accepted matches, rejected does not" in judged
     assert "a tag a person accepted counts 1.0, one rejected 0" in judged
