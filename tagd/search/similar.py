@@ -560,7 +560,7 @@ def duplicate_groups(
     250 planted pairs where LSH took 27 s and found all (docs/performance-caches.md)."""
     model_id, _ = pick_model(conn, model)
     if use_index and not exhaustive and db_path is not None and ann.enabled():
-        graph = ann.Ann.open(conn, db_path, model_id)
+        graph = ann.Ann.open(conn, db_path, model_id, lookups=True)
         if graph is not None and len(graph.dirty) <= DUPES_DIRTY_MAX:
             a, b, sims = graph.pairs(conn, min_sim)
             ids = np.unique(np.concatenate([a, b]))
