@@ -20,7 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
-GRID_QUERIES = ["1girl", "1girl solo", "smile tag_0300", "long_hair -tag_0100", "tag_2000", ""]
+GRID_QUERIES = [
+    "1girl", "1girl solo", "smile tag_0300", "long_hair -tag_0100", "tag_2000",
+    "smile:<0.2 solo", "",
+]  # fmt: skip
+# Other orders of the grid ("" is the empty box: every image)
+ORDERED = [("", "newest"), ("", "random"), ("1girl solo", "newest"), ("1girl solo", "random")]
 PREFIXES = ["1", "lo", "s", "tag_01", "char", "bl"]
 
 
@@ -45,13 +50,16 @@ def timed(client, url: str, params: dict | None, repeats: int) -> tuple[float, i
 
 
 def prepare_caches(db: Path, similar: bool) -> None:
-    """Build the ranking cache (and with `similar` the similarity cache) beside `db` from a
-    read-only connection, as the daemon keeps them; the index itself is not written."""
+    """Build the count bitmaps and the ranking cache (and with `similar` the similarity
+    cache) beside `db` from a read-only connection, as the daemon keeps them; the index
+    itself is not written."""
     from tagd.index.db import connect
-    from tagd.search import rankcache
+    from tagd.search import bitmaps, rankcache
 
     conn = connect(db, readonly=True)
     try:
+        t = time.perf_counter()
+        print(f"bitmaps: {bitmaps.refresh(conn, db)} in {time.perf_counter() - t:.0f} s")
         if rankcache.RankCache.open(db) is None:
             t = time.perf_counter()
             cache = rankcache.build(conn, db)
@@ -101,8 +109,10 @@ def measure(db: Path, repeats: int, similar: bool) -> None:
         for prefix in PREFIXES:
             ms, status = timed(client, "/api/tags", {"prefix": prefix, "limit": 15}, repeats)
             print(f"{'autocomplete ' + repr(prefix):<44} {ms:8.1f}  {status}")
-        for q, sort in [(q, "score") for q in GRID_QUERIES] + [("", "newest")]:
-            params = {"q": q, "limit": 100, "sort": sort}
+        for q, sort in [(q, "score") for q in GRID_QUERIES] + ORDERED:
+            params: dict = {"q": q, "limit": 100, "sort": sort}
+            if sort == "random":
+                params["seed"] = 7  # the grid keeps one seed per query: pages of one order
             label = repr(q) + ("" if sort == "score" else f" {sort}")
             ms, status = timed(client, "/api/search", params, repeats)
             print(f"{'grid JSON ' + label:<44} {ms:8.1f}  {status}")
@@ -129,6 +139,16 @@ def measure(db: Path, repeats: int, similar: bool) -> None:
                 f"{'similar strip /api/similar (first: load)':<44} {times[0]:8.1f}  {r.status_code}"
             )
             print(f"{'similar strip /api/similar':<44} {statistics.median(times[1:]):8.1f}")
+            # What a browser waits for: the page, then the strip its script asks for.
+            times = []
+            for sha in shas[1:]:
+                t = time.perf_counter()
+                page = client.get(f"/image/{sha}")
+                strip = client.get(f"/api/similar/{sha}", params={"limit": 12})
+                times.append((time.perf_counter() - t) * 1000)
+            status = f"{page.status_code}/{strip.status_code}"
+            label = "image page + its similar strip"
+            print(f"{label:<44} {statistics.median(times):8.1f}  {status}")
     now, peak = rss_mib()
     print(f"\nserver process RSS: {now:.0f} MiB now, {peak:.0f} MiB peak")
 
