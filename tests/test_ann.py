@@ -377,3 +377,38 @@ def test_the_web_strip_asks_the_index(built: Path) -> None:
     assert [n["path"] for n in near][:1] == [f"/g/{exact[0][0]}.png"]
     assert len({n["path"] for n in near} & {f"/g/{f}.png" for f, _ in exact}) >= 11
     conn.close()
+
+
+def test_the_daemon_builds_the_index_at_idle_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build runs at nice 19 in a thread of its own, and so do the threads it starts
+    (usearch's workers); the daemon's scheduler thread keeps its priority."""
+    import os
+    import threading
+    from types import SimpleNamespace
+
+    from tagd.service.daemon import Daemon
+
+    db = _index(tmp_path, _vectors(seed=5))
+    seen: dict[str, int] = {}
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def refresh(conn, db_path, patch_all=True):  # type: ignore[no-untyped-def]
+        seen["build"] = nice()
+        child = threading.Thread(target=lambda: seen.__setitem__("worker", nice()))
+        child.start()
+        child.join()
+        return real(conn, db_path, min_files=1, patch_all=patch_all)
+
+    real = similar.refresh_ann
+    monkeypatch.setattr(similar, "refresh_ann", refresh)
+    before = nice()
+    if before >= 19:
+        pytest.skip("the tests already run at nice 19: no change to observe")
+    Daemon._similar_index(SimpleNamespace(config=SimpleNamespace(database=db)))  # type: ignore[arg-type]
+    assert seen == {"build": 19, "worker": 19}
+    assert nice() == before
+    assert ann.Ann.open(connect(db, readonly=True), db, 1) is not None  # it did build

@@ -9,6 +9,7 @@ the watcher are making progress.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from tagd import cluster
 from tagd.config import Config, ConfigError, WatchRoot
@@ -69,6 +70,33 @@ def hold_daemon_lock(database: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+T = TypeVar("T")
+
+
+def idle_priority(fn: Callable[[], T]) -> T:
+    """fn() in a thread of its own at nice 19. A first HNSW build over an existing library
+    takes an hour of every core at a million files; at nice 19 it takes only what tagging
+    and searches leave. Linux keeps a nice value per thread and the threads a thread starts
+    (usearch's workers) inherit it, and an unprivileged thread cannot undo it, so the
+    scheduler's pooled thread is not the one lowered."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        with contextlib.suppress(OSError):  # not permitted: the daemon's own priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # handed back to the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, name="tagd-idle-job", daemon=True)
+    worker.start()
+    worker.join()
+    if "error" in out:
+        raise out["error"]
+    return cast(T, out["value"])
 
 
 class DaemonRunning(Exception):
@@ -395,14 +423,19 @@ class Daemon:
 
         if not ann.enabled():
             return
-        conn = db.connect(self.config.database)
+
+        def refresh() -> list[str]:
+            conn = db.connect(self.config.database)
+            try:
+                return similar.refresh_ann(conn, self.config.database, patch_all=False)
+            finally:
+                conn.close()
+
         try:
-            for outcome in similar.refresh_ann(conn, self.config.database, patch_all=False):
+            for outcome in idle_priority(refresh):
                 (log.info if "built" in outcome else log.debug)("similar index: %s", outcome)
         except sqlite3.Error as exc:
             log.warning("similar index: database error: %s", exc)
-        finally:
-            conn.close()
 
     def _checkpoint(self) -> None:
         wal = f"{self.config.database}-wal"
