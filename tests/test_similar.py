@@ -60,3 +60,40 @@ def test_groups_agree_with_exhaustive_including_a_crowded_bucket() -> None:
     assert {len(g) for g in lsh[1:]} == {2}
     for g_lsh, g_full in zip(lsh, full, strict=True):
         assert dict(g_lsh) == pytest.approx(dict(g_full), abs=1e-5)
+
+
+def test_the_sketch_test_drops_no_pair_the_buckets_find(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates pass a sign-bit sketch before any row is read; at SKETCH_Z deviations no
+    pair at the threshold is lost to it (the same pairs as with the test turned off), and it
+    does turn most candidates away (they never reach the row gather)."""
+    import tagd.search.similar as similar
+
+    m = planted(20_000, 64, [0.9705] * 150 + [0.975, 0.99] * 25, seed=3)
+    gathered: list[int] = []
+    real = np.einsum
+
+    def counting(spec, *ops):  # type: ignore[no-untyped-def]
+        if spec == "ij,ij->i":
+            gathered.append(len(ops[0]))
+        return real(spec, *ops)
+
+    monkeypatch.setattr(similar.np, "einsum", counting)
+    a, c, _ = lsh_pairs(m, 0.97)
+    checked = sum(gathered)
+    monkeypatch.setattr(similar, "SKETCH_Z", 1e9)
+    gathered.clear()
+    a2, c2, _ = lsh_pairs(m, 0.97)
+    assert set(zip(a.tolist(), c.tolist())) == set(zip(a2.tolist(), c2.tolist()))
+    assert len(a) >= 0.97 * 200
+    assert checked * 4 < sum(gathered)  # without the sketch, many more rows were read
+
+
+def test_differing_bits_without_numpy_2() -> None:
+    from tagd.search.similar import _POPCOUNT, _differing
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 2**63, (50, 3), dtype=np.uint64)
+    y = rng.integers(0, 2**63, (50, 3), dtype=np.uint64)
+    want = [sum(bin(int(p) ^ int(q)).count("1") for p, q in zip(r, s)) for r, s in zip(x, y)]
+    assert _differing(x, y).tolist() == want
+    assert _POPCOUNT[(x ^ y).view(np.uint8)].sum(axis=1).tolist() == want
