@@ -83,7 +83,9 @@ def test_the_sketch_test_drops_no_pair_the_buckets_find(monkeypatch: pytest.Monk
     monkeypatch.setattr(similar, "SKETCH_Z", 1e9)
     gathered.clear()
     a2, c2, _ = lsh_pairs(m, 0.97)
-    assert set(zip(a.tolist(), c.tolist())) == set(zip(a2.tolist(), c2.tolist()))
+    assert set(zip(a.tolist(), c.tolist(), strict=True)) == set(
+        zip(a2.tolist(), c2.tolist(), strict=True)
+    )
     assert len(a) >= 0.97 * 200
     assert checked * 4 < sum(gathered)  # without the sketch, many more rows were read
 
@@ -94,6 +96,9 @@ def test_differing_bits_without_numpy_2() -> None:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 2**63, (50, 3), dtype=np.uint64)
     y = rng.integers(0, 2**63, (50, 3), dtype=np.uint64)
-    want = [sum(bin(int(p) ^ int(q)).count("1") for p, q in zip(r, s)) for r, s in zip(x, y)]
+    want = [
+        sum(bin(int(p) ^ int(q)).count("1") for p, q in zip(r, s, strict=True))
+        for r, s in zip(x, y, strict=True)
+    ]
     assert _differing(x, y).tolist() == want
     assert _POPCOUNT[(x ^ y).view(np.uint8)].sum(axis=1).tolist() == want
