@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import array
 import bisect
+import contextlib
 import json
 import mmap
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -402,6 +403,51 @@ def _paths_logged(conn: sqlite3.Connection) -> bool:
     return found is not None
 
 
+@dataclass
+class Candidates:
+    """What the bitmaps say about a query, read in one snapshot with the change log."""
+
+    cache: Cache
+    found: BitMap | FrozenBitMap  # the files that may match: exactly those when `exact`
+    exact: bool
+    dirty: list[int]  # files changed since the build: the bitmaps say nothing of them
+
+
+@contextlib.contextmanager
+def candidates(
+    conn: sqlite3.Connection, db_path: str, node: Node, tag_sql: TagSql
+) -> Iterator[Candidates | None]:
+    """The query's candidates, None when the bitmaps cannot serve it; the read transaction
+    stays open for the caller's SQL, so its rows and the dirty list are of one snapshot.
+
+    The meta is read before the transaction starts, so the snapshot is at least as new as
+    the bitmaps and every file changed in between is in the change log it reads."""
+    found = None
+    meta = None
+    if not _needs_sqlite_only(node) and changes.logged(conn) and _paths_logged(conn):
+        meta = sidecache.read_meta(db_path, KIND, FORMAT)
+    if meta is None:
+        yield None
+        return
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")
+    try:
+        if sidecache.usable(meta, conn):
+            cache = Cache.open(db_path, meta)
+            dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
+            if cache is not None and dirty is not None:
+                try:
+                    files, exact = Evaluator(conn, cache, tag_sql).candidates(node)
+                    found = Candidates(cache, files, exact, dirty)
+                except _Unsupported:
+                    pass
+        yield found
+    finally:
+        if own:
+            conn.execute("COMMIT")
+
+
 def count(
     conn: sqlite3.Connection,
     db_path: str,
@@ -415,57 +461,22 @@ def count(
 
     The search engine hands in its SQL for a tag term's ids (`tag_sql`) and for counting
     the query over a JSON list of file ids (`count_sql`), so this module stays below it;
-    `recheck` names files `count_sql` must count whatever the bitmaps say (human verdicts).
-
-    The meta is read before the read transaction starts, so the snapshot is at least as new
-    as the bitmaps and every file changed in between is in the change log it reads."""
-    if _needs_sqlite_only(node) or not changes.logged(conn) or not _paths_logged(conn):
-        return None
-    meta = sidecache.read_meta(db_path, KIND, FORMAT)
-    if meta is None:
-        return None
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN")
-    try:
-        return _count(conn, db_path, meta, node, tag_sql, count_sql, recheck)
-    finally:
-        if own:
-            conn.execute("COMMIT")
-
-
-def _count(
-    conn: sqlite3.Connection,
-    db_path: str,
-    meta: dict[str, Any],
-    node: Node,
-    tag_sql: TagSql,
-    count_sql: CountSql,
-    recheck_ids: Sequence[int] = (),
-) -> int | None:
-    if not sidecache.usable(meta, conn):
-        return None
-    cache = Cache.open(db_path, meta)
-    if cache is None:
-        return None
-    dirty_ids = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
-    if dirty_ids is None:
-        return None
-    dirty = BitMap(dirty_ids) | BitMap(recheck_ids)
-    try:
-        found, exact = Evaluator(conn, cache, tag_sql).candidates(node)
-    except _Unsupported:
-        return None
-    if exact:
-        clean = BitMap(found) - dirty if dirty else found
-        total = cache.paths_in(clean)
-        recheck = dirty
-    else:
-        recheck = (BitMap(found) & cache.present) | dirty
-        if len(recheck) > CANDIDATES_MAX:
+    `recheck` names files `count_sql` must count whatever the bitmaps say (human verdicts)."""
+    with candidates(conn, db_path, node, tag_sql) as found:
+        if found is None:
             return None
-        total = 0
-    if recheck:
-        sql, params = count_sql(json.dumps(list(recheck)))
-        total += int(conn.execute(sql, params).fetchone()[0])
-    return total
+        cache = found.cache
+        dirty = BitMap(found.dirty) | BitMap(recheck)
+        if found.exact:
+            clean = BitMap(found.found) - dirty if dirty else found.found
+            total = cache.paths_in(clean)
+            checked = dirty
+        else:
+            checked = (BitMap(found.found) & cache.present) | dirty
+            if len(checked) > CANDIDATES_MAX:
+                return None
+            total = 0
+        if checked:
+            sql, params = count_sql(json.dumps(list(checked)))
+            total += int(conn.execute(sql, params).fetchone()[0])
+        return total

@@ -5,7 +5,6 @@ tags each hit matched."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +28,7 @@ from tagd.search.plan import (
     _driver,
     _driver_walk,
     _top_k,
+    shas_of,
     zero_driver,
 )
 from tagd.search.query import And, Node, Or, Score, Similar, Tag
@@ -154,12 +154,7 @@ def _streamed(
 def _with_sha(conn: sqlite3.Connection, found: stream.Found) -> Iterator[tuple]:
     rows = found.rows()
     while chunk := list(itertools.islice(rows, SHA_BATCH)):
-        shas = dict(
-            conn.execute(
-                "SELECT id, sha256 FROM files WHERE id IN (SELECT value FROM json_each(?))",
-                (json.dumps([r[1] for r in chunk]),),
-            ).fetchall()
-        )
+        shas = shas_of(conn, [r[1] for r in chunk])
         for raw, fid, mtime, rank in chunk:
             yield from_db(raw), fid, shas.get(fid), mtime, rank
 

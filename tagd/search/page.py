@@ -28,11 +28,11 @@ from typing import Any
 
 from pyroaring import BitMap
 
-from tagd.index import changes, sidecache
 from tagd.index import reviews as review
 from tagd.names import AS_TEXT, to_db
 from tagd.search import bitmaps
 from tagd.search.compile import _DEFAULT_DESC, _needs_jobs, _tag_ids, build_sql
+from tagd.search.plan import shas_of
 from tagd.search.query import Node
 from tagd.search.types import Resolved, SearchOptions
 
@@ -51,54 +51,29 @@ def page(
         return None
     if os.environ.get("TAGD_BITMAPS", "") == "off" or _needs_jobs(node):
         return None
-    if bitmaps._needs_sqlite_only(node):
-        return None
-    if not changes.logged(conn) or not bitmaps._paths_logged(conn):
-        return None
-    meta = sidecache.read_meta(db_path, bitmaps.KIND, bitmaps.FORMAT)
-    if meta is None:
-        return None
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN")  # one snapshot: the change log, the paths and the checks
-    try:
-        return _page(conn, db_path, meta, node, opts, resolved)
-    finally:
-        if own:
-            conn.execute("COMMIT")
+    with bitmaps.candidates(conn, db_path, node, _tag_ids) as found:
+        return None if found is None else _page(conn, node, opts, resolved, found)
 
 
 def _page(
     conn: sqlite3.Connection,
-    db_path: str,
-    meta: dict[str, Any],
     node: Node,
     opts: SearchOptions,
     resolved: Resolved,
+    found: bitmaps.Candidates,
 ) -> list[tuple] | None:
-    if not sidecache.usable(meta, conn):
-        return None
-    cache = bitmaps.Cache.open(db_path, meta)
-    if cache is None:
-        return None
-    dirty = changes.changed_since(conn, int(meta["seq"]), bitmaps.DIRTY_MAX)
-    if dirty is None:
-        return None
-    recheck = BitMap(dirty)
+    cache = found.cache
+    recheck = BitMap(found.dirty)
     if resolved.reviews:
         judged = review.judged_files(conn, bitmaps.DIRTY_MAX)
         if judged is None:
             return None
         recheck |= BitMap(judged)
-    try:
-        found, exact = bitmaps.Evaluator(conn, cache, _tag_ids).candidates(node)
-    except bitmaps._Unsupported:
-        return None
-    found = BitMap(found) & cache.present
-    if exact:
-        sure, check = found - recheck, recheck
+    files = BitMap(found.found) & cache.present
+    if found.exact:
+        sure, check = files - recheck, recheck
     else:
-        sure, check = BitMap(), found | recheck
+        sure, check = BitMap(), files | recheck
     need = opts.offset + (opts.limit or 0)
     if need == 0 or not (sure or check):
         return []
@@ -118,12 +93,7 @@ def _page(
             if len(rows) >= need:
                 break
     rows = rows[opts.offset : need]
-    shas = dict(
-        conn.execute(
-            "SELECT id, sha256 FROM files WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps([r[1] for r in rows]),),
-        ).fetchall()
-    )
+    shas = shas_of(conn, [r[1] for r in rows])
     return [(path, fid, shas.get(fid), mtime, None) for path, fid, mtime in rows]
 
 

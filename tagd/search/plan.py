@@ -336,10 +336,15 @@ def _top_k(
             break
         batch = min(batch * 2, TOPK_MAX_BATCH)
     page = rows[opts.offset : k]
-    shas = dict(
+    shas = shas_of(conn, [r[1] for r in page])
+    return [(path, fid, shas.get(fid), mtime, rank) for path, fid, _, mtime, rank in page]
+
+
+def shas_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, str]:
+    """sha256 by file id, for the rows of a page (one statement)."""
+    return dict(
         conn.execute(
             "SELECT id, sha256 FROM files WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps([r[1] for r in page]),),
+            (json.dumps(file_ids),),
         ).fetchall()
     )
-    return [(path, fid, shas.get(fid), mtime, rank) for path, fid, _, mtime, rank in page]

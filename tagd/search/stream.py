@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 from pyroaring import BitMap
 
-from tagd.index import changes, sidecache
 from tagd.search import bitmaps
 from tagd.search.compile import _DEFAULT_DESC, _tag_ids, build_sql
 from tagd.search.query import And, Node, Or, Tag
@@ -83,56 +82,35 @@ def rows(
     then carry NULL mtimes (a quarter less to read at 500k paths)."""
     if opts.limit is not None or resolved.reviews or resolved.similar:
         return None
-    if os.environ.get("TAGD_BITMAPS", "") == "off" or bitmaps._needs_sqlite_only(node):
+    if os.environ.get("TAGD_BITMAPS", "") == "off":
         return None
-    if not changes.logged(conn) or not bitmaps._paths_logged(conn):
-        return None
-    meta = sidecache.read_meta(db_path, bitmaps.KIND, bitmaps.FORMAT)
-    if meta is None:
-        return None
-    own = not conn.in_transaction
     collect = gc.isenabled()
     gc.disable()  # half a million rows of tuples: collections would find nothing to free
-    if own:
-        conn.execute("BEGIN")  # one snapshot: the change log, the paths and the scores
     try:
-        with_mtime = with_mtime or opts.sort == "mtime"
-        found = _rows(conn, db_path, meta, node, opts, resolved, with_mtime)
-        return None if found is None else _ordered(found, opts)
+        with bitmaps.candidates(conn, db_path, node, _tag_ids) as found:
+            if found is None or not found.exact:
+                return None
+            with_mtime = with_mtime or opts.sort == "mtime"
+            listed = _rows(conn, found, node, opts, resolved, with_mtime)
+            return _ordered(listed, opts)
     finally:
-        if own:
-            conn.execute("COMMIT")
         if collect:
             gc.enable()
 
 
 def _rows(
     conn: sqlite3.Connection,
-    db_path: str,
-    meta: dict,
+    found: bitmaps.Candidates,
     node: Node,
     opts: SearchOptions,
     resolved: Resolved,
     with_mtime: bool,
-) -> Found | None:
+) -> Found:
     import numpy as np
 
-    if not sidecache.usable(meta, conn):
-        return None
-    cache = bitmaps.Cache.open(db_path, meta)
-    if cache is None:
-        return None
-    dirty = changes.changed_since(conn, int(meta["seq"]), bitmaps.DIRTY_MAX)
-    if dirty is None:
-        return None
-    try:
-        found, exact = bitmaps.Evaluator(conn, cache, _tag_ids).candidates(node)
-    except bitmaps._Unsupported:
-        return None
-    if not exact:
-        return None
-    clean = BitMap(found)
-    clean &= cache.present
+    dirty = found.dirty
+    clean = BitMap(found.found)
+    clean &= found.cache.present
     clean.difference_update(BitMap(dirty))
     cur = conn.cursor()
     cur.row_factory = None
