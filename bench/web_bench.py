@@ -29,13 +29,18 @@ ORDERED = [("", "newest"), ("", "random"), ("1girl solo", "newest"), ("1girl sol
 PREFIXES = ["1", "lo", "s", "tag_01", "char", "bl"]
 
 
-def rss_mib() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MiB."""
+def rss_mib() -> tuple[float, float, float, float]:
+    """(current, peak, anonymous, file-backed) resident memory of this process in MiB: the
+    file-backed part is memory-mapped caches the kernel can drop and re-read."""
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+    def mib(key: str) -> float:
+        return int(fields.get(key, "0 kB").split()[0]) / 1024
+
+    return mib("VmRSS"), mib("VmHWM"), mib("RssAnon"), mib("RssFile")
 
 
 def timed(client, url: str, params: dict | None, repeats: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
@@ -149,8 +154,11 @@ def measure(db: Path, repeats: int, similar: bool) -> None:
             status = f"{page.status_code}/{strip.status_code}"
             label = "image page + its similar strip"
             print(f"{label:<44} {statistics.median(times):8.1f}  {status}")
-    now, peak = rss_mib()
-    print(f"\nserver process RSS: {now:.0f} MiB now, {peak:.0f} MiB peak")
+    now, peak, anon, mapped = rss_mib()
+    print(
+        f"\nserver process RSS: {now:.0f} MiB now ({anon:.0f} MiB anonymous, {mapped:.0f} MiB "
+        f"file-backed: mapped caches), {peak:.0f} MiB peak"
+    )
 
 
 def thumbnails(n: int, workers: int) -> None:
