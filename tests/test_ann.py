@@ -412,3 +412,20 @@ def test_the_daemon_builds_the_index_at_idle_priority(
     assert seen == {"build": 19, "worker": 19}
     assert nice() == before
     assert ann.Ann.open(connect(db, readonly=True), db, 1) is not None  # it did build
+
+
+def test_an_index_of_an_older_format_is_rebuilt(tmp_path: Path) -> None:
+    """Format 3 changed the graph's parameters (M 32, ef_construction 256): an index written
+    by an older tagd is not used, and the next refresh builds a new one."""
+    import json
+
+    db = _index(tmp_path, _vectors(seed=5))
+    conn = connect(db)
+    assert similar.refresh_ann(conn, db, min_files=1) == ["wd: built"]
+    meta_file = sidecache.meta_path(db, ann.kind(1))
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format": 2}))
+    assert ann.Ann.open(conn, db, 1) is None
+    assert similar.refresh_ann(conn, db, min_files=1) == ["wd: built"]
+    assert ann.Ann.open(conn, db, 1) is not None
+    conn.close()
