@@ -117,7 +117,10 @@ class _Keep:
         passed: set[Any] = set()
         if asked:
             q = build_sql(
-                self.node, SearchOptions(), restrict=json.dumps(asked), resolved=self.resolved
+                self.node,
+                SearchOptions(sort="path"),  # no rank: only which paths match
+                restrict=json.dumps(asked),
+                resolved=self.resolved,
             )
             passed = {(r[0], r[1]) for r in self.conn.execute(q.sql, q.params)}
         sure = self.sure
