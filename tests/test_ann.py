@@ -425,7 +425,9 @@ def test_an_index_of_an_older_format_is_rebuilt(tmp_path: Path) -> None:
     meta_file = sidecache.meta_path(db, ann.kind(1))
     meta = json.loads(meta_file.read_text())
     meta_file.write_text(json.dumps({**meta, "format": 2}))
-    assert ann.Ann.open(conn, db, 1) is None
+    old = db.parent / meta["file"]
+    assert ann.Ann.open(conn, db, 1) is None and old.exists()
     assert similar.refresh_ann(conn, db, min_files=1) == ["wd: built"]
     assert ann.Ann.open(conn, db, 1) is not None
+    assert not old.exists()  # the old format's data file is not left behind
     conn.close()

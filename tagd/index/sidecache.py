@@ -75,10 +75,27 @@ def write_meta(db_path: str | Path, kind: str, meta: dict[str, Any]) -> None:
 
 
 def replace(db_path: str | Path, kind: str, meta: dict[str, Any], old_file: str | None) -> None:
-    """Publish `meta`, then remove the data file it replaced."""
+    """Publish `meta`, then remove the data files it replaced: `old_file`, and those the
+    previous meta named whatever its format, so a tagd that changed a cache's format does
+    not leave the old data file (a gigabyte for an HNSW index at 1M) behind."""
+    prefix = Path(db_path).name + "."
+    named = [n for n in _named(db_path, kind) if n == Path(n).name and n.startswith(prefix)]
     write_meta(db_path, kind, meta)
-    if old_file and old_file != meta.get("file"):
-        (Path(db_path).parent / old_file).unlink(missing_ok=True)
+    keep = {meta.get("file"), meta.get("ids")}
+    for name in {old_file, *named} - keep:
+        if name:
+            (Path(db_path).parent / name).unlink(missing_ok=True)
+
+
+def _named(db_path: str | Path, kind: str) -> list[str]:
+    """The data files the current meta names, read without checking its format."""
+    try:
+        raw = json.loads(meta_path(db_path, kind).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(raw, dict):
+        return []
+    return [v for v in (raw.get("file"), raw.get("ids")) if isinstance(v, str)]
 
 
 @contextmanager
