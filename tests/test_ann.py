@@ -431,3 +431,64 @@ def test_an_index_of_an_older_format_is_rebuilt(tmp_path: Path) -> None:
     assert ann.Ann.open(conn, db, 1) is not None
     assert not old.exists()  # the old format's data file is not left behind
     conn.close()
+
+
+class _Island:
+    """A usearch index whose graph search never reaches `hidden` (as when near-duplicates
+    keep links only to each other); its exhaustive search still sees every vector."""
+
+    def __init__(self, index, hidden: set[int]) -> None:  # type: ignore[no-untyped-def]
+        object.__setattr__(self, "_index", index)
+        object.__setattr__(self, "_hidden", hidden)
+        object.__setattr__(self, "exact_calls", 0)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._index, name)
+
+    def __setattr__(self, name: str, value) -> None:  # type: ignore[no-untyped-def]
+        setattr(self._index, name, value)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def search(self, vectors, count, **kw):  # type: ignore[no-untyped-def]
+        from types import SimpleNamespace
+
+        if kw.get("exact"):
+            object.__setattr__(self, "exact_calls", self.exact_calls + 1)
+            return self._index.search(vectors, count, **kw)
+        found = self._index.search(vectors, count + len(self._hidden), **kw)
+        keys = np.asarray(found.keys, dtype=np.int64).reshape(-1, count + len(self._hidden))
+        dist = np.asarray(found.distances, dtype=np.float32).reshape(keys.shape)
+        out_k = np.zeros((len(keys), count), dtype=np.int64)
+        out_d = np.full((len(keys), count), np.inf, dtype=np.float32)
+        counts = []
+        for i, (k, d) in enumerate(zip(keys, dist, strict=True)):
+            keep = ~np.isin(k, list(self._hidden))
+            k, d = k[keep][:count], d[keep][:count]
+            out_k[i, : len(k)], out_d[i, : len(d)] = k, d
+            counts.append(len(k))
+        return SimpleNamespace(keys=out_k, distances=out_d, counts=np.array(counts))
+
+
+def test_a_file_the_graph_cannot_reach_is_answered_exhaustively(tmp_path: Path) -> None:
+    """A graph search that misses the query's own file has started outside an island it
+    cannot reach: `similar` and `dupes --ann` ask usearch's exhaustive search instead, so
+    the island's files still find each other (a flaky miss in CI before)."""
+    db = _index(tmp_path, _dupes_vectors())
+    conn = connect(db)
+    similar.refresh_ann(conn, db, min_files=1)
+    group = {220, 221, 222, 223}  # a planted group of near-duplicates
+    graph = ann.Ann.open(conn, db, 1, lookups=True)
+    assert graph is not None
+    island = _Island(graph.index, group)
+    graph.index = island
+    vector = similar.stored_vector(conn, 1, "", 220)
+    got = graph.nearest(conn, vector, limit=5, exclude=220)
+    assert got is not None and {f for f, _ in got[:3]} == group - {220}
+    assert island.exact_calls == 1
+    a, b, _ = graph.pairs(conn, 0.97)
+    pairs = set(zip(a.tolist(), b.tolist(), strict=True))
+    assert {(220, 221), (220, 222), (220, 223), (221, 222)} <= pairs
+    assert island.exact_calls > 1
+    conn.close()

@@ -287,13 +287,22 @@ class Ann:
         gone = np.asarray(sorted(dirty), dtype=np.int64)
         return cls(index, model_id, int(meta["dim"]), set(dirty), gone)
 
-    def candidates(self, vector: np.ndarray, k: int) -> np.ndarray:
-        """Up to k * OVERSAMPLE file ids the graph finds nearest, changed files left out."""
+    def candidates(self, vector: np.ndarray, k: int, own: int | None = None) -> np.ndarray:
+        """Up to k * OVERSAMPLE file ids the graph finds nearest, changed files left out.
+
+        `own` is the file whose stored vector is the query: the graph must find it first. A
+        graph search that misses it has started outside an island the graph cannot reach
+        (near-duplicates can keep links only to each other), so the query is answered by
+        usearch's exhaustive scan of the index's vectors instead: slower, still no matrix."""
         vector = np.asarray(vector, dtype=np.float32)
         want = k * OVERSAMPLE + 1
+        exact = False
         while True:
-            found = self.index.search(vector, min(want, len(self.index)))
+            found = self.index.search(vector, min(want, len(self.index)), exact=exact)
             keys = np.asarray(found.keys, dtype=np.int64)
+            if own is not None and not exact and own not in self.dirty and own not in keys:
+                exact = True
+                continue
             kept = keys[~np.isin(keys, self._gone)] if len(self._gone) else keys
             if len(kept) > k or len(keys) >= len(self.index):
                 return kept
@@ -321,7 +330,7 @@ class Ann:
             return None
         k = limit if limit is not None else 64
         while True:
-            ids, sims = self._scored(conn, vector, self.candidates(vector, k + 1))
+            ids, sims = self._scored(conn, vector, self.candidates(vector, k + 1, exclude))
             if exclude is not None:
                 sims[ids == exclude] = -np.inf
             if limit is not None:
@@ -355,7 +364,7 @@ class Ann:
                 found_b.append(b)
             d_ids, d_rows = rows_of(conn, self.model_id, self._gone, self.dim)
             if len(d_ids):
-                a, b = self._close(d_ids, d_rows, cut)
+                a, b = self._close(d_ids, d_rows, cut, own=False)
                 found_a.append(a)
                 found_b.append(b)
                 ra, rb, _ = exhaustive_pairs(d_rows, min_sim - DUPES_MARGIN)
@@ -369,13 +378,19 @@ class Ann:
         uniq = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.empty((0, 2))
         return self._verified(conn, uniq.astype(np.int64), min_sim)
 
-    def _close(self, keys: np.ndarray, vecs: np.ndarray, cut: float) -> tuple[Any, Any]:
-        """(query key, neighbour key) of graph neighbours within distance `cut`."""
-        found = self.index.search(vecs, DUPES_K + 1, threads=_threads())
-        nkeys = np.asarray(found.keys, dtype=np.int64).reshape(len(keys), -1)
-        dist = np.asarray(found.distances, dtype=np.float32).reshape(len(keys), -1)
-        # One query comes back as Matches (no per-query counts), more as BatchMatches.
-        counts = np.asarray(getattr(found, "counts", [len(found.keys)])).reshape(-1, 1)
+    def _close(
+        self, keys: np.ndarray, vecs: np.ndarray, cut: float, own: bool = True
+    ) -> tuple[Any, Any]:
+        """(query key, neighbour key) of graph neighbours within distance `cut`. With `own`
+        (each query is its key's stored vector), a query that does not find itself is in an
+        island the graph cannot reach (see `candidates`): asked again exhaustively."""
+        width = DUPES_K + 1
+        nkeys, dist, counts = _table(self.index.search(vecs, width, threads=_threads()), width)
+        if own:
+            lost = np.flatnonzero(~(nkeys == keys[:, None]).any(axis=1))
+            if len(lost):
+                again = self.index.search(vecs[lost], width, threads=_threads(), exact=True)
+                nkeys[lost], dist[lost], counts[lost] = _table(again, width)
         ok = (dist <= cut) & (np.arange(nkeys.shape[1])[None, :] < counts)
         ok &= nkeys != keys[:, None]
         if len(self._gone):
@@ -398,6 +413,19 @@ class Ann:
         sims = np.einsum("ij,ij->i", rows[ia], rows[ib])
         keep = real & (sims >= min_sim)
         return pairs[keep, 0], pairs[keep, 1], sims[keep].astype(np.float32)
+
+
+def _table(found: Any, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, distances, counts) of a usearch answer as [queries, width] arrays: one query
+    comes back as Matches (its found count alone), more as BatchMatches."""
+    keys = np.asarray(found.keys, dtype=np.int64)
+    dist = np.asarray(found.distances, dtype=np.float32)
+    if keys.ndim == 1:
+        n = len(keys)
+        keys = np.pad(keys, (0, width - n))[None, :]
+        dist = np.pad(dist, (0, width - n), constant_values=np.inf)[None, :]
+        return keys, dist, np.array([[n]])
+    return keys, dist, np.asarray(found.counts).reshape(-1, 1).copy()
 
 
 def _ranked(
