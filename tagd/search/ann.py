@@ -232,7 +232,9 @@ def _view(path: Path, lookups: bool = False) -> Any:
             _views.pop(key + "+keys", None)
             return None
         name = key + "+keys" if lookups else key
-        index = _views.get(name) or (None if lookups else _views.get(key + "+keys"))
+        index = _views.get(name)
+        if index is None and not lookups:  # a view with the key table answers queries too
+            index = _views.get(key + "+keys")
         if index is not None:
             return index
         Index = _index_class()

@@ -170,11 +170,17 @@ def _walkable(conn: sqlite3.Connection, term: Node) -> list[tuple[int, Tag | Sco
         tag, walked = term.tag, term
     else:
         return None  # (a range with 0 also matches files without a stored score)
-    sql, params = _tag_ids(tag)
-    ids = [r[0] for r in conn.execute(f"{sql} LIMIT ?", [*params, WALK_MAX_TAGS + 1])]
-    if not ids or len(ids) > WALK_MAX_TAGS:
+    ids = _walked_ids(conn, tag)
+    if not ids:
         return None
-    return [(int(i), walked) for i in ids]
+    return [(i, walked) for i in ids]
+
+
+def _walked_ids(conn: sqlite3.Connection, tag: Tag) -> list[int] | None:
+    """The ids of the tags `tag` names, None past WALK_MAX_TAGS (each is one walk)."""
+    sql, params = _tag_ids(tag)
+    ids = [int(r[0]) for r in conn.execute(f"{sql} LIMIT ?", [*params, WALK_MAX_TAGS + 1])]
+    return None if len(ids) > WALK_MAX_TAGS else ids
 
 
 def _zero_terms(node: Node) -> list[Score]:
@@ -199,11 +205,10 @@ def zero_driver(
     for term in _zero_terms(node):
         rng = term.range
         positive = Score(term.tag, Range(0.0, rng.hi, False, rng.hi_incl), term.column)
-        sql, params = _tag_ids(term.tag)
-        ids = [r[0] for r in conn.execute(f"{sql} LIMIT ?", [*params, WALK_MAX_TAGS + 1])]
-        if len(ids) > WALK_MAX_TAGS:
+        ids = _walked_ids(conn, term.tag)
+        if ids is None:
             continue
-        walks: list[tuple[int, Tag | Score]] = [(int(i), positive) for i in ids]
+        walks: list[tuple[int, Tag | Score]] = [(i, positive) for i in ids]
         n = _walks_size(conn, walks, DRIVER_COUNT_CAPS[1])
         if best is None or n < size:
             best, size = walks, n

@@ -349,13 +349,12 @@ def lsh_pairs(
     for b in range(bands):
         place[b * bits : (b + 1) * bits, b] = 2.0 ** np.arange(bits)
     codes = np.empty((bands, n), dtype=np.int64)
-    sketch = np.empty((n, (width + 63) // 64 * 8), dtype=np.uint8)
+    sketch = np.zeros((n, (width + 63) // 64 * 8), dtype=np.uint8)  # whole uint64 words
     for start in range(0, n, chunk):
         signs = (np.asarray(matrix[start : start + chunk]) @ planes) > 0
         codes[:, start : start + chunk] = (signs.astype(np.float64) @ place).T.astype(np.int64)
         packed = np.packbits(signs, axis=1)
         sketch[start : start + chunk, : packed.shape[1]] = packed
-        sketch[start : start + chunk, packed.shape[1] :] = 0
     words = sketch.view(np.uint64)
     q = float(np.arccos(np.clip(min_sim, -1.0, 1.0))) / np.pi
     most = int(np.floor(width * q + SKETCH_Z * np.sqrt(width * q * (1.0 - q)) + 1.0))

@@ -20,9 +20,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from tagd import cluster
 from tagd.config import Config, ConfigError, WatchRoot
@@ -77,26 +78,17 @@ T = TypeVar("T")
 
 def idle_priority(fn: Callable[[], T]) -> T:
     """fn() in a thread of its own at nice 19. A first HNSW build over an existing library
-    takes an hour of every core at a million files; at nice 19 it takes only what tagging
-    and searches leave. Linux keeps a nice value per thread and the threads a thread starts
-    (usearch's workers) inherit it, and an unprivileged thread cannot undo it, so the
+    takes half an hour of every core at a million files; at nice 19 it takes only what
+    tagging and searches leave. Linux keeps a nice value per thread and the threads a thread
+    starts (usearch's workers) inherit it, and an unprivileged thread cannot undo it, so the
     scheduler's pooled thread is not the one lowered."""
-    out: dict[str, Any] = {}
+    with ThreadPoolExecutor(1, "tagd-idle-job", initializer=_lowest_priority) as pool:
+        return pool.submit(fn).result()
 
-    def run() -> None:
-        with contextlib.suppress(OSError):  # not permitted: the daemon's own priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # handed back to the caller's thread
-            out["error"] = exc
 
-    worker = threading.Thread(target=run, name="tagd-idle-job", daemon=True)
-    worker.start()
-    worker.join()
-    if "error" in out:
-        raise out["error"]
-    return cast(T, out["value"])
+def _lowest_priority() -> None:
+    with contextlib.suppress(OSError):  # not permitted: the daemon's own priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 class DaemonRunning(Exception):
