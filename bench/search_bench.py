@@ -20,6 +20,7 @@ Measuring builds or refreshes the ranking cache next to the database first (as t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sqlite3
 import subprocess
@@ -457,12 +458,51 @@ def measure_ann(db: Path, n_queries: int, patch: int, dupes: bool, noise_control
     if patch:
         top = int(exact.ids[-1])
         picked = np.random.default_rng(3).choice(np.arange(1, top + 1), patch, replace=False)
+        measure_changed(conn, graph, picks[:100], vectors, np.sort(picked))
         t = time.perf_counter()
         done = ann.patch(conn, db, exact.model_id, meta, dirty=picked.tolist())
         print(f"ann: patched {done:,} changed files in {time.perf_counter() - t:.1f} s")
     conn.close()
     if noise_control:
         measure_noise_control(noise_control, dim)
+
+
+def measure_changed(
+    conn: sqlite3.Connection,
+    graph: Any,
+    picks: np.ndarray,
+    vectors: dict[int, np.ndarray],
+    changed: np.ndarray,
+) -> None:
+    """Top-20 with `changed` files left out of the graph and scored exactly, their rows read
+    from a journal file (as the daemon leaves them between graph rewrites) or from SQLite
+    (files changed after the journal); each query opens them anew, as a command does."""
+    from tagd.search import ann
+
+    empty = np.empty(0, dtype=np.int64)
+    t = time.perf_counter()
+    ids, rows = ann.rows_of(conn, graph.model_id, changed, graph.dim)
+    print(f"ann: {len(changed):,} changed rows read from SQLite in {time.perf_counter() - t:.2f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows.astype("<f4").tofile(Path(tmp) / "bench.journal")
+        ids.astype("<i8").tofile(Path(tmp) / "bench.journal-keys")
+        meta = {"journal": "bench.journal", "journal_keys": "bench.journal-keys"}
+        meta["journal_rows"] = len(ids)
+        journal = ann._journal(Path(tmp), meta, graph.dim)
+        kept = set(changed.tolist())
+        for label, source, late in (("journal", journal, empty), ("SQLite", None, changed)):
+            times = []
+            for fid in picks.tolist():
+                g = dataclasses.replace(
+                    graph, dirty=kept, _gone=changed, _journal=source, _late=late, _rows=None
+                )
+                t = time.perf_counter()
+                g.nearest(conn, vectors[fid], limit=20, exclude=fid)
+                times.append((time.perf_counter() - t) * 1000)
+            print(
+                f"  top-20 with {len(changed):,} changed files from the {label}: "
+                f"p50 {percentile(times, 0.5):.2f} ms p95 {percentile(times, 0.95):.2f} ms"
+            )
 
 
 def exact_top(

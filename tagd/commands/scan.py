@@ -111,7 +111,7 @@ def run(ctx: Context) -> int:
         from tagd.search import ann, similar
 
         if ann.enabled():
-            for state in similar.refresh_ann(conn, config.database, patch_all=True):
+            for state in similar.refresh_ann(conn, config.database, at_once=True):
                 log.info("similar index: %s", state)
     return 3 if skipped else 0
 

@@ -26,6 +26,7 @@ from tagd.index import changes
 from tagd.index.atomic import write_atomic
 
 log = logging.getLogger(__name__)
+DATA_KEYS = ("file", "ids", "journal", "journal_keys")  # meta keys that name data files
 _warned: set[str] = set()
 
 
@@ -81,7 +82,7 @@ def replace(db_path: str | Path, kind: str, meta: dict[str, Any], old_file: str 
     prefix = Path(db_path).name + "."
     named = [n for n in _named(db_path, kind) if n == Path(n).name and n.startswith(prefix)]
     write_meta(db_path, kind, meta)
-    keep = {meta.get("file"), meta.get("ids")}
+    keep = {meta.get(key) for key in DATA_KEYS}
     for name in {old_file, *named} - keep:
         if name:
             (Path(db_path).parent / name).unlink(missing_ok=True)
@@ -95,7 +96,7 @@ def _named(db_path: str | Path, kind: str) -> list[str]:
         return []
     if not isinstance(raw, dict):
         return []
-    return [v for v in (raw.get("file"), raw.get("ids")) if isinstance(v, str)]
+    return [v for v in (raw.get(key) for key in DATA_KEYS) if isinstance(v, str)]
 
 
 @contextmanager

@@ -4,15 +4,26 @@ The exact path (similar.EmbeddingIndex: one matrix-vector product over every emb
 the whole matrix per query: 4 GiB at a million 1024-d files. The HNSW graph visits a few
 thousand vectors instead. Candidates it returns are re-scored exactly from the stored
 embeddings (read from SQLite by key: no matrix is loaded), so every reported similarity is
-exact; what the graph can do is miss a neighbour (recall, measured by bench/search_bench.py),
-and `--exact` skips it.
+exact (to float32 rounding: a row's last bit depends on the batch it is multiplied in); what
+the graph can do is miss a neighbour (recall, measured by bench/search_bench.py), and
+`--exact` skips it.
 
 On disk (tagd/index/sidecache.py's discipline): `<db>.ann-<model id>.json` (db id, change-log
 seq, data file) and `<db>.ann-<model id>-<stamp>.usearch` (quantised vectors + graph,
 memory-mapped as a view when queried). Files changed after the seq are excluded from the
-graph's answers and scored exactly from SQLite instead; `patch` takes them in (remove + add),
-a rebuild happens when too many changed. Below MIN_FILES embeddings the exact scan is as
+graph's answers and scored exactly instead. Below MIN_FILES embeddings the exact scan is as
 fast: no index.
+
+A graph cannot be patched in place: usearch saves the whole file (1.24 GiB at a million
+files). So changed files go first to an append-only journal beside it (`<data file>.journal`
+and `.journal-keys`: their normalised rows, or a mark that the embedding is gone), which
+queries score exactly, memory-mapped; the meta says how many records are valid and which seq
+they reach, and files changed after that are read from SQLite. The graph is rewritten
+(`patch`: remove + add) only when enough files changed to pay for it: its size /
+WRITE_PER_CHANGE of them, at most JOURNAL_MAX so a query never scores more than that many
+exactly. At a million files that is every ~5,000 changes instead of every minute (the
+journal takes 4 KiB a file meanwhile); past DIRTY_MAX changed files (a long-stopped daemon)
+the graph is rebuilt.
 """
 
 from __future__ import annotations
@@ -75,8 +86,10 @@ CONNECTIVITY = 32
 EXPANSION_ADD = 256
 EXPANSION_SEARCH = 512
 OVERSAMPLE = 2
-PATCH_MIN_FILES = 2_000  # fewer changed files wait (scored exactly meanwhile) ...
-PATCH_MAX_AGE_S = 60.0  # ... at most this long
+APPEND_MIN_FILES = 2_000  # fewer changed files wait for the journal (read from SQLite) ...
+APPEND_MAX_AGE_S = 60.0  # ... at most this long
+WRITE_PER_CHANGE = 256 * 1024  # bytes of graph rewrite each changed file may cost
+JOURNAL_MAX = 8_192  # changed files that force a rewrite whatever the graph's size
 DUPES_K = 8  # neighbours asked per file by `dupes`
 DUPES_EF = 64  # its ef_search: 16 missed a planted cluster at 20k files
 DUPES_MARGIN = 0.03  # quantised distances are approximate: verify pairs this far below
@@ -159,13 +172,83 @@ def build(conn: sqlite3.Connection, db_path: str | Path, model_id: int) -> int:
     return len(index)
 
 
-def due(conn: sqlite3.Connection, meta: dict[str, Any]) -> int | None:
-    """Changed files to patch now, 0 when they may wait, None when a rebuild is due."""
-    dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
-    if dirty is None:
+def merge_at(db_path: str | Path, meta: dict[str, Any]) -> int:
+    """How many changed files pay for rewriting the graph: its size / WRITE_PER_CHANGE,
+    at most JOURNAL_MAX (0: a graph too small to be worth a journal)."""
+    try:
+        size = (Path(db_path).parent / str(meta["file"])).stat().st_size
+    except OSError:
+        return 0
+    return min(JOURNAL_MAX, size // WRITE_PER_CHANGE)
+
+
+def journal_seq(meta: dict[str, Any]) -> int:
+    """The seq the graph and its journal reach together."""
+    return max(int(meta["seq"]), int(meta.get("journal_seq", 0)))
+
+
+def append(conn: sqlite3.Connection, db_path: str | Path, meta: dict[str, Any]) -> int | None:
+    """Journal the files changed since the journal's seq; None when too many changed.
+
+    Two files grow together: `<graph>.journal` (float32 rows, contiguous: a query multiplies
+    them memory-mapped, with the same kernel, hence the same result, as the exact scan) and
+    `<graph>.journal-keys` (int64 file ids, negated where the embedding is gone). Records
+    past the meta's count (a writer killed before its meta) are cut off first; readers only
+    read counted records, so none sees a partial one."""
+    seq = changes.current_seq(conn)
+    new = changes.changed_since(conn, journal_seq(meta), DIRTY_MAX)
+    if new is None:
         return None
-    old = time.time() - float(meta.get("saved_at", 0)) >= PATCH_MAX_AGE_S
-    return len(dirty) if dirty and (len(dirty) >= PATCH_MIN_FILES or old) else 0
+    dim = int(meta["dim"])
+    ids, rows = rows_of(conn, int(meta["model_id"]), new, dim)
+    dropped = np.setdiff1d(np.asarray(new, dtype=np.int64), ids)
+    keys = np.concatenate([ids, -dropped]).astype("<i8")
+    rows = np.concatenate([rows, np.zeros((len(dropped), dim), np.float32)]).astype("<f4")
+    name = str(meta.get("journal") or f"{meta['file']}.journal")
+    count = int(meta.get("journal_rows", 0)) if meta.get("journal") else 0
+    folder = Path(db_path).parent
+    _grow(folder / name, count * dim * 4, rows.tobytes(), db_path)
+    _grow(folder / f"{name}-keys", count * 8, keys.tobytes(), db_path)
+    meta = {**meta, "journal": name, "journal_keys": f"{name}-keys", "journal_seq": seq}
+    meta |= {"journal_rows": count + len(keys), "journal_at": time.time()}
+    sidecache.write_meta(db_path, kind(int(meta["model_id"])), meta)
+    return len(new)
+
+
+def _grow(path: Path, valid: int, data: bytes, db_path: str | Path) -> None:
+    """Cut the file to its `valid` bytes, append `data`, and make it durable."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, sidecache.folder_mode(db_path))
+    try:
+        os.ftruncate(fd, valid)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(fd, view, valid)
+            valid += done
+            view = view[done:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _journal(folder: Path, meta: dict[str, Any], dim: int) -> tuple[Any, Any, Any] | None:
+    """(file ids, live flags, rows) of the journal's latest record per file, or None when its
+    files cannot be read as the meta describes them (its files are then read from SQLite)."""
+    count = int(meta.get("journal_rows", 0))
+    if not meta.get("journal") or count == 0:
+        return np.empty(0, np.int64), np.empty(0, bool), np.empty((0, dim), np.float32)
+    try:
+        keys = np.fromfile(folder / str(meta["journal_keys"]), "<i8", count)
+        rows = np.memmap(folder / str(meta["journal"]), "<f4", "r", shape=(count, dim))
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(keys) != count:
+        return None
+    ids = np.abs(keys)
+    first = np.unique(ids[::-1], return_index=True)[1]
+    if len(first) == count:  # each file once: the rows stay mapped
+        return ids, keys > 0, rows
+    last = np.sort(count - 1 - first)
+    return ids[last], keys[last] > 0, np.asarray(rows[last])
 
 
 def patch(
@@ -175,8 +258,9 @@ def patch(
     meta: dict[str, Any],
     dirty: list[int] | None = None,
 ) -> int | None:
-    """Take the files changed since the index's seq in; None when a rebuild is due.
-    `dirty` (the bench) names the files instead of the change log."""
+    """Rewrite the graph with the files changed since its seq (read from SQLite, the journal
+    is not needed) and start an empty journal; None when a rebuild is due. `dirty` (the
+    bench) names the files instead of the change log."""
     from usearch.index import Index
 
     seq = changes.current_seq(conn)
@@ -193,7 +277,8 @@ def patch(
         index.remove(np.asarray(present, dtype=np.uint64))
     if len(ids):
         index.add(ids.astype(np.uint64), rows, threads=_threads())
-    _save(db_path, model_id, index, {**meta, "seq": seq})
+    kept = {k: v for k, v in meta.items() if not k.startswith("journal")}
+    _save(db_path, model_id, index, {**kept, "seq": seq})
     return len(dirty)
 
 
@@ -262,13 +347,18 @@ def _view(path: Path, lookups: bool = False) -> Any:
 
 @dataclass
 class Ann:
-    """An open, usable index: the graph as a memory-mapped view, and the files changed since."""
+    """An open, usable index: the graph as a memory-mapped view, the files changed since
+    (left out of its answers), and where their current rows come from: the journal for those
+    it holds, SQLite for the files changed after it (`late`)."""
 
     index: Any
     model_id: int
     dim: int
     dirty: set[int]
     _gone: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    _journal: tuple[Any, Any, Any] | None = None
+    _late: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    _rows: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @classmethod
     def open(
@@ -282,12 +372,37 @@ class Ann:
         dirty = changes.changed_since(conn, int(meta["seq"]), DIRTY_MAX)
         if dirty is None:
             return None
-        index = _view(Path(db_path).parent / str(meta["file"]), lookups)
+        folder = Path(db_path).parent
+        index = _view(folder / str(meta["file"]), lookups)
         if index is None or index.ndim != int(meta["dim"]):
             return None
         index.expansion_search = EXPANSION_SEARCH
         gone = np.asarray(sorted(dirty), dtype=np.int64)
-        return cls(index, model_id, int(meta["dim"]), set(dirty), gone)
+        journal = _journal(folder, meta, int(meta["dim"])) if dirty else None
+        late = gone
+        if journal is not None:
+            after = changes.changed_since(conn, journal_seq(meta), DIRTY_MAX) or []
+            late = np.asarray(sorted(set(after) & set(dirty)), dtype=np.int64)
+        return cls(index, model_id, int(meta["dim"]), set(dirty), gone, journal, late)
+
+    def changed(self, conn: sqlite3.Connection) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, normalised rows) of the changed files that have an embedding now."""
+        parts = self._changed(conn)
+        return np.concatenate([i for i, _ in parts]), np.concatenate([r for _, r in parts])
+
+    def _changed(self, conn: sqlite3.Connection) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SQLite's rows of the files changed after the journal, then the journal's records
+        of the others (left memory-mapped: thousands of rows are not copied per query)."""
+        if self._rows is None:
+            parts = [rows_of(conn, self.model_id, self._late, self.dim)]
+            if self._journal is not None:
+                j_ids, live, j_rows = self._journal
+                keep = live & ~np.isin(j_ids, self._late)
+                if not keep.all():
+                    j_ids, j_rows = j_ids[keep], j_rows[keep]
+                parts.append((j_ids, j_rows))
+            self._rows = parts
+        return self._rows
 
     def candidates(self, vector: np.ndarray, k: int, own: int | None = None) -> np.ndarray:
         """Up to k * OVERSAMPLE file ids the graph finds nearest, changed files left out.
@@ -314,8 +429,9 @@ class Ann:
         self, conn: sqlite3.Connection, vector: np.ndarray, keys: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosine of the graph's candidates and of every changed file."""
-        ids, rows = rows_of(conn, self.model_id, np.concatenate([keys, self._gone]), self.dim)
-        return ids, rows @ np.asarray(vector, dtype=np.float32)
+        vector = np.asarray(vector, dtype=np.float32)
+        parts = [rows_of(conn, self.model_id, keys, self.dim), *self._changed(conn)]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([r @ vector for _, r in parts])
 
     def nearest(
         self,
@@ -364,7 +480,7 @@ class Ann:
                 a, b = self._close(part, vecs, cut)
                 found_a.append(a)
                 found_b.append(b)
-            d_ids, d_rows = rows_of(conn, self.model_id, self._gone, self.dim)
+            d_ids, d_rows = self.changed(conn)
             if len(d_ids):
                 a, b = self._close(d_ids, d_rows, cut, own=False)
                 found_a.append(a)

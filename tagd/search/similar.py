@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,12 +493,13 @@ def refresh_ann(
     db_path: str | Path,
     *,
     min_files: int | None = None,
-    patch_all: bool = True,
+    at_once: bool = True,
 ) -> list[str]:
-    """Per model with at least `min_files` embeddings: 'fresh', 'patched N', 'built',
-    'skipped', or (without `patch_all`: the daemon, every few seconds) 'pending N' while
-    fewer than ann.PATCH_MIN_FILES changed and the last save is under ann.PATCH_MAX_AGE_S
-    old; those files are scored exactly meanwhile."""
+    """Per model with at least `min_files` embeddings: 'fresh', 'journaled N' (changed files
+    appended to the journal), 'patched N' (the graph rewritten: enough changed to pay for
+    it), 'built', 'skipped', or, without `at_once` (the daemon, every few seconds), 'pending
+    N' while fewer than ann.APPEND_MIN_FILES wait and the journal was written under
+    ann.APPEND_MAX_AGE_S ago; those files are read from SQLite meanwhile."""
     floor = ann.MIN_FILES if min_files is None else min_files
     out = []
     for model_id, name in conn.execute("SELECT id, name FROM models ORDER BY id").fetchall():
@@ -512,7 +514,7 @@ def refresh_ann(
                 out.append(f"{name}: skipped")
                 continue
             try:
-                out.append(f"{name}: {_refresh_one(conn, db_path, model_id, patch_all)}")
+                out.append(f"{name}: {_refresh_one(conn, db_path, model_id, at_once)}")
             except OSError as exc:
                 sidecache.not_written(ann.kind(model_id), db_path, exc)
                 out.append(f"{name}: skipped")
@@ -520,17 +522,24 @@ def refresh_ann(
 
 
 def _refresh_one(
-    conn: sqlite3.Connection, db_path: str | Path, model_id: int, patch_all: bool
+    conn: sqlite3.Connection, db_path: str | Path, model_id: int, at_once: bool
 ) -> str:
     meta = sidecache.read_meta(db_path, ann.kind(model_id), ann.FORMAT)
     if meta is not None and sidecache.usable(meta, conn):
-        if int(meta["seq"]) == changes.current_seq(conn):
+        seq = changes.current_seq(conn)
+        if ann.journal_seq(meta) >= seq:
             return "fresh"
-        waiting = ann.due(conn, meta)
-        if waiting == 0 and not patch_all:
-            pending = changes.changed_since(conn, int(meta["seq"]), ann.DIRTY_MAX) or []
-            return f"pending {len(pending)}"
-        if waiting is not None:
+        dirty = changes.changed_since(conn, int(meta["seq"]), ann.DIRTY_MAX)
+        if dirty is not None and len(dirty) < ann.merge_at(db_path, meta):
+            new = changes.changed_since(conn, ann.journal_seq(meta), ann.DIRTY_MAX) or []
+            written = meta.get("journal_at", meta.get("saved_at", 0))
+            old = time.time() - float(written) >= ann.APPEND_MAX_AGE_S
+            if not (at_once or old or len(new) >= ann.APPEND_MIN_FILES):
+                return f"pending {len(new)}"
+            done = ann.append(conn, db_path, meta)
+            if done is not None:
+                return f"journaled {done}"
+        elif dirty is not None:
             done = ann.patch(conn, db_path, model_id, meta)
             if done is not None:
                 return f"patched {done}"

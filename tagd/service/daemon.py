@@ -419,7 +419,7 @@ class Daemon:
         def refresh() -> list[str]:
             conn = db.connect(self.config.database)
             try:
-                return similar.refresh_ann(conn, self.config.database, patch_all=False)
+                return similar.refresh_ann(conn, self.config.database, at_once=False)
             finally:
                 conn.close()
 
