@@ -361,6 +361,7 @@ def measure_ann(db: Path, n_queries: int, patch: int, dupes: bool, noise_control
     from tagd.index.db import connect
     from tagd.search import ann, similar
     from tagd.search.similar import EmbeddingIndex
+    from tagd.service.queries import QueryServer
 
     conn = connect(db, readonly=True)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -436,17 +437,24 @@ def measure_ann(db: Path, n_queries: int, patch: int, dupes: bool, noise_control
             f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: wd-bench\n    path: {tmp}\n"
         )
         sha = conn.execute("SELECT sha256 FROM files WHERE id = ?", (int(picks[0]),)).fetchone()[0]
-        for extra in ([], ["--exact"]):
+        server = QueryServer(db)  # what a running daemon holds
+        for extra, asks in (([], False), (["--exact"], False), ([], True)):
             cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "similar", sha, *extra]
+            if asks:
+                server.start()
+            env = {**os.environ, "TAGD_DAEMON_QUERIES": "on" if asks else "off"}
             times = []
             for _ in range(7):
                 t = time.perf_counter()
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 times.append(time.perf_counter() - t)
+            how = "asking a daemon's socket" if asks else "answering itself"
             print(
-                f"`tagd similar SHA256 {' '.join(extra)}` as a process (rc {r.returncode}): "
-                f"p50 {percentile(times, 0.5) * 1000:.0f} ms, min {min(times) * 1000:.0f} ms"
+                f"`tagd similar SHA256 {' '.join(extra)}` as a process, {how} (rc "
+                f"{r.returncode}): p50 {percentile(times, 0.5) * 1000:.0f} ms, "
+                f"min {min(times) * 1000:.0f} ms"
             )
+        server.stop()
     if dupes:
         t = time.perf_counter()
         groups = similar.duplicate_groups(conn, db, None, 0.97, use_index=True)

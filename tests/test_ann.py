@@ -583,3 +583,61 @@ def test_a_file_the_graph_cannot_reach_is_answered_exhaustively(tmp_path: Path) 
     assert {(220, 221), (220, 222), (220, 223), (221, 222)} <= pairs
     assert island.exact_calls > 1
     conn.close()
+
+
+@pytest.mark.slow
+def test_the_daemon_answers_similar_for_the_command(built: Path, tmp_path: Path) -> None:
+    """With a daemon's query socket, `tagd similar` is answered by it (no numpy, usearch or
+    index opening in the command) with the output the command gives itself; whatever the
+    socket cannot answer, the command answers as before."""
+    import socket as sock
+
+    from tagd.service.queries import QueryServer, answer, socket_path
+
+    cfg = write_config(
+        tmp_path / "config.yaml",
+        {"database": str(built), "watch": [str(tmp_path)], "models": [{"name": "wd", "path": "."}]},
+    )
+    off = {"TAGD_DAEMON_QUERIES": "off"}
+
+    def both(*args: str) -> tuple[object, object]:
+        asked = run_tagd("--config", str(cfg), "similar", *args)
+        itself = run_tagd("--config", str(cfg), "similar", *args, env=off)
+        return (asked.returncode, asked.stdout, asked.stderr), (
+            itself.returncode,
+            itself.stdout,
+            itself.stderr,
+        )
+
+    server = QueryServer(built)
+    assert server.start()
+    try:
+        for fmt in ("paths", "jsonl", "tsv"):
+            asked, itself = both("/g/2.png", "--format", fmt, "--limit", "7")
+            assert asked == itself and asked[0] == 0 and len(asked[1].splitlines()) == 7  # type: ignore[index]
+        asked, itself = both("/g/2.png", "--min-sim", "0.9")
+        assert asked == itself and asked[0] == 0
+        assert server.answered == 4
+        asked, itself = both("/g/nowhere.png")  # an error the daemon words as the command does
+        assert asked == itself and asked[0] == 1 and "nowhere" in asked[2]  # type: ignore[index,operator]
+        assert server.answered == 5
+        asked, itself = both("/g/2.png", "--model", "wdd")  # the command's own suggestion
+        assert asked == itself and asked[0] != 0 and "wd" in asked[2]  # type: ignore[index,operator]
+        assert server.answered == 5
+        request = {"op": "similar", "ref": "/g/2.png", "model": None, "limit": 5, "min_sim": None}
+        assert answer(built, {**request, "db": str(tmp_path / "other.db")}) == {
+            "fallback": "another database"
+        }
+    finally:
+        server.stop()
+    assert not socket_path(built).exists()
+
+    # A socket left by a killed daemon: nobody listens, the command answers itself.
+    stale = sock.socket(sock.AF_UNIX, sock.SOCK_STREAM)
+    stale.bind(str(socket_path(built)))
+    stale.close()
+    try:
+        asked, itself = both("/g/2.png")
+        assert asked == itself and asked[0] == 0
+    finally:
+        socket_path(built).unlink()

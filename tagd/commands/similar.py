@@ -35,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(ctx: Context) -> int:
     from tagd.commands.search import write_hits
-    from tagd.search.similar import SimilarError, nearest_files, paths_of, resolve_ref
     from tagd.search.types import Hit
 
     args = ctx.args
@@ -43,6 +42,21 @@ def run(ctx: Context) -> int:
         raise UserError("--limit takes a number >= 1", 2)
     if args.min_sim is not None and not -1 <= args.min_sim <= 1:
         raise UserError("--min-sim takes a cosine similarity between -1 and 1", 2)
+    if not args.exact:
+        from tagd.service import queries
+
+        request = {"op": "similar", "ref": args.ref, "model": args.model}
+        reply = queries.ask(
+            ctx.config.database, {**request, "limit": args.limit, "min_sim": args.min_sim}
+        )
+        if reply is not None:
+            if "error" in reply:
+                raise UserError(str(reply["error"]), int(reply.get("rc", 1)))
+            hits = [Hit(p, sha, {}, int(fid), float(sim)) for p, sha, fid, sim in reply["hits"]]
+            n = write_hits(hits, args.format, args.null, sys.stdout)
+            return 0 if n else 1
+    from tagd.search.similar import SimilarError, nearest_files, paths_of, resolve_ref
+
     conn = ctx.db(readonly=True)
     if args.model is not None:
         from tagd.index.inventory import require_model_id

@@ -572,17 +572,35 @@ def nearest_files(
     """(file id, cosine) nearest to a file, best first: through the HNSW index when it is
     usable (every printed similarity exact; a neighbour may be missed), else, or with
     `exact`, the exact scan. `exact_index`: a callable giving a cached EmbeddingIndex."""
-    model_id, name = pick_model(conn, model)
-    if not exact and db_path is not None and ann.enabled():
-        graph = ann.Ann.open(conn, db_path, model_id)
-        if graph is not None:
-            vector = stored_vector(conn, model_id, name, file_id)
-            if len(vector) == graph.dim:
-                found = graph.nearest(conn, vector, limit=limit, min_sim=min_sim, exclude=file_id)
-                if found is not None:
-                    return found
+    if not exact and db_path is not None:
+        found = through_index(conn, db_path, model, file_id, limit=limit, min_sim=min_sim)
+        if found is not None:
+            return found
     index = exact_index() if exact_index is not None else EmbeddingIndex.open(conn, db_path, model)
     return index.nearest_to_file(file_id, limit=limit, min_sim=min_sim)
+
+
+def through_index(
+    conn: sqlite3.Connection,
+    db_path: str | Path,
+    model: str | None,
+    file_id: int,
+    *,
+    limit: int | None,
+    min_sim: float | None,
+) -> list[tuple[int, float]] | None:
+    """nearest_files through the HNSW index, or None when it cannot answer (missing, stale,
+    turned off, or a threshold too wide for it)."""
+    model_id, name = pick_model(conn, model)
+    if not ann.enabled():
+        return None
+    graph = ann.Ann.open(conn, db_path, model_id)
+    if graph is None:
+        return None
+    vector = stored_vector(conn, model_id, name, file_id)
+    if len(vector) != graph.dim:
+        return None
+    return graph.nearest(conn, vector, limit=limit, min_sim=min_sim, exclude=file_id)
 
 
 def duplicate_groups(

@@ -35,6 +35,7 @@ from tagd.ingest import scanner
 from tagd.ingest.watcher import Watcher
 from tagd.progress import Progress, RateMeter
 from tagd.service.notify import Notifier
+from tagd.service.queries import QueryServer
 from tagd.tagging.pipeline import Pipeline, owner_id
 from tagd.tagging.tagger import Tagger
 
@@ -187,6 +188,7 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.scheduler: Any = None
         self.thumbs: Any = None  # tagd.web.pregen.Pregenerator with web.pregenerate_thumbs
+        self.queries: QueryServer | None = None
         self.exit_code = 0
         self.meter = RateMeter()
         self.rate = 0.0
@@ -227,6 +229,8 @@ class Daemon:
         self.worker.thread.start()
         self.scheduler = self._scheduler(pipeline.model_ids)
         self.scheduler.start()
+        self.queries = QueryServer(config.database)
+        self.queries.start()
         web = config.web
         if web is not None and web.pregenerate_thumbs:
             from tagd.web.pregen import Pregenerator
@@ -236,6 +240,9 @@ class Daemon:
 
     def _stop_parts(self) -> None:
         self._scan_stop.set()
+        if self.queries is not None:
+            self.queries.stop()
+            self.queries = None
         if self.thumbs is not None:
             self.thumbs.stop()
             self.thumbs = None
