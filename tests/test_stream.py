@@ -265,3 +265,89 @@ def search_bytes(cfg: Path, args: list[str], off: bool) -> subprocess.CompletedP
         env["TAGD_BITMAPS"] = "off"
     cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "search", *args]
     return subprocess.run(cmd, capture_output=True, env=env, timeout=60)
+
+
+def _best_in_python(conn: sqlite3.Connection, name: str, top: int) -> list[float]:
+    best = [0.0] * top
+    for fid, score in conn.execute(
+        "SELECT s.file_id, s.score FROM scores s JOIN tags t ON t.id = s.tag_id "
+        "WHERE t.name = ? AND s.selected = 1",
+        (name,),
+    ):
+        best[fid] = max(best[fid], score)
+    return best
+
+
+def test_split_scores_reassemble_the_stored_doubles(tmp_path: Path) -> None:
+    """A tag's scores come back from SQLite as integer halves (hi, lo of score * 2^53) and
+    must be the very doubles stored, at every magnitude; a score too small for the split is
+    counted by SQLite and its tag read row by row."""
+    index = build_index(tmp_path, seed=5)
+    conn = connect(index.db)
+    rng = random.Random(3)
+    top = 1 + conn.execute("SELECT max(id) FROM files").fetchone()[0]
+    tid = conn.execute("SELECT id FROM tags WHERE name = '1girl'").fetchone()[0]
+    fids = [r[0] for r in conn.execute("SELECT file_id FROM scores WHERE tag_id = ?", (tid,))]
+    odd = [1.0, 0.5, 2.0**-53, 1 - 2.0**-53, 0.1, 1 / 3, 3.0e-10, 7.123456789012345e-5]
+    for i, fid in enumerate(fids):
+        score = odd[i] if i < len(odd) else rng.random() * 10.0 ** -rng.randrange(0, 12)
+        conn.execute(
+            "UPDATE scores SET score = ?, selected = 1 WHERE file_id = ? AND tag_id = ?",
+            (score, fid, tid),
+        )
+    conn.commit()
+    cur = conn.cursor()
+    tag = parse("1girl")
+    assert isinstance(tag, stream.Tag)
+    got = stream._best_scores(cur, tag, top)
+    assert got.tolist() == _best_in_python(conn, "1girl", top)
+    assert len(set(got.tolist())) > len(odd)
+
+    # 2^-60 keeps bits below 2^-106 when split: that tag is read row by row, still exact.
+    conn.execute(
+        "UPDATE scores SET score = ? WHERE file_id = ? AND tag_id = ?",
+        (2.0**-60 * (1 + 2.0**-52), fids[0], tid),
+    )
+    conn.commit()
+    got = stream._best_scores(cur, tag, top)
+    assert got.tolist() == _best_in_python(conn, "1girl", top)
+    assert got[fids[0]] == 2.0**-60 * (1 + 2.0**-52)
+    conn.close()
+
+
+def test_tag_reads_apart_keep_their_connections_snapshot(tmp_path: Path) -> None:
+    """Tag scores are read on connections of their own, in threads; one that sees a later
+    state of the index (the change log moved on) is read again on the query's connection,
+    so every rank comes from the one snapshot the query's paths come from."""
+    index = build_index(tmp_path, seed=9)
+    conn = connect(index.db)
+    top = 1 + conn.execute("SELECT max(id) FROM files").fetchone()[0]
+    tags = [parse("1girl"), parse("solo")]
+    assert all(isinstance(t, stream.Tag) for t in tags)
+    before = [_best_in_python(conn, t.name, top) for t in tags]  # type: ignore[attr-defined]
+
+    cur = conn.cursor()
+    conn.execute("BEGIN")
+    reads = stream.TagReads(cur, top)
+    reads.start(tags)  # type: ignore[arg-type]
+    apart = [f.result() for f in reads.pending.values()]
+    assert all(a is not None for a in apart)  # read in the threads, same snapshot
+    assert [reads.best(t).tolist() for t in tags] == before  # type: ignore[arg-type]
+    conn.execute("COMMIT")
+
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM scores").fetchone()  # the snapshot starts here
+    reads = stream.TagReads(cur, top)
+    writer = connect(index.db)
+    writer.execute(
+        "UPDATE scores SET score = 0.999 WHERE selected = 1 AND tag_id IN "
+        "(SELECT id FROM tags WHERE name IN ('1girl', 'solo'))"
+    )
+    writer.execute("UPDATE taggings SET tagged_at = tagged_at + 1")  # logs the change
+    writer.commit()
+    writer.close()
+    reads.start(tags)  # type: ignore[arg-type]
+    assert all(f.result() is None for f in reads.pending.values())  # a later snapshot
+    assert [reads.best(t).tolist() for t in tags] == before  # type: ignore[arg-type]
+    conn.execute("COMMIT")
+    conn.close()

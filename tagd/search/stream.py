@@ -25,6 +25,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 # Paths are sorted as a fixed-width numpy array (its width: the longest path) up to this size,
 # else by Python (slower, no copy): one long name must not cost a gigabyte at 1M paths.
 NUMPY_SORT_MAX_BYTES = 64 << 20
-RANK_CHUNK = 1 << 18
+READ_THREADS = 2  # tag reads beside the paths' read
 
 
 @dataclass
@@ -114,6 +115,11 @@ def _rows(
     clean.difference_update(BitMap(dirty))
     cur = conn.cursor()
     cur.row_factory = None
+    reads = None
+    if opts.sort == "score":
+        top = max(clean.max() if clean else 0, max(dirty, default=0)) + 1
+        reads = TagReads(cur, top)
+        reads.start(_tags_of(node))
     mtime_sql = ", coalesce(mtime_ns, 0), mtime_ns IS NULL" if with_mtime else ""
     listed = cur.execute(
         f"SELECT CAST(path AS BLOB), file_id{mtime_sql} FROM paths WHERE missing = 0 "
@@ -139,9 +145,8 @@ def _rows(
         mtimes, no_mtime = np.zeros(len(paths), dtype=np.int64), np.ones(len(paths), dtype=bool)
     del columns
     rank = None
-    if opts.sort == "score":
-        top = int(fids.max()) + 1 if len(fids) else 1
-        dense = _ranks(cur, node, top)
+    if reads is not None:
+        dense = _ranks(reads, node)
         if dense is not None:
             rank = np.empty(len(paths), dtype=np.float64)
             rank[:n_clean] = dense[fids[:n_clean]]
@@ -149,7 +154,101 @@ def _rows(
     return Found(paths, fids, mtimes, no_mtime, rank)
 
 
-def _ranks(cur: sqlite3.Cursor, node: Node, top: int) -> np.ndarray | None:
+class TagReads:
+    """Each query tag's best selected score per file id below `top`, read ahead.
+
+    SQLite spends most of a tag's read formatting rows for Python; here it hands back three
+    comma-separated integer lists per tag id instead (file ids, and each score split exactly
+    into hi = trunc(score * 2^53) and lo = the rest * 2^53, which reassemble the same
+    double; SQLite itself counts any score the split cannot hold, and such a tag is read row
+    by row). The reads run on their own read-only connections in two threads while this
+    connection reads the paths (sqlite3 releases the GIL while SQLite works); one whose
+    snapshot is not this connection's (the change-log seq moved in between) is read again
+    here."""
+
+    def __init__(self, cur: sqlite3.Cursor, top: int) -> None:
+        from tagd.index import changes
+        from tagd.index.db import database_file
+
+        self.cur, self.top = cur, top
+        self.db_path = database_file(cur.connection)
+        self.seq = changes.current_seq(cur.connection)
+        self.pending: dict[int, Future[np.ndarray | None]] = {}
+        self.pool: ThreadPoolExecutor | None = None
+
+    def start(self, tags: list[Tag]) -> None:
+        if not tags or self.db_path is None:
+            return
+        self.pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(tags)))
+        for tag in tags:
+            self.pending[id(tag)] = self.pool.submit(self._read_apart, tag)
+        self.pool.shutdown(wait=False)
+
+    def best(self, tag: Tag) -> np.ndarray:
+        ahead = self.pending.pop(id(tag), None)
+        found = ahead.result() if ahead is not None else None
+        return found if found is not None else _best_scores(self.cur, tag, self.top)
+
+    def _read_apart(self, tag: Tag) -> np.ndarray | None:
+        from tagd.index import changes
+
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            conn.execute("BEGIN")
+            if changes.current_seq(conn) != self.seq:
+                return None
+            return _best_scores(conn.cursor(), tag, self.top)
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.close()
+
+
+_TWO53 = "9007199254740992.0"
+_SPLIT_SQL = (
+    f"SELECT group_concat(file_id), group_concat(hi), group_concat(CAST(lo * {_TWO53} AS INTEGER)),"
+    f" total(lo * {_TWO53} != CAST(lo * {_TWO53} AS INTEGER)) FROM ("
+    f"SELECT file_id, CAST(score * {_TWO53} AS INTEGER) AS hi,"
+    f" score * {_TWO53} - CAST(score * {_TWO53} AS INTEGER) AS lo"
+    " FROM scores WHERE tag_id = ? AND selected = 1)"
+)
+
+
+def _best_scores(cur: sqlite3.Cursor, tag: Tag, top: int) -> np.ndarray:
+    """A tag's factor: its best selected score over every model per file id (0 without)."""
+    import numpy as np
+
+    sql, params = _tag_ids(tag)
+    best = np.zeros(top, dtype=np.float64)
+    for (tag_id,) in cur.execute(sql, params).fetchall():
+        ids, hi, lo, inexact = cur.execute(_SPLIT_SQL, (tag_id,)).fetchone()
+        if ids is None:
+            continue
+        if inexact:  # a score below 2^-53 keeps bits the split drops: read it as it is
+            rows = cur.execute(
+                "SELECT file_id, score FROM scores WHERE tag_id = ? AND selected = 1", (tag_id,)
+            ).fetchall()
+            fids = np.array([r[0] for r in rows], dtype=np.int64)
+            scores = np.array([r[1] for r in rows], dtype=np.float64)
+        else:
+            fids = np.fromstring(ids, dtype=np.int64, sep=",")
+            scores = np.fromstring(hi, dtype=np.int64, sep=",").astype(np.float64) * 2.0**-53
+            scores += np.fromstring(lo, dtype=np.int64, sep=",").astype(np.float64) * 2.0**-106
+        keep = fids < top
+        np.maximum.at(best, fids[keep], scores[keep])
+    return best
+
+
+def _tags_of(node: Node) -> list[Tag]:
+    """The tags `_factors` reads, in the order it reads them."""
+    if isinstance(node, Tag):
+        return [node]
+    if isinstance(node, And | Or):
+        return [t for term in node.terms for t in _tags_of(term)]
+    return []
+
+
+def _ranks(reads: TagReads, node: Node) -> np.ndarray | None:
     """The rank build_sql computes (compile._rank) of every file id below `top`; None: the
     query has no rank.
 
@@ -158,7 +257,7 @@ def _ranks(cur: sqlite3.Cursor, node: Node, top: int) -> np.ndarray | None:
     one); an OR's is its best branch (1 for a branch without a factor); an AND multiplies
     its factors left to right, as SQLite evaluates `a * b * c`, so every product rounds as
     SQLite's does."""
-    factors = _factors(cur, node, top)
+    factors = _factors(reads, node)
     if factors is None:
         return None
     out = factors[0]
@@ -167,36 +266,24 @@ def _ranks(cur: sqlite3.Cursor, node: Node, top: int) -> np.ndarray | None:
     return out
 
 
-def _factors(cur: sqlite3.Cursor, node: Node, top: int) -> list[np.ndarray] | None:
+def _factors(reads: TagReads, node: Node) -> list[np.ndarray] | None:
     """What SQLite multiplies, in order: build_sql writes a nested AND's product into its
     parent's without parentheses, so `a (b c)` is `a * b * c`, not `a * (b * c)`."""
     import numpy as np
 
     if isinstance(node, Tag):
-        sql, params = _tag_ids(node)
-        found = cur.execute(
-            f"SELECT file_id, score FROM scores WHERE tag_id IN ({sql}) AND selected = 1",
-            params,
-        )
-        best = np.zeros(top, dtype=np.float64)
-        # In chunks: `*` lists every selected score in the index (tens of millions at 1M).
-        while chunk := found.fetchmany(RANK_CHUNK):
-            file_ids, scores = zip(*chunk, strict=True)
-            fids = np.array(file_ids, dtype=np.int64)
-            keep = fids < top
-            np.maximum.at(best, fids[keep], np.array(scores, dtype=np.float64)[keep])
-        return [best]
+        return [reads.best(node)]
     if isinstance(node, And):
-        parts = [_factors(cur, t, top) for t in node.terms]
+        parts = [_factors(reads, t) for t in node.terms]
         real = [f for part in parts if part is not None for f in part]
         return real or None
     if isinstance(node, Or):
         if len(node.terms) == 1:
-            return _factors(cur, node.terms[0], top)
-        branches = [_ranks(cur, t, top) for t in node.terms]
+            return _factors(reads, node.terms[0])
+        branches = [_ranks(reads, t) for t in node.terms]
         if all(b is None for b in branches):
             return None
-        ones = np.ones(top, dtype=np.float64)
+        ones = np.ones(reads.top, dtype=np.float64)
         return [np.maximum.reduce([ones if b is None else b for b in branches])]
     return None
 
