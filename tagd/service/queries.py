@@ -62,9 +62,11 @@ def ask(database: str | Path, request: dict[str, Any]) -> dict[str, Any] | None:
         reply = json.loads(b"".join(chunks))
     except (OSError, ValueError):
         return None
-    if not isinstance(reply, dict) or "fallback" in reply:
+    if not isinstance(reply, dict):
         return None
-    return reply
+    if isinstance(reply.get("hits"), list) or isinstance(reply.get("error"), str):
+        return reply
+    return None  # {'fallback': why}, or nothing the command can use
 
 
 def answer(database: str | Path, request: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +114,11 @@ class _Handler(socketserver.StreamRequestHandler):
         try:
             line = self.rfile.readline(MAX_REQUEST)
             request = json.loads(line)
-            reply = answer(self.server.database, request) if isinstance(request, dict) else {}
+            if isinstance(request, dict):
+                with self.server.busy:
+                    reply = answer(self.server.database, request)
+            else:
+                reply = {}
         except (ValueError, sqlite3.Error, OSError) as exc:
             reply = {"fallback": f"{type(exc).__name__}"}
         except Exception:  # a bug must not take the daemon's thread down; the CLI answers
@@ -129,8 +135,9 @@ class _Handler(socketserver.StreamRequestHandler):
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     database: Path
-    answered = 0  # questions answered (not sent back to the command), for tests and logs
-    lock = threading.Lock()
+    answered: int  # questions answered (not sent back to the command), for tests and logs
+    lock: threading.Lock  # guards `answered`
+    busy: threading.Lock  # one question at a time: a shared usearch view is not re-entrant
 
 
 class QueryServer:
@@ -150,7 +157,8 @@ class QueryServer:
         try:
             self.path.unlink(missing_ok=True)  # one daemon per database (its lock): a leftover
             server = _Server(str(self.path), _Handler, bind_and_activate=False)
-            server.database = self.database
+            server.database, server.answered = self.database, 0
+            server.lock, server.busy = threading.Lock(), threading.Lock()
             try:
                 server.server_bind()
                 os.chmod(self.path, folder_mode(self.database))
