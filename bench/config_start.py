@@ -32,13 +32,13 @@ _IMPORT_AND_LOAD = (
 
 def build(work: Path) -> Path:
     """A 200-file index and the example config pointed at it (web: on, as a full config)."""
-    from tagd.index import db, store
+    from tagd.index import db, models, paths, scores
     from tagd.tagging.labels import Labels
 
     labels = Labels(names=("general", "smile", "solo"), namespaces=("rating", "general", "general"))
     conn = db.connect(work / "tagd.db")
     with db.write(conn):
-        model = store.register_model(
+        model = models.register_model(
             conn,
             name="m1",
             family="wd14",
@@ -48,11 +48,11 @@ def build(work: Path) -> Path:
             settings={},
         )
         for i in range(200):
-            fid = store.upsert_file(conn, f"{i:064x}", 10, 8, 8, "PNG")
-            store.upsert_path(conn, f"/srv/gallery/img_{i:04d}.png", fid, 10, 1)
-            scores = np.array([0.9, 0.9, 0.5 + (i % 5) / 10], dtype=np.float32)
-            store.save_prediction(
-                conn, file_id=fid, model=model, scores=scores, selected=scores > 0.6, floor=0.05
+            fid = paths.upsert_file(conn, f"{i:064x}", 10, 8, 8, "PNG")
+            paths.upsert_path(conn, f"/srv/gallery/img_{i:04d}.png", fid, 10, 1)
+            got = np.array([0.9, 0.9, 0.5 + (i % 5) / 10], dtype=np.float32)
+            scores.save_prediction(
+                conn, file_id=fid, model=model, scores=got, selected=got > 0.6, floor=0.05
             )
     conn.close()
     example = (Path(__file__).parent.parent / "tagd" / "config.example.yaml").read_text()

@@ -19,6 +19,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -110,7 +111,7 @@ class _GraphBuilder:
         op_type: str,
         inputs: Sequence[str],
         out: str | None = None,
-        **attrs: object,
+        **attrs: Any,
     ) -> str:
         """Append one node and return its (single) output name."""
         self._counter += 1

@@ -94,7 +94,7 @@ def main() -> None:
             ("raise to 0.5 (stored scores)", 0.5),
             ("drop to 0.02 (embeddings x head)", 0.02),
         ):
-            rules = {"general": general, "character": 0.85, "rating": "top"}
+            rules: dict[str, float | str] = {"general": general, "character": 0.85, "rating": "top"}
             rep = reindex.reindex_model(
                 conn, name="bench", thresholds=rules, tag_rules=TagRules(), floor=0.05
             )

@@ -494,7 +494,7 @@ def measure_changed(
     with tempfile.TemporaryDirectory() as tmp:
         rows.astype("<f4").tofile(Path(tmp) / "bench.journal")
         ids.astype("<i8").tofile(Path(tmp) / "bench.journal-keys")
-        meta = {"journal": "bench.journal", "journal_keys": "bench.journal-keys"}
+        meta: dict[str, Any] = {"journal": "bench.journal", "journal_keys": "bench.journal-keys"}
         meta["journal_rows"] = len(ids)
         journal = ann._journal(Path(tmp), meta, graph.dim)
         kept = set(changed.tolist())

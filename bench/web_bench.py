@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 GRID_QUERIES = [
     "1girl", "1girl solo", "smile tag_0300", "long_hair -tag_0100", "tag_2000",
@@ -43,7 +44,7 @@ def rss_mib() -> tuple[float, float, float, float]:
     return mib("VmRSS"), mib("VmHWM"), mib("RssAnon"), mib("RssFile")
 
 
-def timed(client, url: str, params: dict | None, repeats: int) -> tuple[float, int]:  # type: ignore[no-untyped-def]
+def timed(client: Any, url: str, params: dict | None, repeats: int) -> tuple[float, int]:
     """p50 in ms over `repeats` after one warm-up, and the status of the last answer."""
     r = client.get(url, params=params)
     times = []
@@ -151,9 +152,9 @@ def measure(db: Path, repeats: int, similar: bool) -> None:
                 page = client.get(f"/image/{sha}")
                 strip = client.get(f"/api/similar/{sha}", params={"limit": 12})
                 times.append((time.perf_counter() - t) * 1000)
-            status = f"{page.status_code}/{strip.status_code}"
+            both = f"{page.status_code}/{strip.status_code}"
             label = "image page + its similar strip"
-            print(f"{label:<44} {statistics.median(times):8.1f}  {status}")
+            print(f"{label:<44} {statistics.median(times):8.1f}  {both}")
     now, peak, anon, mapped = rss_mib()
     print(
         f"\nserver process RSS: {now:.0f} MiB now ({anon:.0f} MiB anonymous, {mapped:.0f} MiB "
