@@ -598,38 +598,57 @@ def test_the_daemon_answers_similar_for_the_command(built: Path, tmp_path: Path)
         tmp_path / "config.yaml",
         {"database": str(built), "watch": [str(tmp_path)], "models": [{"name": "wd", "path": "."}]},
     )
-    off = {"TAGD_DAEMON_QUERIES": "off"}
+    import os
+    import subprocess
+    import sys
 
-    def both(*args: str) -> tuple[object, object]:
-        asked = run_tagd("--config", str(cfg), "similar", *args)
-        itself = run_tagd("--config", str(cfg), "similar", *args, env=off)
-        return (asked.returncode, asked.stdout, asked.stderr), (
-            itself.returncode,
-            itself.stdout,
-            itself.stderr,
-        )
+    def tagd(*args: str, **env: str) -> tuple[int, bytes, str]:
+        cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "similar", *args]
+        env = {**os.environ, **env}
+        done = subprocess.run(cmd, capture_output=True, timeout=120, env=env)
+        return done.returncode, done.stdout, done.stderr.decode()
 
+    def both(*args: str) -> tuple[tuple[int, bytes, str], tuple[int, bytes, str]]:
+        return tagd(*args), tagd(*args, TAGD_DAEMON_QUERIES="off")
+
+    # The nearest file to 2 gets a name that is not UTF-8 (listed first: its smallest path).
+    nearest = QUERIES + 1 + PLANTED
+    odd = b"/g/0caf\xe9-\xff.png"
+    conn = sqlite3.connect(built)
+    conn.execute(
+        "INSERT INTO paths(path, file_id, size, mtime_ns, missing, last_seen) "
+        "VALUES (CAST(? AS TEXT), ?, 1, 0, 0, 0)",
+        (odd, nearest),
+    )
+    conn.commit()
     server = QueryServer(built)
     assert server.start()
     try:
         for fmt in ("paths", "jsonl", "tsv"):
             asked, itself = both("/g/2.png", "--format", fmt, "--limit", "7")
-            assert asked == itself and asked[0] == 0 and len(asked[1].splitlines()) == 7  # type: ignore[index]
+            assert asked == itself and asked[0] == 0 and len(asked[1].splitlines()) == 7
+        asked, itself = both("/g/2.png", "-0")
+        assert asked == itself and asked[1].split(b"\0")[0] == odd
         asked, itself = both("/g/2.png", "--min-sim", "0.9")
         assert asked == itself and asked[0] == 0
-        assert server.answered == 4
+        assert server.answered == 5
         asked, itself = both("/g/nowhere.png")  # an error the daemon words as the command does
-        assert asked == itself and asked[0] == 1 and "nowhere" in asked[2]  # type: ignore[index,operator]
-        assert server.answered == 5
+        assert asked == itself and asked[0] == 1 and "nowhere" in asked[2]
+        assert server.answered == 6
         asked, itself = both("/g/2.png", "--model", "wdd")  # the command's own suggestion
-        assert asked == itself and asked[0] != 0 and "wd" in asked[2]  # type: ignore[index,operator]
-        assert server.answered == 5
+        assert asked == itself and asked[0] != 0 and "wd" in asked[2]
+        assert server.answered == 6
         request = {"op": "similar", "ref": "/g/2.png", "model": None, "limit": 5, "min_sim": None}
         assert answer(built, {**request, "db": str(tmp_path / "other.db")}) == {
             "fallback": "another database"
         }
     finally:
         server.stop()
+        conn.execute(
+            "DELETE FROM paths WHERE file_id = ? AND path = CAST(? AS TEXT)", (nearest, odd)
+        )
+        conn.commit()
+        conn.close()
     assert not socket_path(built).exists()
 
     # A socket left by a killed daemon: nobody listens, the command answers itself.
