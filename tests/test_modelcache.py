@@ -150,6 +150,32 @@ def test_just_written_file_is_hashed_again(
     assert len(calls) == 2
 
 
+def test_the_head_is_mapped_and_an_older_entry_is_still_read(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head's arrays are kept as .npy files and memory-mapped by a start (none of its
+    megabytes read before they are used); an entry written by an earlier tagd, with them in
+    head.npz, still serves a warm start."""
+    build(tmp_path / "model.onnx", N_TAGS, layout="NCHW", head="gemm")
+    cold = _tagger(tmp_path)
+    assert cold.head is not None
+    (entry,) = _entries(cache)
+    assert {p.name for p in entry.iterdir()} >= {"head-weights.npy", "head-bias.npy"}
+    found = modelcache.lookup(entry.name)
+    assert found is not None and isinstance(found.weights, np.memmap)
+    np.testing.assert_array_equal(found.weights, cold.head.weights)
+    np.testing.assert_array_equal(found.bias, cold.head.bias)
+
+    np.savez(entry / "head.npz", weights=cold.head.weights, bias=cold.head.bias)
+    (entry / "head-weights.npy").unlink()
+    (entry / "head-bias.npy").unlink()
+    _no_preparation(monkeypatch)
+    warm = _tagger(tmp_path)
+    assert warm.head is not None
+    np.testing.assert_array_equal(warm.head.weights, cold.head.weights)
+    np.testing.assert_array_equal(warm.head.bias, cold.head.bias)
+
+
 def test_corrupt_cached_graph_is_prepared_again(tmp_path: Path, cache: Path) -> None:
     build(tmp_path / "model.onnx", N_TAGS, layout="NCHW", head="gemm")
     _tagger(tmp_path)

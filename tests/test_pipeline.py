@@ -219,3 +219,26 @@ def test_trickle_decodes_in_one_worker_until_a_backlog_appears(
     with Pipeline(conn, config, load_all(config)) as small:
         jobs.enqueue(conn, str(paths[0]), None, None, requeue=True)
         assert small.run().done == 1 and small._pool is not None and small._pool.size == 1
+
+
+def test_the_first_batch_is_one_image_then_full_batches(
+    tmp_path: Path, gallery: Path, probe_model: Path
+) -> None:
+    """The first result comes after one image is decoded and run, not a whole batch: a scan
+    or a daemon shows progress a batch sooner; every later batch is full."""
+    for i in range(9):
+        save(gallery / f"f{i}.png", (20 * i, 90, 200 - 10 * i))
+    config = _config(tmp_path, gallery, probe_model, batch_size=4, decode_workers=1)
+    conn = db.connect(config.database)
+    scanner.scan(conn, config)
+    sizes: list[int] = []
+    with Pipeline(conn, config, load_all(config)) as pipeline:
+        real = pipeline.infer
+
+        def infer(prepared):  # type: ignore[no-untyped-def]
+            sizes.append(len(prepared))
+            return real(prepared)
+
+        pipeline.infer = infer  # type: ignore[method-assign]
+        assert pipeline.run().done == 9
+    assert sizes == [1, 4, 4]

@@ -9,7 +9,9 @@ bytes, the family's input spec and the software doing it, so the result is store
     <cache>/<key>/meta.json           the verification result; written last, so it marks
                                       the entry complete
     <cache>/<key>/model.onnx          the prepared graph (absent: use the model file itself)
-    <cache>/<key>/head.npz            the verified head's W and b (absent: no embeddings)
+    <cache>/<key>/head-weights.npy    the verified head's W and b (absent: no embeddings;
+    <cache>/<key>/head-bias.npy       memory-mapped, so a start reads none of its 33 MB;
+                                      entries written before hold them in head.npz)
 
 `<key>` hashes the file's SHA-256 with everything else the preparation depends on, so a
 changed model file can never find an entry: a different content hash is a different key, and
@@ -25,6 +27,7 @@ logged reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -179,8 +182,12 @@ def lookup(key: str) -> Entry | None:
     weights = bias = None
     if meta.get("embedding"):
         try:
-            with np.load(folder / "head.npz") as npz:
-                weights, bias = npz["weights"], npz["bias"]
+            if (folder / "head-weights.npy").exists():
+                weights = np.load(folder / "head-weights.npy", mmap_mode="r")
+                bias = np.load(folder / "head-bias.npy", mmap_mode="r")
+            else:
+                with np.load(folder / "head.npz") as npz:
+                    weights, bias = npz["weights"], npz["bias"]
         except (OSError, ValueError, KeyError):
             return None
     return Entry(
@@ -222,16 +229,17 @@ def store(
         if graph is not None:
             write_atomic(folder / "model.onnx", lambda fh: fh.write(graph), mode=0o644)
         if head is not None:
-            write_atomic(
-                folder / "head.npz",
-                lambda fh: np.savez(fh, weights=head.weights, bias=head.bias),
-                mode=0o644,
-            )
+            for name, array in (("head-weights.npy", head.weights), ("head-bias.npy", head.bias)):
+                write_atomic(folder / name, functools.partial(_save_npy, array=array), mode=0o644)
         data = json.dumps(meta, sort_keys=True).encode()
         write_atomic(folder / "meta.json", lambda fh: fh.write(data), mode=0o644)
     except OSError as exc:
         _warn_unwritable(root, exc)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _save_npy(fh: Any, array: np.ndarray) -> None:
+    np.save(fh, np.ascontiguousarray(array))
 
 
 def forget(entry: Entry) -> None:

