@@ -26,8 +26,8 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def _tagger(folder: Path) -> Tagger:
-    (folder / "class.json").write_text(json.dumps({str(i): f"t{i}" for i in range(N_TAGS)}))
+def _tagger(folder: Path, n_tags: int = N_TAGS) -> Tagger:
+    (folder / "class.json").write_text(json.dumps({str(i): f"t{i}" for i in range(n_tags)}))
     files = ModelFiles(folder / "model.onnx", folder / "class.json", "test")
     return Tagger(
         ModelConfig(name="t", path=folder, family="ml-danbooru"),
@@ -174,6 +174,33 @@ def test_the_head_is_mapped_and_an_older_entry_is_still_read(
     assert warm.head is not None
     np.testing.assert_array_equal(warm.head.weights, cold.head.weights)
     np.testing.assert_array_equal(warm.head.bias, cold.head.bias)
+
+
+def test_weights_apart_are_served_until_their_file_is_rewritten(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prepared graph keeps its weights in model.onnx.data, which ONNX Runtime maps; a
+    warm start from it answers as the cold one did, and a weights file rewritten since the
+    entry was made (its size or mtime changed) is never served: the model is prepared again."""
+    n = 400  # a head of 3 x 400 floats: large enough to be moved out of the protobuf
+    build(tmp_path / "model.onnx", n, layout="NCHW", batch=1, head="gemm", reshape_fixed=True)
+    cold = _tagger(tmp_path, n)
+    (entry,) = _entries(cache)
+    data = entry / modelcache.DATA
+    assert data.stat().st_size > 10 * (entry / "model.onnx").stat().st_size
+    batch = graph.probe_batch(cold.spec, 2, seed=4)
+    with monkeypatch.context() as m:
+        _no_preparation(m)
+        warm = _tagger(tmp_path, n)
+        np.testing.assert_allclose(warm.predict(batch), cold.predict(batch), atol=1e-6)
+
+    st = data.stat()
+    data.write_bytes(b"\0" * st.st_size)  # same size, other weights
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert modelcache.lookup(entry.name) is None
+    again = _tagger(tmp_path, n)
+    np.testing.assert_allclose(again.predict(batch)[0], reference(batch[0], "NCHW", n), atol=1e-5)
+    assert modelcache.lookup(entry.name) is not None
 
 
 def test_corrupt_cached_graph_is_prepared_again(tmp_path: Path, cache: Path) -> None:

@@ -84,3 +84,36 @@ def test_groups_are_each_namespaces_indices_in_sorted_order() -> None:
         "general": [2, 3, 4],
         "rating": [0, 1],
     }
+
+
+def test_registering_a_model_creates_its_tags_once_and_keeps_their_ids(tmp_path: Path) -> None:
+    """Tags a model brings are created in one batch; tags already known keep their ids and
+    rows (a second start writes nothing); the mapping follows the label order, repeats too."""
+    conn = db.connect(tmp_path / "t.db")
+    with db.write(conn):
+        known = models.tag_id(conn, "general", "smile")
+    labels = Labels(
+        names=("smile", "solo", "smile", "sm\u00efle", "solo"),
+        namespaces=("general", "general", "general", "general", "character"),
+    )
+    with db.write(conn):
+        first = models.register_model(
+            conn, name="m", family="wd14", source="x", revision="r1", labels=labels, settings={}
+        )
+    ids = first.tag_ids.tolist()
+    assert ids[0] == ids[2] == known and len(set(ids)) == 4
+    names = dict(conn.execute("SELECT id, namespace || ':' || name FROM tags").fetchall())
+    assert [names[i] for i in ids] == [
+        "general:smile",
+        "general:solo",
+        "general:smile",
+        "general:sm\u00efle",
+        "character:solo",
+    ]
+    before = conn.total_changes
+    with db.write(conn):
+        again = models.register_model(
+            conn, name="m", family="wd14", source="x", revision="r1", labels=labels, settings={}
+        )
+    assert again.tag_ids.tolist() == ids
+    assert conn.total_changes - before == 1  # the model row's updated_at, no tag rewritten

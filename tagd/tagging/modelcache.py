@@ -8,7 +8,11 @@ bytes, the family's input spec and the software doing it, so the result is store
     <cache>/hashes.json               path -> (dev, inode, size, mtime_ns, ctime_ns, sha256)
     <cache>/<key>/meta.json           the verification result; written last, so it marks
                                       the entry complete
-    <cache>/<key>/model.onnx          the prepared graph (absent: use the model file itself)
+    <cache>/<key>/model.onnx          the prepared graph (absent: use the model file itself),
+    <cache>/<key>/model.onnx.data     its weights in a file of their own, which ONNX Runtime
+                                      maps instead of parsing them out of the protobuf
+                                      (ViT-B: session load 0.77 -> 0.41 s; older entries
+                                      keep them inside model.onnx, still read)
     <cache>/<key>/head-weights.npy    the verified head's W and b (absent: no embeddings;
     <cache>/<key>/head-bias.npy       memory-mapped, so a start reads none of its 33 MB;
                                       entries written before hold them in head.npz)
@@ -45,6 +49,7 @@ from tagd.index.atomic import write_atomic
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+DATA = "model.onnx.data"
 HASH_CHUNK = 1 << 22
 RACY_NS = 2_000_000_000
 
@@ -177,6 +182,8 @@ def lookup(key: str) -> Entry | None:
         try:
             if graph.stat().st_size != meta["graph_size"]:
                 return None
+            if meta.get("data") is not None and _identity(folder / DATA) != meta["data"]:
+                return None  # the weights file was rewritten since: prepare again
         except OSError:
             return None
     weights = bias = None
@@ -220,14 +227,14 @@ def store(
         meta: dict[str, Any] = {
             "format": FORMAT,
             "key": key,
-            "graph_size": None if graph is None else len(graph),
+            "graph_size": None,
             "embedding": None if head is None else head.embedding,
             "sigmoid_in_graph": bool(head is not None and head.sigmoid_in_graph),
             "why_no_head": why_no_head,
             "batch_freed": batch_freed,
         }
         if graph is not None:
-            write_atomic(folder / "model.onnx", lambda fh: fh.write(graph), mode=0o644)
+            meta["graph_size"], meta["data"] = _write_graph(folder, graph)
         if head is not None:
             for name, array in (("head-weights.npy", head.weights), ("head-bias.npy", head.bias)):
                 write_atomic(folder / name, functools.partial(_save_npy, array=array), mode=0o644)
@@ -236,6 +243,40 @@ def store(
     except OSError as exc:
         _warn_unwritable(root, exc)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_graph(folder: Path, graph: bytes) -> tuple[int, list[int] | None]:
+    """model.onnx with its weights in model.onnx.data; returns the graph file's size and the
+    weights file's identity (size, mtime), which a lookup checks."""
+    import onnx
+
+    model = onnx.ModelProto()
+    model.ParseFromString(graph)
+    (folder / DATA).unlink(missing_ok=True)  # onnx appends to an existing data file
+    tmp = folder / ".model.onnx.tagd-tmp"
+    try:
+        onnx.save_model(
+            model,
+            str(tmp),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA,
+            size_threshold=1024,
+        )
+        os.chmod(tmp, 0o644)
+        if (folder / DATA).exists():  # absent: no tensor was large enough to move out
+            os.chmod(folder / DATA, 0o644)
+        os.replace(tmp, folder / "model.onnx")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    data = _identity(folder / DATA) if (folder / DATA).exists() else None
+    return (folder / "model.onnx").stat().st_size, data
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _save_npy(fh: Any, array: np.ndarray) -> None:
