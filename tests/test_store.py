@@ -117,3 +117,27 @@ def test_registering_a_model_creates_its_tags_once_and_keeps_their_ids(tmp_path:
         )
     assert again.tag_ids.tolist() == ids
     assert conn.total_changes - before == 1  # the model row's updated_at, no tag rewritten
+
+
+def test_a_head_already_stored_is_not_written_again(tmp_path: Path) -> None:
+    """Every start registers its models; a head (tens of MB) equal to the stored one is not
+    rewritten, a changed one replaces it."""
+    conn = db.connect(tmp_path / "t.db")
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 6)).astype("<f4").tobytes()
+    b = rng.standard_normal(6).astype("<f4").tobytes()
+    with db.write(conn):
+        model = models.register_model(
+            conn, name="m", family="wd14", source="x", revision="r1", labels=LABELS, settings={}
+        )
+        models.save_head(conn, model.id, models.StoredHead("r1", 8, 6, w, b))
+    before = conn.total_changes
+    with db.write(conn):
+        models.save_head(conn, model.id, models.StoredHead("r1", 8, 6, w, b))
+    assert conn.total_changes == before
+    w2 = bytes(4) + w[4:]
+    with db.write(conn):
+        models.save_head(conn, model.id, models.StoredHead("r1", 8, 6, w2, b))
+    assert conn.total_changes == before + 1
+    stored = models.load_head(conn, model.id)
+    assert stored is not None and stored.weights == w2 and stored.bias == b

@@ -146,6 +146,15 @@ class StoredHead:
 
 
 def save_head(conn: sqlite3.Connection, model_id: int, head: StoredHead) -> None:
+    """Store the head unless the same one is stored: it is tens of megabytes, and every
+    start of a daemon or scan registers its models."""
+    same = conn.execute(
+        "SELECT 1 FROM model_heads WHERE model_id = ? AND revision IS ? AND dim = ? "
+        "AND n_tags = ? AND weights = ? AND bias = ?",
+        (model_id, head.revision, head.dim, head.n_tags, head.weights, head.bias),
+    ).fetchone()
+    if same is not None:
+        return
     conn.execute(
         """INSERT INTO model_heads(model_id, revision, dim, n_tags, weights, bias, updated_at)
            VALUES (?, ?, ?, ?, ?, ?, ?)

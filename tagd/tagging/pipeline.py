@@ -28,6 +28,7 @@ from tagd.index import jobs as queue
 from tagd.index import scores as score_rows
 from tagd.tagging import media, results, sizing, tagrules, workers
 from tagd.tagging.decode import FileBytes
+from tagd.tagging.graph import Head
 from tagd.tagging.media import MediaInfo, frames_of
 from tagd.tagging.preprocess import PreprocessSpec
 from tagd.tagging.tagger import Tagger
@@ -62,8 +63,11 @@ class Outcome:
     errors: list[tuple[str, str]] = field(default_factory=list)
 
 
-def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> models.ModelRecord:
-    """Record a loaded model, its output → tag mapping and its head (for reindex)."""
+def register(
+    conn: sqlite3.Connection, tagger: Tagger, floor: float, *, head: bool = True
+) -> models.ModelRecord:
+    """Record a loaded model, its output → tag mapping and (with `head`) its head, for
+    reindex."""
     record = models.register_model(
         conn,
         name=tagger.name,
@@ -78,7 +82,7 @@ def register(conn: sqlite3.Connection, tagger: Tagger, floor: float) -> models.M
             **({"file_thresholds": tagger.file_thresholds} if tagger.file_thresholds else {}),
         },
     )
-    if tagger.head is not None:
+    if head and tagger.head is not None:
         results.save_head(conn, record, tagger.head)
     return record
 
@@ -130,7 +134,15 @@ class _Batch:
     unchanged: list[tuple[queue.Job, FileBytes]]
 
 
-_Item = _Batch | tuple[queue.Job, Failed]
+@dataclass
+class _Heads:
+    """Models' heads to store: tens of megabytes, written by the store thread while the
+    first image is decoded and run, not before it."""
+
+    heads: list[tuple[models.ModelRecord, Head]]
+
+
+_Item = _Batch | _Heads | tuple[queue.Job, Failed]
 
 
 class _StoreThread(threading.Thread):
@@ -205,7 +217,8 @@ class Pipeline:
         self.on_progress: Callable[[Outcome], None] | None = None
         with db.write(conn):
             for t in self.taggers:
-                self.records[t.name] = register(conn, t, config.floor_for(t.config))
+                self.records[t.name] = register(conn, t, config.floor_for(t.config), head=False)
+        self._heads = [(self.records[t.name], t.head) for t in self.taggers if t.head is not None]
 
     @property
     def model_ids(self) -> list[int]:
@@ -345,6 +358,9 @@ class Pipeline:
             write: Callable[[_Item], None] = writer.put
         else:
             write = functools.partial(self._write, self.conn, outcome=outcome)
+        if self._heads:
+            heads, self._heads = self._heads, []
+            write(_Heads(heads))
 
         def unfinished() -> list[queue.Job]:
             return list(claimed.values()) + [_job_of(r) for r in ready]
@@ -461,6 +477,11 @@ class Pipeline:
         )
 
     def _write(self, conn: sqlite3.Connection, item: _Item, outcome: Outcome) -> None:
+        if isinstance(item, _Heads):
+            with db.write(conn):
+                for record, head in item.heads:
+                    results.save_head(conn, record, head)
+            return
         if isinstance(item, _Batch):
             self.store(item.prepared, item.scores, item.unchanged, outcome, conn=conn)
         else:
