@@ -454,6 +454,48 @@ def test_unwritable_matrix_cache_logs_its_reason_and_answers(
     conn.close()
 
 
+def test_a_full_disk_while_journaling_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOSPC in the middle of an append: the refresh is skipped with one logged reason, the
+    meta still counts only whole records (answers stay exact, the files from SQLite), and the
+    next append, with room again, cuts the partial records off and takes every file in."""
+    import os
+
+    vecs = _vectors(seed=7)
+    db = _index(tmp_path, vecs)
+    conn = connect(db)
+    similar.refresh_ann(conn, db, min_files=1)
+    _twin(conn, vecs, 2500, 1, 0.02)
+    assert similar.refresh_ann(conn, db, min_files=1) == ["wd: journaled 1"]
+    _twin(conn, vecs, 2501, 2, 0.02)
+    real = os.pwrite
+    calls = []
+
+    def full(fd: int, data: object, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 1:
+            return real(fd, bytes(memoryview(data)[:100]), offset)  # a part, then no room
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ann.os, "pwrite", full)
+    with caplog.at_level(logging.WARNING, logger="tagd.index.sidecache"):
+        assert similar.refresh_ann(conn, db, min_files=1) == ["wd: skipped"]
+    assert any("No space left on device" in r.getMessage() for r in caplog.records)
+    meta = sidecache.read_meta(db, ann.kind(1), ann.FORMAT)
+    assert meta is not None and meta["journal_rows"] == 1
+    for query, twin in ((1, 2500), (2, 2501)):
+        exact, fast, used = _both(conn, db, query)
+        assert _same(fast[0], exact[0]) and fast[0][0] == twin
+    monkeypatch.setattr(ann.os, "pwrite", real)
+    assert similar.refresh_ann(conn, db, min_files=1) == ["wd: journaled 1"]
+    (journal,) = _files(tmp_path, ".journal")
+    assert journal.stat().st_size == 2 * DIM * 4
+    exact, fast, used = _both(conn, db, 2)
+    assert used is not None and not len(used._late) and _same(fast[0], exact[0])
+    conn.close()
+
+
 def test_the_web_strip_asks_the_index(built: Path) -> None:
     """The image page's similar strip (web/api.similar_of) is answered by the HNSW index: the
     cached exact matrix is never asked for."""
