@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from tagd.commands import Context, UserError
@@ -48,25 +47,16 @@ def run(ctx: Context) -> int:
                 f"path in {config.source or 'the config'}",
                 2,
             )
+    conn = ctx.db()
     taggers: list[Tagger] = []
     skipped: list[tuple[str, str]] = []
-    loading: Future[tuple[list[Tagger], list[tuple[str, str]]]] | None = None
     if not ctx.args.no_tag:
-        if not any(m.enabled for m in config.models):
-            raise UserError("no enabled models in the config: add one under `models:`")
         if config.cluster is None and config.inference.decode_workers != 0:
             from tagd.tagging import workers
 
             workers.prestart()  # its start overlaps the model load
-        # ONNX Runtime builds a session without holding the GIL: the database, the folder
-        # walk (minutes for a large gallery) and the session load go on side by side.
-        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tagd-load")
-        loading = loader.submit(_load_models, config)
-        loader.shutdown(wait=False)
-    conn = ctx.db()  # an error here ends the command; the load finishes unseen
+        taggers, skipped = _load_models(config)
     result = scanner.scan(conn, config)
-    if loading is not None:
-        taggers, skipped = loading.result()
     log.info(
         "found %d image%s, %d new or changed",
         result.seen,
@@ -173,6 +163,8 @@ def _load_models(config: Config) -> tuple[list[Tagger], list[tuple[str, str]]]:
     from tagd.tagging.hub import ModelError
 
     chosen = [m for m in config.models if m.enabled]
+    if not chosen:
+        raise UserError("no enabled models in the config: add one under `models:`")
     loaded, skipped = [], []
     for model in chosen:
         try:
