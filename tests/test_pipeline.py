@@ -31,6 +31,7 @@ from tagd.tagging.tagger import (
     providers_for,
     session_options,
 )
+from tagd.tagging.workers import DecodePool
 
 
 class CrashingPipeline(Pipeline):
@@ -224,21 +225,37 @@ def test_trickle_decodes_in_one_worker_until_a_backlog_appears(
 def test_the_first_batch_is_one_image_then_full_batches(
     tmp_path: Path, gallery: Path, probe_model: Path
 ) -> None:
-    """The first result comes after one image is decoded and run, not a whole batch: a scan
-    or a daemon shows progress a batch sooner; every later batch is full."""
+    """The first result comes after one image is decoded and run, with nothing decoding
+    beside that run (on 2 cores the decoders slowed it from 0.7 to 1.1 s): a scan or a
+    daemon shows progress sooner; every later batch is full."""
     for i in range(9):
         save(gallery / f"f{i}.png", (20 * i, 90, 200 - 10 * i))
     config = _config(tmp_path, gallery, probe_model, batch_size=4, decode_workers=1)
     conn = db.connect(config.database)
     scanner.scan(conn, config)
     sizes: list[int] = []
+    submitted: list[int] = []
+    decoding_at_first_run: list[int] = []
+    real_submit = DecodePool.submit
+
+    def submit(self, task):  # type: ignore[no-untyped-def]
+        submitted.append(task.id)
+        return real_submit(self, task)
+
     with Pipeline(conn, config, load_all(config)) as pipeline:
         real = pipeline.infer
 
         def infer(prepared):  # type: ignore[no-untyped-def]
+            if not sizes:
+                decoding_at_first_run.append(len(submitted))
             sizes.append(len(prepared))
             return real(prepared)
 
         pipeline.infer = infer  # type: ignore[method-assign]
-        assert pipeline.run().done == 9
+        DecodePool.submit = submit  # type: ignore[method-assign]
+        try:
+            assert pipeline.run().done == 9
+        finally:
+            DecodePool.submit = real_submit  # type: ignore[method-assign]
     assert sizes == [1, 4, 4]
+    assert decoding_at_first_run == [1]  # only the image being run was handed to a decoder
