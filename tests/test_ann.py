@@ -194,16 +194,22 @@ def test_changed_files_are_exact_through_the_journal_and_the_patch(
     assert len(_files(tmp_path, ".usearch")) == 1
 
 
-def test_a_torn_or_lost_journal_never_gives_a_wrong_answer(tmp_path: Path) -> None:
-    """A writer killed between its records and the meta leaves records the meta does not
-    count: readers ignore them and the next append cuts them off. A journal that cannot be
-    read as the meta says (truncated, deleted) sends its files to SQLite."""
-    vecs = _vectors(seed=3)
+def _journaled_twin(tmp_path: Path, seed: int) -> tuple[np.ndarray, Path, sqlite3.Connection]:
+    """An index with its graph, and file 2500 made a twin of file 1 and journaled."""
+    vecs = _vectors(seed=seed)
     db = _index(tmp_path, vecs)
     conn = connect(db)
     similar.refresh_ann(conn, db, min_files=1)
     _twin(conn, vecs, 2500, 1, 0.02)
     assert similar.refresh_ann(conn, db, min_files=1) == ["wd: journaled 1"]
+    return vecs, db, conn
+
+
+def test_a_torn_or_lost_journal_never_gives_a_wrong_answer(tmp_path: Path) -> None:
+    """A writer killed between its records and the meta leaves records the meta does not
+    count: readers ignore them and the next append cuts them off. A journal that cannot be
+    read as the meta says (truncated, deleted) sends its files to SQLite."""
+    vecs, db, conn = _journaled_twin(tmp_path, seed=3)
     (journal,) = _files(tmp_path, ".journal")
     (keys,) = _files(tmp_path, ".journal-keys")
     size = journal.stat().st_size
@@ -462,12 +468,7 @@ def test_a_full_disk_while_journaling_loses_nothing(
     next append, with room again, cuts the partial records off and takes every file in."""
     import os
 
-    vecs = _vectors(seed=7)
-    db = _index(tmp_path, vecs)
-    conn = connect(db)
-    similar.refresh_ann(conn, db, min_files=1)
-    _twin(conn, vecs, 2500, 1, 0.02)
-    assert similar.refresh_ann(conn, db, min_files=1) == ["wd: journaled 1"]
+    vecs, db, conn = _journaled_twin(tmp_path, seed=7)
     _twin(conn, vecs, 2501, 2, 0.02)
     real = os.pwrite
     calls = []

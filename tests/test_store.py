@@ -141,3 +141,22 @@ def test_a_head_already_stored_is_not_written_again(tmp_path: Path) -> None:
     assert conn.total_changes == before + 1
     stored = models.load_head(conn, model.id)
     assert stored is not None and stored.weights == w2 and stored.bias == b
+
+
+def test_a_database_in_a_folder_named_with_uri_characters_opens_read_only(tmp_path: Path) -> None:
+    """Read-only connections go through an SQLite URI, where `#`, `?` and `%` mean something:
+    a folder named with them must still open the right file."""
+    folder = tmp_path / "my#gallery?v=1%20 (2)"
+    folder.mkdir()
+    db.connect(folder / "t.db").close()
+    ro = db.connect(folder / "t.db", readonly=True)
+    try:
+        assert db.database_file(ro) == str(folder / "t.db")
+    finally:
+        ro.close()
+    bare = db.connect_bare_readonly(folder / "t.db")
+    try:
+        assert bare.execute("SELECT count(*) FROM models").fetchone() == (0,)
+    finally:
+        bare.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # nothing beside it

@@ -11,6 +11,7 @@ import functools
 import re
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import resources
@@ -41,7 +42,7 @@ def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         if not path.exists():
             raise DatabaseError(f"database {path} does not exist yet: run `tagd scan` first")
-        uri = f"file:{path}?mode=ro"
+        uri = readonly_uri(path)
         conn = sqlite3.connect(
             uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
@@ -81,7 +82,13 @@ def connect_bare_readonly(path: str | Path) -> sqlite3.Connection:
     """A read-only connection without tagd's pragmas or version check, for decode workers:
     cheap to open in every worker process, and it only asks which models tagged a file (the
     parent already opened, migrated and checked the database)."""
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+    return sqlite3.connect(readonly_uri(path), uri=True, timeout=BUSY_TIMEOUT_S)
+
+
+def readonly_uri(path: str | Path) -> str:
+    """A read-only SQLite URI for `path`; `?`, `#` and `%` in a folder name would otherwise
+    end the file name or start an escape."""
+    return f"file:{urllib.parse.quote(str(path))}?mode=ro"
 
 
 def database_file(conn: sqlite3.Connection) -> str | None:

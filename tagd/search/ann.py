@@ -191,7 +191,7 @@ def append(conn: sqlite3.Connection, db_path: str | Path, meta: dict[str, Any]) 
     """Journal the files changed since the journal's seq; None when too many changed.
 
     Two files grow together: `<graph>.journal` (float32 rows, contiguous: a query multiplies
-    them memory-mapped, with the same kernel, hence the same result, as the exact scan) and
+    them where they are mapped, without a copy) and
     `<graph>.journal-keys` (int64 file ids, negated where the embedding is gone). Records
     past the meta's count (a writer killed before its meta) are cut off first; readers only
     read counted records, so none sees a partial one."""

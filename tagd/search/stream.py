@@ -174,15 +174,14 @@ class TagReads:
         self.db_path = database_file(cur.connection)
         self.seq = changes.current_seq(cur.connection)
         self.pending: dict[int, Future[np.ndarray | None]] = {}
-        self.pool: ThreadPoolExecutor | None = None
 
     def start(self, tags: list[Tag]) -> None:
         if not tags or self.db_path is None:
             return
-        self.pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(tags)))
+        pool = ThreadPoolExecutor(max_workers=min(READ_THREADS, len(tags)))
         for tag in tags:
-            self.pending[id(tag)] = self.pool.submit(self._read_apart, tag)
-        self.pool.shutdown(wait=False)
+            self.pending[id(tag)] = pool.submit(self._read_apart, tag)
+        pool.shutdown(wait=False)
 
     def best(self, tag: Tag) -> np.ndarray:
         ahead = self.pending.pop(id(tag), None)
@@ -191,8 +190,11 @@ class TagReads:
 
     def _read_apart(self, tag: Tag) -> np.ndarray | None:
         from tagd.index import changes
+        from tagd.index.db import connect_bare_readonly
 
-        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=5.0)
+        assert self.db_path is not None
+
+        conn = connect_bare_readonly(self.db_path)
         try:
             conn.execute("BEGIN")
             if changes.current_seq(conn) != self.seq:
