@@ -78,6 +78,29 @@ def writer(db: Path, rate: int, stop: threading.Event, reached: list[tuple[float
     conn.close()
 
 
+def asker(db: Path, every: float, stop: threading.Event, server: Any, out: list[Any]) -> None:
+    """`tagd similar` as a whole process every `every` seconds, as a user at a shell would
+    run it beside the daemon: (seconds, answered by the daemon's socket)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    shas = [r[0] for r in conn.execute("SELECT sha256 FROM files ORDER BY id LIMIT 50")]
+    conn.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "config.yaml"
+        cfg.write_text(f"database: {db}\nwatch: [{tmp}]\nmodels:\n  - name: m\n    path: {tmp}\n")
+        i = 0
+        while not stop.wait(every):
+            before = server.answered
+            cmd = [sys.executable, "-m", "tagd", "--config", str(cfg), "similar", shas[i % 50]]
+            t = time.monotonic()
+            subprocess.run(cmd, capture_output=True, timeout=120)
+            out.append((time.monotonic() - t, server.answered > before))
+            i += 1
+
+
 def job(name: str, run: Any, interval: float, stop: threading.Event, log: list[Any]) -> None:
     while not stop.wait(interval):
         t = time.monotonic()
@@ -91,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rate", type=int, default=200, help="files re-stored a second")
     ap.add_argument("--seconds", type=float, default=180.0)
     ap.add_argument("--interval", type=float, default=10.0, help="daemon.rank_cache_interval")
+    ap.add_argument(
+        "--similar-every",
+        type=float,
+        default=0.0,
+        help="also run `tagd similar` every N seconds against a query socket held here",
+    )
     args = ap.parse_args(argv)
 
     import logging
@@ -114,6 +143,16 @@ def main(argv: list[str] | None = None) -> None:
             args=("similar", lambda: Daemon._similar_index(fake), args.interval, stop, runs),
         ),
     ]
+    asked: list[tuple[float, bool]] = []
+    server = None
+    if args.similar_every:
+        from tagd.service.queries import QueryServer
+
+        server = QueryServer(args.db)  # as the daemon holds it
+        server.start()
+        threads.append(
+            threading.Thread(target=asker, args=(args.db, args.similar_every, stop, server, asked))
+        )
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     conn = sqlite3.connect(f"file:{args.db}?mode=ro", uri=True)
     start_seq = _seq(conn)
@@ -149,6 +188,25 @@ def main(argv: list[str] | None = None) -> None:
                 f"job {name}: {len(took)} runs, median {statistics.median(took):.2f} s, "
                 f"max {max(took):.2f} s"
             )
+    if server is not None:
+        server.stop()
+    if asked:
+        by_socket = [t for t, ok in asked if ok]
+        itself = [t for t, ok in asked if not ok]
+        line = (
+            f"`tagd similar` beside it: {len(asked)} runs, {len(by_socket)} answered by the socket"
+        )
+        if by_socket:
+            line += (
+                f" (median {statistics.median(by_socket) * 1000:.0f} ms, "
+                f"max {max(by_socket) * 1000:.0f} ms)"
+            )
+        if itself:
+            line += (
+                f"; {len(itself)} answered by the command itself (median "
+                f"{statistics.median(itself) * 1000:.0f} ms, max {max(itself) * 1000:.0f} ms)"
+            )
+        print(line)
     for kind, seen in lags.items():
         if seen:
             files = [f for f, _ in seen]
