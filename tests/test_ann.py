@@ -351,8 +351,14 @@ def test_the_daemon_journals_within_its_interval_and_rewrites_when_paid_for(
     assert meta is not None and ann.merge_at(db, meta) == 3
     conn.execute("UPDATE embeddings SET vector = vector WHERE file_id = 9")
     conn.commit()
-    assert similar.refresh_ann(conn, db, min_files=1, at_once=False) == ["wd: patched 3"]
+    # As the daemon does it: the rewrite in a process of its own (usearch holds the
+    # interpreter while it loads and saves a whole graph).
+    assert similar.refresh_ann(conn, db, min_files=1, at_once=False, apart=True) == [
+        "wd: patched 3"
+    ]
     assert _files(tmp_path, ".usearch") != [graph] and not _files(tmp_path, ".journal")
+    exact, fast, used = _both(conn, db, 7)
+    assert used is not None and not used.dirty and _agree(exact, fast) >= 19
     conn.close()
 
 
@@ -530,12 +536,12 @@ def test_the_daemon_builds_the_index_at_idle_priority(
     def nice() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    def refresh(conn, db_path, at_once=True):  # type: ignore[no-untyped-def]
+    def refresh(conn, db_path, at_once=True, apart=False):  # type: ignore[no-untyped-def]
         seen["build"] = nice()
         child = threading.Thread(target=lambda: seen.__setitem__("worker", nice()))
         child.start()
         child.join()
-        return real(conn, db_path, min_files=1, at_once=at_once)
+        return real(conn, db_path, min_files=1, at_once=at_once, apart=apart)
 
     real = similar.refresh_ann
     monkeypatch.setattr(similar, "refresh_ann", refresh)

@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -280,6 +282,38 @@ def patch(
     kept = {k: v for k, v in meta.items() if not k.startswith("journal")}
     _save(db_path, model_id, index, {**kept, "seq": seq})
     return len(dirty)
+
+
+def apart(op: str, db_path: str | Path, model_id: int) -> int | None:
+    """`patch` or `build` in a process of its own, as the daemon runs them: usearch holds the
+    interpreter while it loads or saves a whole graph (3.1 s and 1.5 s at 1M, measured), which
+    froze every other thread of the daemon (the pipeline's store, the query socket). The child
+    inherits the calling thread's nice value. OSError (one line) when it fails."""
+    cmd = [sys.executable, "-m", "tagd.search.ann", op, str(db_path), str(model_id)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        raise OSError(f"{op} of the similar index failed: {last}")
+    out = done.stdout.strip()
+    return None if out == "none" else int(out)
+
+
+def _child(argv: list[str]) -> int:
+    """The process `apart` starts: one patch or build, its result on stdout."""
+    from tagd.index.db import connect
+
+    op, db_path, model_id = argv[0], argv[1], int(argv[2])
+    conn = connect(db_path, readonly=True)
+    try:
+        if op == "build":
+            print(build(conn, db_path, model_id))
+            return 0
+        meta = sidecache.read_meta(db_path, kind(model_id), FORMAT)
+        done = None if meta is None else patch(conn, db_path, model_id, meta)
+        print("none" if done is None else done)
+        return 0
+    finally:
+        conn.close()
 
 
 def rows_of(
@@ -561,3 +595,7 @@ def _ranked(
 
 def unit(vector: np.ndarray) -> np.ndarray:
     return normalise(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child(sys.argv[1:]))

@@ -494,12 +494,14 @@ def refresh_ann(
     *,
     min_files: int | None = None,
     at_once: bool = True,
+    apart: bool = False,
 ) -> list[str]:
     """Per model with at least `min_files` embeddings: 'fresh', 'journaled N' (changed files
     appended to the journal), 'patched N' (the graph rewritten: enough changed to pay for
     it), 'built', 'skipped', or, without `at_once` (the daemon, every few seconds), 'pending
     N' while fewer than ann.APPEND_MIN_FILES wait and the journal was written under
-    ann.APPEND_MAX_AGE_S ago; those files are read from SQLite meanwhile."""
+    ann.APPEND_MAX_AGE_S ago; those files are read from SQLite meanwhile. With `apart` (the
+    daemon), a patch or build runs in a process of its own (ann.apart)."""
     floor = ann.MIN_FILES if min_files is None else min_files
     out = []
     for model_id, name in conn.execute("SELECT id, name FROM models ORDER BY id").fetchall():
@@ -514,7 +516,8 @@ def refresh_ann(
                 out.append(f"{name}: skipped")
                 continue
             try:
-                out.append(f"{name}: {_refresh_one(conn, db_path, model_id, at_once)}")
+                state = _refresh_one(conn, db_path, model_id, at_once, apart)
+                out.append(f"{name}: {state}")
             except OSError as exc:
                 sidecache.not_written(ann.kind(model_id), db_path, exc)
                 out.append(f"{name}: skipped")
@@ -522,7 +525,7 @@ def refresh_ann(
 
 
 def _refresh_one(
-    conn: sqlite3.Connection, db_path: str | Path, model_id: int, at_once: bool
+    conn: sqlite3.Connection, db_path: str | Path, model_id: int, at_once: bool, apart: bool
 ) -> str:
     meta = sidecache.read_meta(db_path, ann.kind(model_id), ann.FORMAT)
     if meta is not None and sidecache.usable(meta, conn):
@@ -540,10 +543,16 @@ def _refresh_one(
             if done is not None:
                 return f"journaled {done}"
         elif dirty is not None:
-            done = ann.patch(conn, db_path, model_id, meta)
+            if apart:
+                done = ann.apart("patch", db_path, model_id)
+            else:
+                done = ann.patch(conn, db_path, model_id, meta)
             if done is not None:
                 return f"patched {done}"
-    ann.build(conn, db_path, model_id)
+    if apart:
+        ann.apart("build", db_path, model_id)
+    else:
+        ann.build(conn, db_path, model_id)
     return "built"
 
 

@@ -426,7 +426,7 @@ class Daemon:
         def refresh() -> list[str]:
             conn = db.connect(self.config.database)
             try:
-                return similar.refresh_ann(conn, self.config.database, at_once=False)
+                return similar.refresh_ann(conn, self.config.database, at_once=False, apart=True)
             finally:
                 conn.close()
 
