@@ -294,8 +294,8 @@ def apart(op: str, db_path: str | Path, model_id: int) -> int | None:
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
         raise OSError(f"{op} of the similar index failed: {last}")
-    out = done.stdout.strip()
-    return None if out == "none" else int(out)
+    last = (done.stdout.strip().splitlines() or ["none"])[-1]  # the child's result line
+    return int(last) if last.isdigit() else None
 
 
 def _child(argv: list[str]) -> int:
