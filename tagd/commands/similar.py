@@ -55,7 +55,7 @@ def run(ctx: Context) -> int:
             hits = [Hit(p, sha, {}, int(fid), float(sim)) for p, sha, fid, sim in reply["hits"]]
             n = write_hits(hits, args.format, args.null, sys.stdout)
             return 0 if n else 1
-    from tagd.search.similar import SimilarError, nearest_files, paths_of, resolve_ref
+    from tagd.search.similar import SimilarError, listed, nearest_files, resolve_ref
 
     conn = ctx.db(readonly=True)
     if args.model is not None:
@@ -75,9 +75,6 @@ def run(ctx: Context) -> int:
         )
     except SimilarError as exc:
         raise UserError(str(exc), 1) from None
-    where = paths_of(conn, [fid for fid, _ in found])
-    hits = [Hit(where[fid][0], where[fid][1], {}, fid, sim) for fid, sim in found if fid in where][
-        : args.limit
-    ]
+    hits = [Hit(p, sha, {}, fid, sim) for p, sha, fid, sim in listed(conn, found, args.limit)]
     n = write_hits(hits, args.format, args.null, sys.stdout)
     return 0 if n else 1

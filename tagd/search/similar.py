@@ -488,6 +488,15 @@ def paths_of(conn: sqlite3.Connection, file_ids: list[int]) -> dict[int, tuple[s
     return out
 
 
+def listed(
+    conn: sqlite3.Connection, found: list[tuple[int, float]], limit: int
+) -> list[tuple[str, str, int, float]]:
+    """(path, sha256, file id, cosine) of the nearest files that still have a live path,
+    best first, at most `limit`: what `tagd similar` prints, whoever answers it."""
+    where = paths_of(conn, [fid for fid, _ in found])
+    return [(*where[fid], fid, sim) for fid, sim in found if fid in where][:limit]
+
+
 def refresh_ann(
     conn: sqlite3.Connection,
     db_path: str | Path,

@@ -100,9 +100,7 @@ def answer(database: str | Path, request: dict[str, Any]) -> dict[str, Any]:
             return {"fallback": "unknown model"}
         if found is None:
             return {"fallback": "no usable index"}
-        where = similar.paths_of(conn, [fid for fid, _ in found])
-        hits = [[*where[fid], fid, sim] for fid, sim in found if fid in where]
-        return {"hits": hits[:limit]}
+        return {"hits": similar.listed(conn, found, limit)}
     finally:
         conn.close()
 
